@@ -1,0 +1,51 @@
+# Two commands for a new user: `make demo` and `make test`.
+# Everything is installed into .venv by this file; nothing else is needed but Python >= 3.10.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# A CPU build of torch by default, so no multi-GB CUDA wheel is pulled. For a GPU machine:
+#   make TORCH_SPEC="torch" demo     (or install your CUDA torch into .venv first)
+TORCH_SPEC ?= torch==2.13.0
+CORES  ?= all
+
+.PHONY: demo test lint install install-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+	@echo
+	@echo "Outputs are under results/demo/ (layout.json, analysis/, sweep.tsv, abliterated/)."
+	@echo "HTML report: $(BIN)/snakemake --report results/report.html"
+
+lint: install-test
+	$(BIN)/ruff check src tests bench workflow/scripts
+	$(BIN)/ruff format --check src tests bench workflow/scripts
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint --cores 1
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+bench: install-test
+	$(BIN)/python bench/ablate_bench.py
+	$(BIN)/python bench/measure_bench.py
+	$(BIN)/python bench/sweep_bench.py
+
+clean:
+	rm -rf results resources .snakemake
