@@ -1,0 +1,24 @@
+# abliterate: measure, analyse, sweep and remove a behaviour direction from an LLM checkpoint.
+# Run `snakemake --cores N` (default config: the built-in demo organism, no downloads).
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

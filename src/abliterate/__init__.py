@@ -1,0 +1,3 @@
+"""abliterate: measure a behaviour direction in a causal LM and edit it out of the weights."""
+
+__version__ = "0.1.0"

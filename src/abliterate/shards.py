@@ -1,0 +1,182 @@
+"""Safetensors checkpoints read by their headers, never by unpickling.
+
+Why headers: inspection and planning must work on a 200 GB checkpoint in milliseconds and
+without memory, so everything before the edit itself reads only the JSON header of each
+shard (8-byte little-endian length + JSON) and the index file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AbliterateError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype string -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype, shape and absolute byte range."""
+
+    name: str
+    shard: str  # file name relative to the model directory
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the shard file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    header_size: int  # length of the JSON header in bytes
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """Parse and validate one safetensors header without touching the tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"{path}: safetensors file not found.")
+    file_size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_length = handle.read(8)
+        if len(raw_length) < 8:
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header (file is {file_size} bytes, "
+                "expected at least an 8-byte header length)."
+            )
+        (header_size,) = struct.unpack("<Q", raw_length)
+        if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header (declared header length {header_size} "
+                f"does not fit in a {file_size}-byte file)."
+            )
+        raw_header = handle.read(header_size)
+    try:
+        header = json.loads(raw_header)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise AbliterateError(
+            f"{path}: corrupt safetensors header (expected a JSON object: {error})."
+        ) from None
+    data_start = 8 + header_size
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header (tensor {name!r} lacks dtype, shape "
+                "or data_offsets)."
+            ) from None
+        if dtype not in DTYPES:
+            raise AbliterateError(
+                f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
+                f"{', '.join(DTYPES)}."
+            )
+        numel = 1
+        for n in shape:
+            numel *= n
+        expected = numel * DTYPES[dtype][1]
+        if begin < 0 or end - begin != expected or data_start + end > file_size:
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header (tensor {name!r} has data_offsets "
+                f"[{begin}, {end}] but expected {expected} bytes inside a {file_size}-byte "
+                "file; the file may be truncated)."
+            )
+        tensors[name] = TensorInfo(
+            name, path.name, dtype, shape, data_start + begin, data_start + end
+        )
+    return ShardHeader(path, header_size, tensors, metadata)
+
+
+def read_weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Map every tensor name to its shard file name, from the index or the single file."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise AbliterateError(f"{model_dir}: model directory not found.")
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise AbliterateError(
+                f"{index_path}: malformed index (expected JSON with a 'weight_map' object)."
+            ) from None
+        for shard in sorted(set(weight_map.values())):
+            if not (model_dir / shard).is_file():
+                raise AbliterateError(
+                    f"{index_path}: names shard {shard!r}, which is not in {model_dir}."
+                )
+        return dict(weight_map)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise AbliterateError(
+            f"{model_dir}: no {INDEX_NAME} and no *.safetensors files; expected a Hugging "
+            "Face model directory with safetensors weights."
+        )
+    if len(files) > 1 and not (model_dir / SINGLE_NAME).is_file():
+        raise AbliterateError(
+            f"{model_dir}: {len(files)} safetensors files but no {INDEX_NAME}; expected an "
+            "index for a sharded checkpoint."
+        )
+    single = model_dir / SINGLE_NAME if (model_dir / SINGLE_NAME).is_file() else files[0]
+    return {name: single.name for name in read_header(single).tensors}
+
+
+def read_checkpoint(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint with its location, read from headers only."""
+    model_dir = Path(model_dir)
+    weight_map = read_weight_map(model_dir)
+    headers = {shard: read_header(model_dir / shard) for shard in sorted(set(weight_map.values()))}
+    tensors: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        info = headers[shard].tensors.get(name)
+        if info is None:
+            raise AbliterateError(
+                f"{model_dir / INDEX_NAME}: maps {name!r} to {shard!r}, but that shard has no "
+                "such tensor."
+            )
+        tensors[name] = info
+    return tensors

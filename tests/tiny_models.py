@@ -1,0 +1,61 @@
+"""Tiny random checkpoints with real on-disk key names, built by transformers itself.
+
+Why: tests must never download, yet they must see the tensor names a real checkpoint of
+each architecture has; `save_pretrained` of a config-built model gives exactly those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+# Small but structurally complete settings shared by every architecture.
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+# model_type -> (config class name, extra config kwargs)
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            head_dim=8,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+}
+
+
+def build_tiny(
+    outdir: str | Path,
+    model_type: str = "llama",
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = "40KB",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """Save a randomly initialised tiny model of `model_type` to `outdir` and return it."""
+    class_name, extra = TINY_CONFIGS[model_type]
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    outdir = Path(outdir)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(outdir, **kwargs)
+    return outdir

@@ -1,0 +1,29 @@
+# Stage 1: the checkpoint. Build the demo organism when no model is named; inspect headers.
+
+
+rule build_demo_model:
+    output:
+        model=directory(DEMO_DIR),
+    log:
+        "resources/demo/logs/build_demo_model.log",
+    benchmark:
+        "resources/demo/benchmarks/build_demo_model.tsv"
+    params:
+        arch=config["model"]["demo"]["arch"],
+        seed=config["model"]["demo"]["seed"],
+    shell:
+        "abliterate demo-model {output.model} --arch {params.arch} --seed {params.seed} "
+        "> {log} 2>&1"
+
+
+rule inspect_model:
+    input:
+        model_input,
+    output:
+        layout=f"{RESULTS}/layout.json",
+    log:
+        f"{RESULTS}/logs/inspect_model.log",
+    params:
+        model=model_dir,
+    shell:
+        "abliterate inspect {params.model} --json {output.layout} > {log} 2>&1"
