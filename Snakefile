@@ -15,6 +15,12 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=MODEL,
+
+
 include: "workflow/rules/model.smk"
 
 

@@ -109,8 +109,7 @@ def read_header(path: str | Path) -> ShardHeader:
             ) from None
         if dtype not in DTYPES:
             raise AbliterateError(
-                f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
-                f"{', '.join(DTYPES)}."
+                f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(DTYPES)}."
             )
         numel = 1
         for n in shape:

@@ -7,10 +7,6 @@ DEMO = config["model"]["path"] is None
 DEMO_DIR = "resources/demo/{arch}-seed{seed}".format(**config["model"]["demo"])
 
 
-wildcard_constraints:
-    model=MODEL,
-
-
 def model_dir(wildcards=None):
     """The source checkpoint: the user's directory, or the demo organism built here."""
     return DEMO_DIR if DEMO else config["model"]["path"]
@@ -34,5 +30,5 @@ def model_input(wildcards=None):
 
 
 def final_outputs():
-    """What `rule all` asks for: the end of every stage."""
+    """The targets of the default rule: the end of every stage."""
     return [f"{RESULTS}/layout.json"]

@@ -8,6 +8,8 @@ rule build_demo_model:
         "resources/demo/logs/build_demo_model.log",
     benchmark:
         "resources/demo/benchmarks/build_demo_model.tsv"
+    conda:
+        "../../envs/abliterate.yaml"
     params:
         arch=config["model"]["demo"]["arch"],
         seed=config["model"]["demo"]["seed"],
@@ -23,6 +25,8 @@ rule inspect_model:
         layout=f"{RESULTS}/layout.json",
     log:
         f"{RESULTS}/logs/inspect_model.log",
+    conda:
+        "../../envs/abliterate.yaml"
     params:
         model=model_dir,
     shell:
