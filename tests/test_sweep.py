@@ -1,0 +1,140 @@
+"""Sweep grids, variant ids, recipes of variants, and the selection rule."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from abliterate.errors import AbliterateError
+from abliterate.sweep import (
+    Variant,
+    chunks,
+    format_number,
+    read_chunk_tables,
+    select_best,
+    variant_recipe,
+    variants,
+    varying_parameters,
+    write_best,
+)
+
+
+def test_variant_ids_are_readable_and_float_noise_free():
+    v = Variant(scale=0.1 + 0.2, sparsity=0.0, measurement=3, layers="1-4")
+    assert v.id == "s0.3_p0.00_m3_L1-4_np1_c-default_e-none"
+    assert Variant(scale=1, sparsity=0.125, experts="0,1,2").id == (
+        "s1.0_p0.125_msug_Lsug_np1_c-default_e-0+1+2"
+    )
+    assert Variant(scale=-0.5, norm_preserve=False, layers="all").id.startswith(
+        "s-0.5_p0.00_msug_Lall_np0"
+    )
+    assert format_number(1e-7) == "0.0" and format_number(-0.0) == "0.0"
+    assert format_number(2) == "2.0" and format_number(0.1 * 3, 2) == "0.30"
+
+
+def test_variant_ids_are_stable_across_runs_and_spellings():
+    a = variants(
+        {"scale": [1.0, 0.3], "layers": ["suggested", "all"], "norm_preserve": [True, False]}
+    )
+    b = variants(
+        {"scale": [1, 0.1 + 0.2], "layers": ["suggested", "all"], "norm_preserve": [True, False]}
+    )
+    assert [v.id for v in a] == [v.id for v in b]
+    assert len(a) == 8 and len({v.id for v in a}) == 8
+    assert a[0].id == "s1.0_p0.00_msug_Lsug_np1_c-default_e-none"  # first grid value first
+    assert varying_parameters(a) == ["scale", "layers", "norm_preserve"]
+    assert [len(c) for c in chunks(a, 3)] == [3, 3, 2]
+
+
+@pytest.mark.parametrize(
+    "sweep, key",
+    [
+        ({"layers": ["3-1"]}, "sweep.layers"),
+        ({"layers": ["middle"]}, "sweep.layers"),
+        ({"measurement": ["best"]}, "sweep.measurement"),
+        ({"experts": ["some"]}, "sweep.experts"),
+        ({"sparsity": [1.0]}, "sweep.sparsity"),
+        ({"scale": []}, "sweep.scale"),
+        ({"components": ["attn out"]}, "sweep.components"),
+    ],
+)
+def test_bad_grid_values_name_the_key(sweep, key):
+    with pytest.raises(AbliterateError, match=key.replace(".", r"\.")):
+        variants(sweep)
+
+
+SUGGESTED = {
+    "ablate": [{"layer": l, "measurement": 3, "scale": 1.0, "sparsity": 0.0} for l in (1, 2, 3)]
+}
+
+
+def test_variant_recipe_resolves_suggested_all_ranges_and_experts():
+    base = {"gate_scale": 0.5, "projected": True, "ablate": [{"layer": 0, "measurement": 0}]}
+    r = variant_recipe(
+        Variant(scale=0.7, sparsity=0.1), num_layers=5, suggested=SUGGESTED, base=base
+    )
+    assert [e["layer"] for e in r["ablate"]] == [1, 2, 3]
+    assert {(e["measurement"], e["scale"], e["sparsity"]) for e in r["ablate"]} == {(3, 0.7, 0.1)}
+    assert r["gate_scale"] == 0.5 and r["projected"] is True
+    assert r["ablate_individual_experts"] is False and r["expert_subset"] is None
+    r = variant_recipe(
+        Variant(measurement=4, layers="all", experts="0,2", components="attn_out+mlp_down"),
+        num_layers=5,
+        suggested=SUGGESTED,
+    )
+    assert [e["layer"] for e in r["ablate"]] == [0, 1, 2, 3, 4]
+    assert r["ablate"][0]["measurement"] == 4
+    assert r["ablate_individual_experts"] is True and r["expert_subset"] == [0, 2]
+    assert r["components"] == ["attn_out", "mlp_down"]
+    with pytest.raises(AbliterateError, match=r"5 layers \(0-4\)"):
+        variant_recipe(Variant(layers="2-5"), num_layers=5, suggested=SUGGESTED)
+    with pytest.raises(AbliterateError, match="indices 0-5"):
+        variant_recipe(Variant(measurement=6), num_layers=5, suggested=SUGGESTED)
+
+
+def _table(rows):
+    columns = ["variant", "refusal_rate", "benign_kept", "kl_first_token", "kl_multi_token"]
+    base = ["base", 0.95, 1.0, 0.0, 0.0]
+    return pd.DataFrame([base, *rows], columns=columns)
+
+
+def test_selection_prefers_lowest_kl_under_the_refusal_target():
+    table = _table(
+        [
+            ["plain", 0.00, 0.90, 0.30, 0.50],
+            ["gentle", 0.08, 1.00, 0.05, 0.40],
+            ["too_gentle", 0.40, 1.00, 0.01, 0.01],
+            ["borderline", 0.10, 0.95, 0.04, 0.60],
+        ]
+    )
+    best, reason = select_best(table, max_refusal_rate=0.1)
+    assert best == "borderline"  # at the target counts as under it; lowest first-token KL
+    assert reason.startswith("Selected borderline")
+    assert "3 of 4" in reason
+    best, _ = select_best(table, max_refusal_rate=0.1, kl="multi_token")
+    assert best == "gentle"
+
+
+def test_selection_falls_back_to_lowest_refusal_rate():
+    table = _table(
+        [["a", 0.50, 1.0, 0.01, 0.01], ["b", 0.30, 0.9, 0.20, 0.3], ["c", 0.30, 1.0, 0.10, 0.2]]
+    )
+    best, reason = select_best(table, max_refusal_rate=0.1)
+    assert best == "c"  # lowest refusal rate, ties broken by KL
+    assert "no variant reached" in reason
+    with pytest.raises(AbliterateError, match="select.kl"):
+        select_best(table, kl="last_token")
+
+
+def test_aggregation_keeps_one_base_row_and_best_yaml_round_trips(tmp_path):
+    first = _table([["a", 0.0, 1.0, 0.1, 0.1]])
+    second = _table([["b", 0.0, 1.0, 0.2, 0.2]])
+    first.to_csv(tmp_path / "c0.tsv", sep="\t", index=False)
+    second.to_csv(tmp_path / "c1.tsv", sep="\t", index=False)
+    table = read_chunk_tables([tmp_path / "c0.tsv", tmp_path / "c1.tsv"])
+    assert list(table["variant"]) == ["base", "a", "b"]
+    recipe = variant_recipe(Variant(), num_layers=4, suggested=SUGGESTED)
+    write_best(recipe, "because", tmp_path / "best.yaml", tmp_path / "best.txt")
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text()) == recipe
+    assert (tmp_path / "best.txt").read_text().strip() == "because"
