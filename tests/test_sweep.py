@@ -65,7 +65,7 @@ def test_bad_grid_values_name_the_key(sweep, key):
 
 
 SUGGESTED = {
-    "ablate": [{"layer": l, "measurement": 3, "scale": 1.0, "sparsity": 0.0} for l in (1, 2, 3)]
+    "ablate": [{"layer": n, "measurement": 3, "scale": 1.0, "sparsity": 0.0} for n in (1, 2, 3)]
 }
 
 
