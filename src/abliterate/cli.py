@@ -19,6 +19,8 @@ from .logs import logger, setup_logging
 COMMANDS = [
     ("demo-model", "demo_model"),
     ("inspect", "inspect"),
+    ("evaluate", "evaluate"),
+    ("aggregate", "sweep"),
 ]
 
 

@@ -389,6 +389,21 @@ class EvalSettings:
     )
 
 
+def settings_from_config(config: dict) -> EvalSettings:
+    """`EvalSettings` from the workflow's `evaluate:` block (missing keys: the defaults)."""
+    defaults = EvalSettings()
+    return EvalSettings(
+        max_new_tokens=int(config.get("max_new_tokens", defaults.max_new_tokens)),
+        kl_tokens=int(config.get("kl_tokens", defaults.kl_tokens)),
+        batch_size=int(config.get("batch_size", defaults.batch_size)),
+        markers=load_markers(config.get("refusal_markers")),
+        samples=int(config.get("samples", defaults.samples)),
+        text_file=config.get("text_file"),
+        judge=config.get("judge"),
+        judge_template=config.get("judge_template") or defaults.judge_template,
+    )
+
+
 def _pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if candidate is not None:

@@ -378,3 +378,198 @@ def read_chunk_details(paths: Iterable[str | Path]) -> tuple[dict, dict]:
         for name, value in data.get("samples", {}).items():
             samples.setdefault(name, value)
     return recipes, samples
+
+
+# --------------------------------------------------------------------------------------
+# Running: one evaluation job (a chunk of variants), and the aggregation
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_recipes(
+    model_dir: str | Path,
+    recipes: dict[str, dict],
+    *,
+    layout,
+    measurements,
+    target_prompts: str | Path,
+    benign_prompts: str | Path,
+    table_path: str | Path | None = None,
+    details_path: str | Path | None = None,
+    columns: dict[str, dict] | None = None,
+    evaluate_config: dict | None = None,
+    prompts_config: dict | None = None,
+    trust_remote_code: bool = False,
+) -> pd.DataFrame:
+    """Load the model once; evaluate the base model and every named recipe in memory.
+
+    Every recipe is resolved to a plan before the model is loaded, so a bad recipe fails
+    in seconds, not after a long load. Writes the table (base row first) and a JSON with
+    each recipe and its sample answers when paths are given; returns the table.
+    """
+    from .evaluate import Evaluator, load_model, render_prompts, settings_from_config
+    from .prompts import load_prompts
+    from .recipe import load_recipe, resolve
+
+    evaluate_config = evaluate_config or {}
+    prompts_config = prompts_config or {}
+    columns = columns or {}
+    plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
+    settings = settings_from_config(evaluate_config)
+    model, tokenizer = load_model(
+        model_dir, evaluate_config.get("device", "auto"), trust_remote_code
+    )
+
+    def prompt_set(path):
+        texts = load_prompts(
+            path,
+            field=prompts_config.get("field"),
+            max_count=evaluate_config.get("max_prompts"),
+            seed=prompts_config.get("seed", 0),
+        )
+        return render_prompts(
+            tokenizer,
+            texts,
+            system=prompts_config.get("system"),
+            fallback=prompts_config.get("fallback_template", False),
+        )
+
+    evaluator = Evaluator(
+        model,
+        tokenizer,
+        prompt_set(target_prompts),
+        prompt_set(benign_prompts),
+        settings,
+        model_dir=model_dir,
+    )
+    base = evaluator.evaluate_base()
+    empty = {k: None for k in next(iter(columns.values()), {})}
+    rows = [{**empty, **base.row()}]
+    samples = {"base": base.samples}
+    for name, plan in plans.items():
+        result = evaluator.evaluate(name, plan)
+        rows.append({**columns.get(name, {}), **result.row()})
+        samples[name] = result.samples
+    table = pd.DataFrame(rows)
+    front = ["variant", *SWEEP_KEYS, "measurement_resolved", "layers_resolved"]
+    table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
+    if table_path:
+        write_table(table, table_path)
+    if details_path:
+        details_path = Path(details_path)
+        tmp = details_path.with_name(details_path.name + ".tmp")
+        tmp.write_text(json.dumps({"recipes": recipes, "samples": samples}, indent=1))
+        tmp.replace(details_path)
+    return table
+
+
+def evaluate_chunk(
+    model_dir: str | Path,
+    variant_list: Sequence[Variant],
+    *,
+    layout_path: str | Path,
+    measurements_path: str | Path,
+    suggested_path: str | Path | None = None,
+    base_recipe: dict | None = None,
+    **kwargs,
+) -> pd.DataFrame:
+    """One sweep job: the variants' recipes (seed format + options), evaluated in memory."""
+    from .layout import Layout
+    from .measure import load_measurements
+
+    layout = Layout.load(layout_path)
+    suggested = load_suggested(suggested_path) if suggested_path else None
+    recipes, columns = {}, {}
+    for variant in variant_list:
+        recipe = variant_recipe(
+            variant, num_layers=layout.num_layers, suggested=suggested, base=base_recipe
+        )
+        recipes[variant.id] = {
+            "model": str(model_dir),
+            "measurements": str(measurements_path),
+            **recipe,
+        }
+        columns[variant.id] = variant_columns(variant, recipe)
+    return evaluate_recipes(
+        model_dir,
+        recipes,
+        layout=layout,
+        measurements=load_measurements(measurements_path),
+        columns=columns,
+        **kwargs,
+    )
+
+
+def heatmap_axes(table: pd.DataFrame) -> list[str]:
+    """The (up to) two swept parameters a heatmap shows: those with the most levels."""
+    variants_only = table[table["variant"] != "base"]
+    levels = {k: variants_only[k].astype(str).nunique() for k in SWEEP_KEYS if k in variants_only}
+    varying = [k for k in SWEEP_KEYS if levels.get(k, 0) > 1]
+    return sorted(varying, key=lambda k: -levels[k])[:2]
+
+
+def samples_html(samples: dict, best: str, reason: str) -> str:
+    """Sample answers before (base) and after (the selected variant), as an HTML page."""
+    import html
+
+    parts = [
+        "<html><head><meta charset='utf-8'><title>Sample answers</title>",
+        "<style>body{font-family:sans-serif} table{border-collapse:collapse;margin-bottom:2em}"
+        "td,th{border:1px solid #bbb;padding:4px 8px;vertical-align:top}"
+        ".refusal{color:#b00}</style></head><body>",
+        f"<h1>Sample answers: base vs {html.escape(best)}</h1>",
+        f"<p>{html.escape(reason)}</p>",
+    ]
+    for cls in ("target", "benign"):
+        before = samples.get("base", {}).get(cls, [])
+        after = samples.get(best, {}).get(cls, [])
+        parts.append(
+            f"<h2>{cls} prompts</h2><table><tr><th>prompt</th><th>base</th><th>selected</th></tr>"
+        )
+        for b, a in zip(before, after, strict=False):
+
+            def cell(item):
+                css = " class='refusal'" if item["refusal"] else ""
+                return f"<td{css}>{html.escape(item['answer']) or '<i>(empty)</i>'}</td>"
+
+            parts.append(f"<tr><td>{html.escape(b['prompt'])}</td>{cell(b)}{cell(a)}</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def aggregate(
+    table_paths: Sequence[str | Path],
+    details_paths: Sequence[str | Path],
+    *,
+    table_out: str | Path,
+    best_yaml: str | Path,
+    best_txt: str | Path,
+    pareto_png: str | Path | None = None,
+    heatmap_png: str | Path | None = None,
+    samples_out: str | Path | None = None,
+    max_refusal_rate: float = 0.1,
+    kl: str = "first_token",
+) -> tuple[str, str]:
+    """sweep.tsv, plots, best.yaml/best.txt (and the samples page) from the chunk outputs."""
+    from .plots import plot_pareto, plot_sweep_heatmap
+
+    table = read_chunk_tables(table_paths)
+    recipes, samples = read_chunk_details(details_paths)
+    best, reason = select_best(table, max_refusal_rate, kl)
+    if best not in recipes:
+        raise AbliterateError(f"the evaluation details have no recipe for variant {best!r}.")
+    table.insert(1, "selected", table["variant"] == best)
+    write_table(table, table_out)
+    write_best(recipes[best], reason, best_yaml, best_txt)
+    kl_column = KL_COLUMNS[kl]
+    if pareto_png:
+        plot_pareto(
+            table, pareto_png, kl_column=kl_column, best=best, max_refusal_rate=max_refusal_rate
+        )
+    if heatmap_png:
+        plot_sweep_heatmap(
+            table, heatmap_png, axes=heatmap_axes(table), best=best, kl_column=kl_column
+        )
+    if samples_out:
+        Path(samples_out).write_text(samples_html(samples, best, reason))
+    return best, reason
