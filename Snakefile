@@ -22,6 +22,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/model.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -29,6 +29,40 @@ def model_input(wildcards=None):
     return DEMO_DIR if DEMO else []
 
 
+# ---- sweep (evaluate.smk): the variant grid is static, so the DAG is known up front ----
+import sys
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
+
+SWEEP_VARIANTS = _sweep_variants(config["sweep"])
+SWEEP_CHUNKS = _sweep_chunks(SWEEP_VARIANTS, config["sweep"]["chunk_size"])
+
+
+def sweep_chunk_variants(wildcards):
+    """Variant ids evaluated by one evaluate_variants job (one model load)."""
+    return [v.id for v in SWEEP_CHUNKS[int(wildcards.chunk)]]
+
+
+def sweep_chunk_files(ext):
+    """Every evaluate_variants output of one kind (tsv table, json details)."""
+    return [f"{RESULTS}/sweep/chunk-{i}.{ext}" for i in range(len(SWEEP_CHUNKS))]
+
+
+def evaluate_inputs(wildcards):
+    """Model, layout, measurements, suggested recipe and (a user's) held-out prompts."""
+    inputs = {
+        "layout": f"{RESULTS}/layout.json",
+        "measurements": f"{RESULTS}/measurements.safetensors",
+        "suggested": f"{RESULTS}/analysis/suggested.yaml",
+        "model": model_input(),
+    }
+    if not DEMO:  # the demo's prompt files live inside its directory output
+        inputs["target"] = prompt_file("target", "test")
+        inputs["benign"] = prompt_file("benign", "test")
+    return inputs
+
+
 def final_outputs():
     """The targets of the default rule: the end of every stage."""
     return [f"{RESULTS}/layout.json"]

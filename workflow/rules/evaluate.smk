@@ -1,0 +1,74 @@
+# Stage: sweep. Evaluate every variant of the config's grid in memory (a chunk of variants
+# per job, one model load each), then aggregate, plot and select the recipe to export.
+
+
+rule evaluate_variants:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        table=f"{RESULTS}/sweep/chunk-{{chunk}}.tsv",
+        details=f"{RESULTS}/sweep/chunk-{{chunk}}.json",
+    log:
+        f"{RESULTS}/logs/evaluate_variants-{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_variants-{{chunk}}.tsv"
+    wildcard_constraints:
+        chunk=r"\d+",
+    conda:
+        "../../envs/abliterate.yaml"
+    resources:
+        gpu=int(config["evaluate"]["gpu"]),
+    params:
+        model=model_dir,
+        variants=sweep_chunk_variants,
+        target=lambda wildcards: prompt_file("target", "test"),
+        benign=lambda wildcards: prompt_file("benign", "test"),
+        sweep=config["sweep"],
+        recipe=config["recipe"],
+        evaluate=config["evaluate"],
+        prompts=config["prompts"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    script:
+        "../scripts/evaluate_variants.py"
+
+
+rule aggregate_sweep:
+    input:
+        tables=sweep_chunk_files("tsv"),
+        details=sweep_chunk_files("json"),
+    output:
+        table=report(
+            f"{RESULTS}/sweep.tsv",
+            category="4. Sweep",
+            caption="../report/sweep_table.rst",
+        ),
+        best=f"{RESULTS}/best.yaml",
+        reason=report(
+            f"{RESULTS}/best.txt",
+            category="4. Sweep",
+            caption="../report/sweep_best.rst",
+        ),
+        pareto=report(
+            f"{RESULTS}/pareto.png",
+            category="4. Sweep",
+            caption="../report/sweep_pareto.rst",
+        ),
+        heatmap=report(
+            f"{RESULTS}/heatmap.png",
+            category="4. Sweep",
+            caption="../report/sweep_heatmap.rst",
+        ),
+        samples=report(
+            f"{RESULTS}/samples.html",
+            category="5. Sample answers",
+            caption="../report/samples.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/aggregate_sweep.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        max_refusal_rate=config["select"]["max_refusal_rate"],
+        kl=config["select"]["kl"],
+    script:
+        "../scripts/aggregate_sweep.py"
