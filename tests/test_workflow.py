@@ -1,0 +1,130 @@
+"""The whole workflow on the demo organisms: config -> sweep -> selected recipe -> verified export.
+
+Runs Snakemake in a temporary directory with `model.path` pointing at the cached organism
+(so nothing is retrained) and a small sweep, then checks what a user would look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+_RUNS: dict[str, Path] = {}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [str(BIN / "snakemake"), *args, "--snakefile", str(ROOT / "Snakefile")]
+    command += ["--configfile", str(workdir / "config.yaml")]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def demo_config(model_dir: Path, name: str, **sweep) -> dict:
+    prompts = model_dir / "prompts"
+    return {
+        "model": {"name": name, "path": str(model_dir)},
+        "prompts": {
+            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
+            for cls in ("target", "benign")
+        },
+        "measure": {"device": "cpu", "batch_size": 64},
+        "sweep": {
+            "scale": [1.0],
+            "layers": ["suggested", "all"],
+            "norm_preserve": [True, False],
+            "chunk_size": 2,
+            **sweep,
+        },
+        "evaluate": {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4, "max_prompts": 40},
+        "select": {"max_refusal_rate": 0.1},
+        "export": {"device": "cpu"},
+    }
+
+
+def run_workflow(tmp_path_factory, model_dir: Path, name: str, **sweep) -> Path:
+    """Run the default target once per organism and test session; return the work dir."""
+    if name not in _RUNS:
+        workdir = tmp_path_factory.mktemp(f"workflow-{name}")
+        (workdir / "config.yaml").write_text(yaml.safe_dump(demo_config(model_dir, name, **sweep)))
+        result = snakemake(workdir, "--cores", "2")
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+        _RUNS[name] = workdir
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, demo_dense) -> Path:
+    return run_workflow(tmp_path_factory, demo_dense, "demo")
+
+
+def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(demo_config(demo_dense, "demo")))
+    result = snakemake(tmp_path, "-n", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    output = result.stdout + result.stderr
+    for rule in (
+        "inspect_model",
+        "measure",
+        "analyze",
+        "evaluate_variants",
+        "aggregate_sweep",
+        "verify_model",
+    ):
+        assert rule in output, rule
+    # 4 variants in chunks of 2 -> two evaluation jobs, each loading the model once
+    assert "chunk-0.tsv" in output and "chunk-1.tsv" in output and "chunk-2.tsv" not in output
+
+
+@pytest.mark.slow
+def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense_run):
+    results = dense_run / "results" / "demo"
+    table = pd.read_csv(results / "sweep.tsv", sep="\t")
+    assert list(table["variant"])[0] == "base"
+    assert len(table) == 1 + 4
+    assert table["selected"].sum() == 1
+    base = table.iloc[0]
+    assert base["kl_first_token"] == 0 and base["benign_kept"] == 1
+    plain = table[
+        (table["variant"] != "base")
+        & (table["layers"] == "all")
+        & (~table["norm_preserve"].astype(bool))
+    ]
+    assert len(plain) == 1  # the plain full-strength variant is in the table to compare with
+    best_recipe = yaml.safe_load((results / "best.yaml").read_text())
+    assert best_recipe["ablate"] and {"layer", "measurement", "scale", "sparsity"} <= set(
+        best_recipe["ablate"][0]
+    )
+    selected = table[table["selected"].astype(bool)].iloc[0]
+    assert selected["variant"] in (results / "best.txt").read_text()
+    for figure in ("pareto.png", "heatmap.png"):
+        assert (results / figure).stat().st_size > 10_000
+    assert "<table>" in (results / "samples.html").read_text()
+    verify = json.loads((results / "verify.json").read_text())
+    assert verify.get("ok", verify.get("passed")) is True
+    assert (results / "abliterated" / "config.json").is_file()
+
+
+def test_schema_violation_names_the_key(tmp_path, demo_dense):
+    config = demo_config(demo_dense, "demo")
+    config["evaluate"]["max_new_tokens"] = 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--cores", "1")
+    assert result.returncode != 0
+    assert "max_new_tokens" in result.stdout + result.stderr
+
+
+def test_bad_sweep_value_names_the_key(tmp_path, demo_dense):
+    config = demo_config(demo_dense, "demo", layers=["5-2"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--cores", "1")
+    assert result.returncode != 0
+    assert "sweep.layers: expected 'suggested', 'all' or a range" in result.stdout + result.stderr
