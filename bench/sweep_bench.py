@@ -1,0 +1,200 @@
+"""Per-variant wall time of a sweep: in-memory switching vs reloading the model per variant.
+
+Two parts, both measured in the same run:
+
+1. Demo organism, full evaluation (generation on held-out prompts, KL, kept): N variants
+   evaluated with one model load and in-memory apply/restore, against the same N variants
+   evaluated by loading the model afresh for each (base references computed once in both).
+2. A larger random Llama-shaped checkpoint (bf16, default ~0.9 GB): the cost of switching
+   variants alone — apply + restore of an all-layer plan — against one `from_pretrained`.
+
+Usage: python bench/sweep_bench.py [--model DIR] [--variants 6] [--big-hidden 2048]
+Numbers go to docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def writer_plan(layout, directions: dict[int, torch.Tensor], scale: float, norm_preserve: bool):
+    """Every write-side tensor of every layer, edited with the direction of its index."""
+    entries = []
+    for target in layout.targets():
+        if target.side != "write" or target.component == "embed":
+            continue
+        m = min(directions)
+        entries.append(
+            {
+                "key": target.key,
+                "direction": directions[m],
+                "scale": scale,
+                "hidden_axis": target.hidden_axis,
+                "norm_preserve": norm_preserve,
+                "shape": list(target.shape),
+            }
+        )
+    return {"entries": entries}
+
+
+def demo_part(model_dir: Path, n_variants: int) -> dict:
+    from abliterate.evaluate import EvalSettings, Evaluator, load_model, render_prompts
+    from abliterate.layout import inspect_checkpoint
+    from abliterate.measure import load_measurements, measure_to_file
+    from abliterate.prompts import load_prompts
+
+    work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    meas_path = work / "measurements.safetensors"
+    prompts = model_dir / "prompts"
+    measure_to_file(
+        model_dir, str(prompts / "target_train.txt"), str(prompts / "benign_train.txt"), meas_path
+    )
+    meas = load_measurements(meas_path)
+    layout = inspect_checkpoint(model_dir)
+    norms = (meas.target_mean - meas.benign_mean).norm(dim=-1)
+    best_m = int(norms[1:].argmax()) + 1
+    direction = (meas.target_mean[best_m] - meas.benign_mean[best_m]).float()
+    plans = [
+        writer_plan(layout, {best_m: direction}, scale, norm_preserve)
+        for scale in (1.0, 0.75, 0.5)
+        for norm_preserve in (True, False)
+    ][:n_variants]
+    settings = EvalSettings(max_new_tokens=16, kl_tokens=8)
+
+    def prompt_sets(tokenizer):
+        return (
+            render_prompts(tokenizer, load_prompts(prompts / "target_test.txt")),
+            render_prompts(tokenizer, load_prompts(prompts / "benign_test.txt")),
+        )
+
+    # in memory: one load, apply/evaluate/restore per variant
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_dir, "cpu")
+    evaluator = Evaluator(model, tokenizer, *prompt_sets(tokenizer), settings, model_dir=model_dir)
+    evaluator.evaluate_base()
+    setup = time.perf_counter() - start
+    in_memory = []
+    for i, plan in enumerate(plans):
+        t = time.perf_counter()
+        evaluator.evaluate(f"v{i}", plan)
+        in_memory.append(time.perf_counter() - t)
+    base = evaluator
+
+    # reload per variant: fresh model each time, base references reused from above
+    reload = []
+    for i, plan in enumerate(plans):
+        t = time.perf_counter()
+        model, tokenizer = load_model(model_dir, "cpu")
+        fresh = Evaluator(model, tokenizer, base.target, base.benign, settings, model_dir=model_dir)
+        fresh.base = base.base
+        fresh._base_benign_answers = base._base_benign_answers
+        fresh._base_continuations = base._base_continuations
+        fresh._base_logprobs = base._base_logprobs
+        fresh.evaluate(f"v{i}", plan)
+        reload.append(time.perf_counter() - t)
+    return {
+        "variants": len(plans),
+        "setup_s": setup,
+        "in_memory_s": statistics.median(in_memory),
+        "reload_s": statistics.median(reload),
+    }
+
+
+def big_part(hidden: int, layers: int, repeats: int = 3) -> dict:
+    import transformers
+
+    from abliterate.evaluate import InMemoryEditor
+    from abliterate.layout import inspect_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="sweep-bench-big-"))
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(work, max_shard_size="500MB")
+    size_gb = sum(p.numel() for p in model.parameters()) * 2 / 1e9
+    del model
+    layout = inspect_checkpoint(work)
+    plan = writer_plan(layout, {0: torch.randn(hidden)}, 1.0, True)
+    tokens = torch.randint(0, 32000, (1, 16))
+
+    @torch.no_grad()
+    def forward(model):  # touches every weight, so lazily mapped tensors are really read
+        return model(input_ids=tokens).logits
+
+    # reload per variant: from_pretrained + edit + one forward
+    reloads = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(work, dtype="auto")
+        with InMemoryEditor(model).applied(plan):
+            forward(model)
+        reloads.append(time.perf_counter() - t)
+        del model
+    # in memory: one load, then per variant edit + one forward + exact restore
+    model = transformers.AutoModelForCausalLM.from_pretrained(work, dtype="auto")
+    forward(model)
+    editor = InMemoryEditor(model, work)
+    switches = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with editor.applied(plan):
+            forward(model)
+        switches.append(time.perf_counter() - t)
+    return {
+        "size_gb": size_gb,
+        "tensors": len(plan["entries"]),
+        "reload_s": statistics.median(reloads),
+        "switch_s": statistics.median(switches),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="demo organism dir (default: build one)")
+    parser.add_argument("--variants", type=int, default=6)
+    parser.add_argument("--big-hidden", type=int, default=2048)
+    parser.add_argument("--big-layers", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model_dir = args.model
+    if model_dir is None:
+        from abliterate.demo import build_demo_model
+
+        model_dir = build_demo_model(Path(tempfile.mkdtemp(prefix="demo-")) / "llama", "llama", 0)
+    demo = demo_part(Path(model_dir), args.variants)
+    print(
+        f"demo organism, {demo['variants']} variants, full evaluation per variant: "
+        f"in-memory {demo['in_memory_s']:.3f} s/variant (+{demo['setup_s']:.2f} s once), "
+        f"reload {demo['reload_s']:.3f} s/variant -> "
+        f"{demo['reload_s'] / demo['in_memory_s']:.2f}x"
+    )
+    big = big_part(args.big_hidden, args.big_layers)
+    print(
+        f"random llama {big['size_gb']:.2f} GB bf16, {big['tensors']} tensors edited: "
+        f"in-memory edit+forward+restore {big['switch_s']:.2f} s/variant vs "
+        f"from_pretrained+edit+forward {big['reload_s']:.2f} s/variant -> "
+        f"{big['reload_s'] / big['switch_s']:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
