@@ -226,3 +226,22 @@ def test_left_padding_does_not_change_logprobs(tiny_llama):
     alone, _ = continuation_logprobs(model, tokenizer, prompts, continuations, 3, 1)
     for b, a in zip(batched, alone, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_editing_in_memory_never_touches_the_checkpoint_files(tmp_path):
+    """Loaded weights may be memory-mapped from the shards; edits must stay in memory."""
+    import hashlib
+
+    model_dir = build_tiny(tmp_path / "m", "glm4_moe", dtype=torch.bfloat16)
+
+    def digests():
+        return {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(model_dir.glob("*.safetensors"))
+        }
+
+    before = digests()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    with InMemoryEditor(model, model_dir).applied(_plan(model_dir, ("o_proj", "down_proj"))):
+        assert digests() == before
+    assert digests() == before
