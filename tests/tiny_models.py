@@ -22,9 +22,51 @@ COMMON = dict(
     max_position_embeddings=64,
 )
 
+# Routed-expert settings shared by the MoE architectures (names differ per config class).
+MOE = dict(moe_intermediate_size=16, num_experts_per_tok=2)
+# DeepSeek-style: dense first layer, then routed + shared experts.
+DEEPSEEK_MOE = dict(
+    **MOE, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1
+)
+
 # model_type -> (config class name, extra config kwargs)
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", dict(head_dim=8)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=8)),
+    "glm4": ("Glm4Config", dict(head_dim=8, pad_token_id=0)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(**MOE, num_experts=8, shared_expert_intermediate_size=24),
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(**MOE, num_experts=8, head_dim=8)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            **DEEPSEEK_MOE,
+            kv_lora_rank=8,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
+    # Fused experts on disk: down_proj [E, intermediate, hidden], gate_up_proj [E, hidden, 2I].
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, eos_token_id=0)),
     "glm4_moe": (
         "Glm4MoeConfig",
         dict(

@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import AbliterateError
@@ -294,10 +295,14 @@ class Layout:
             )
         return self.layers[index]
 
+    @cached_property
+    def _by_key(self) -> dict[str, Target]:
+        return {t.key: t for t in self.targets()}
+
     def target(self, key: str) -> Target:
-        for t in self.targets():
-            if t.key == key:
-                return t
+        """The target named `key` (a dict look-up: GLM-4.5-Air has ~17k targets)."""
+        if key in self._by_key:
+            return self._by_key[key]
         raise AbliterateError(f"tensor {key!r} is not an editable target of {self.model_dir}.")
 
     def component_counts(self, layer: int) -> dict[str, int]:
