@@ -19,6 +19,9 @@ from .logs import logger, setup_logging
 COMMANDS = [
     ("demo-model", "demo_model"),
     ("inspect", "inspect"),
+    ("measure", "measure"),
+    ("convert", "convert"),
+    ("analyze", "analyze"),
     ("evaluate", "evaluate"),
     ("aggregate", "sweep"),
 ]

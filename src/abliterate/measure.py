@@ -401,6 +401,30 @@ def collect(
     )
 
 
+def prompt_rows(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    position: str = "last",
+    batch_size: int = 32,
+    system: str | None = None,
+    fallback_template: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
+    encoded = encode(tokenizer, prompts, system=system, fallback_template=fallback_template)
+    acts = collect(
+        model,
+        encoded,
+        position=position,
+        batch_size=batch_size,
+        pad_id=_pad_id(tokenizer),
+        progress=progress,
+    )
+    return acts.rows
+
+
 def _storage_dtype(model) -> torch.dtype:
     """Per-prompt rows are kept in the model's own precision (float32 for float32 models)."""
     dtype = getattr(model, "dtype", torch.float32)
@@ -466,6 +490,8 @@ def measure(
         "prompt_sha256": {"target": prompt_sha256(target), "benign": prompt_sha256(benign)},
         "system": system,
         "router_positions": "all non-padding prompt tokens",
+        "model": str(getattr(model.config, "_name_or_path", "")),
+        "quantization": _quantization_of(model),
     }
     result = Measurements(
         target_mean=means["target"],
@@ -480,6 +506,18 @@ def measure(
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
     return result
+
+
+def _quantization_of(model) -> str | None:
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    if get("load_in_4bit"):
+        return "4bit"
+    if get("load_in_8bit"):
+        return "8bit"
+    return str(get("quant_method") or "quantized")
 
 
 def _pad_id(tokenizer) -> int:

@@ -53,8 +53,10 @@ def load_prompts(
     """Read a prompt set; with `max_count`, keep a seeded random subset of that size."""
     path = Path(source)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise AbliterateError(f"prompt file {path} does not exist.")
+        if path.is_dir():
+            raise AbliterateError(f"prompt file {path} is a directory; expected a file.")
         prompts = _read_file(path, field)
     else:
         prompts = _read_hub_dataset(str(source), split, field)

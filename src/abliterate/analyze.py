@@ -1,0 +1,254 @@
+"""Per-index metrics of the refusal direction, and a suggested recipe.
+
+Why these metrics: choosing where to measure and which layers to edit is the decision
+that makes or breaks an abliteration. Each column of `layers.tsv` answers one question
+about measurement index m (d = mean_target - mean_benign, b = mean_benign):
+
+- `cos_means`: cosine between the class means (1 = the classes look alike there);
+- `target_norm`, `benign_norm`, `direction_norm` (|d|);
+- `snr` = |d| / max(|mean_target|, |mean_benign|): how large the difference is relative
+  to the activations it lives in;
+- `purity` = |d - (d.b^)b^| / |d|: the share of d orthogonal to the benign mean (a
+  difference that only rescales the benign mean is not a new feature);
+- `quality` = snr x purity: a large *and* new difference;
+- `cos_prev`, `angle_deg`: cosine to the previous index's direction and the angle it
+  turned (a stable direction across consecutive indices is one feature carried along);
+- `auroc`: separability of the per-prompt projections onto the index's direction
+  (target vs benign), 1 = every target prompt projects higher than every benign one.
+
+Suggestion rule (`suggest_recipe`): among indices m >= max(1, ceil(min_layer_fraction x
+L)), take the best-separating ones (AUROC within `AUROC_TOLERANCE` of the best; all of
+them when there are no per-prompt projections) and among those the highest quality. The
+layers to edit run from the layer that first writes a separating direction (the layer
+before the first index whose AUROC reaches `ONSET_AUROC`, or whose quality reaches half
+the best, without projections) to the last layer: once a layer has written the feature,
+every later layer could write it again.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from .logs import logger
+from .measure import Measurements, unit_directions
+
+AUROC_TOLERANCE = 0.005
+ONSET_AUROC = 0.95
+EPS = 1e-12
+
+COLUMNS = [
+    "measurement",
+    "cos_means",
+    "target_norm",
+    "benign_norm",
+    "direction_norm",
+    "snr",
+    "purity",
+    "quality",
+    "cos_prev",
+    "angle_deg",
+    "auroc",
+]
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve of scores `positive` vs `negative` (ties count one half).
+
+    Computed from ranks (Mann-Whitney U), so it is exact and O(n log n).
+    """
+    positive = positive.flatten().to(torch.float64)
+    negative = negative.flatten().to(torch.float64)
+    n_pos, n_neg = positive.numel(), negative.numel()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    scores = torch.cat([positive, negative])
+    ranks = pd.Series(scores.numpy()).rank(method="average").to_numpy()
+    rank_sum = ranks[:n_pos].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm(), b.norm()
+    if na <= EPS or nb <= EPS:
+        return float("nan")
+    return float((a @ b) / (na * nb))
+
+
+def layer_metrics(meas: Measurements) -> pd.DataFrame:
+    """One row per measurement index with the metrics described in the module docstring."""
+    target = meas.target_mean.to(torch.float64)
+    benign = meas.benign_mean.to(torch.float64)
+    units = unit_directions(target, benign)
+    has_proj = meas.target_proj.shape[-1] > 0 and meas.benign_proj.shape[-1] > 0
+    rows = []
+    for m in range(meas.num_indices):
+        t, b = target[m], benign[m]
+        d = t - b
+        d_norm = float(d.norm())
+        t_norm, b_norm = float(t.norm()), float(b.norm())
+        defined = d_norm > EPS
+        snr = d_norm / max(t_norm, b_norm) if max(t_norm, b_norm) > EPS else float("nan")
+        if defined and b_norm > EPS:
+            b_hat = b / b_norm
+            purity = float((d - (d @ b_hat) * b_hat).norm() / d_norm)
+        else:
+            purity = float("nan")
+        cos_prev = _cos(units[m], units[m - 1]) if m > 0 and defined else float("nan")
+        angle = (
+            math.degrees(math.acos(max(-1.0, min(1.0, cos_prev))))
+            if not math.isnan(cos_prev)
+            else float("nan")
+        )
+        separability = (
+            auroc(meas.target_proj[m], meas.benign_proj[m])
+            if has_proj and defined
+            else float("nan")
+        )
+        rows.append(
+            {
+                "measurement": m,
+                "cos_means": _cos(t, b),
+                "target_norm": t_norm,
+                "benign_norm": b_norm,
+                "direction_norm": d_norm,
+                "snr": snr if defined else float("nan"),
+                "purity": purity,
+                "quality": snr * purity if defined else float("nan"),
+                "cos_prev": cos_prev,
+                "angle_deg": angle,
+                "auroc": separability,
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def direction_similarity(meas: Measurements) -> torch.Tensor:
+    """[M, M] cosine similarity between the unit directions of every pair of indices."""
+    units = unit_directions(meas.target_mean, meas.benign_mean)
+    return units @ units.T
+
+
+def suggest_recipe(
+    metrics: pd.DataFrame, num_layers: int, *, min_layer_fraction: float = 0.2, scale: float = 1.0
+) -> tuple[dict, str]:
+    """The seed-format recipe picked by the rule in the module docstring, and why."""
+    start = max(1, math.ceil(min_layer_fraction * num_layers))
+    candidates = metrics[(metrics.measurement >= start) & metrics.quality.notna()]
+    if candidates.empty:
+        candidates = metrics[metrics.quality.notna()]
+    if candidates.empty:
+        raise ValueError("no measurement index has distinct class means; nothing to suggest")
+    use_auroc = candidates.auroc.notna().any()
+    if use_auroc:
+        best_auroc = candidates.auroc.max()
+        pool = candidates[candidates.auroc >= best_auroc - AUROC_TOLERANCE]
+    else:
+        pool = candidates
+    chosen = pool.loc[pool.quality.idxmax()]
+    measurement = int(chosen.measurement)
+
+    valid = metrics[(metrics.measurement >= 1) & metrics.quality.notna()]
+    if use_auroc and (valid.auroc >= ONSET_AUROC).any():
+        onset = int(valid[valid.auroc >= ONSET_AUROC].measurement.min())
+        onset_reason = f"the first index whose AUROC reaches {ONSET_AUROC}"
+    else:
+        onset = int(valid[valid.quality >= 0.5 * valid.quality.max()].measurement.min())
+        onset_reason = "the first index whose quality reaches half the best quality"
+    first_layer = max(0, min(onset - 1, measurement - 1))
+    layers = list(range(first_layer, num_layers))
+    recipe = {
+        "ablate": [
+            {"layer": layer, "measurement": measurement, "scale": scale, "sparsity": 0.0}
+            for layer in layers
+        ]
+    }
+    why = "\n".join(
+        [
+            "Suggested recipe (suggested.yaml), picked by this rule:",
+            "",
+            f"1. Measurement index: among indices {start}..{num_layers} (min_layer_fraction "
+            f"{min_layer_fraction} of {num_layers} layers, never the embeddings), "
+            + (
+                f"those whose separability (AUROC) is within {AUROC_TOLERANCE} of the best "
+                f"({best_auroc:.4f}), "
+                if use_auroc
+                else "(no per-prompt projections: all of them), "
+            )
+            + "then the highest quality (snr x purity).",
+            f"   -> measurement {measurement}: auroc {chosen.auroc:.4f}, quality {chosen.quality:.4f}, "
+            f"snr {chosen.snr:.4f}, purity {chosen.purity:.4f}.",
+            f"2. Layers: from the layer that first writes the direction (the layer before "
+            f"{onset_reason}: index {onset}) to the last layer, since any later layer could "
+            "write the feature again.",
+            f"   -> layers {layers[0]}..{layers[-1]}, each edited with the direction of "
+            f"measurement {measurement} at scale {scale}, sparsity 0.0.",
+            "",
+            "This is a starting point; the sweep (results/{model}/sweep.tsv) measures refusal "
+            "and KL of the alternatives.",
+        ]
+    )
+    return recipe, why
+
+
+def write_analysis(
+    meas: Measurements,
+    outdir: str | Path,
+    *,
+    charts: bool = True,
+    min_layer_fraction: float = 0.2,
+    title: str | None = None,
+) -> pd.DataFrame:
+    """Write layers.tsv, suggested.yaml/.txt and (with `charts`) the PNG plots to `outdir`."""
+    from . import plots
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    metrics = layer_metrics(meas)
+    _write_text(outdir / "layers.tsv", metrics.to_csv(sep="\t", index=False, float_format="%.6g"))
+    recipe, why = suggest_recipe(metrics, meas.num_layers, min_layer_fraction=min_layer_fraction)
+    _write_text(outdir / "suggested.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    _write_text(outdir / "suggested.txt", why + "\n")
+    if charts:
+        name = title or meas.meta.get("model") or "model"
+        name = Path(str(name)).name or str(name)
+        plots.plot_layer_metrics(metrics, outdir / "layers.png", title=name)
+        plots.plot_rotation(
+            metrics, direction_similarity(meas), outdir / "rotation.png", title=name
+        )
+        if meas.has_router_stats:
+            routed = (meas.target_router_tokens + meas.benign_router_tokens).nonzero().flatten()
+            plots.plot_expert_heatmap(
+                expert_rate_difference(meas),
+                outdir / "experts.png",
+                title=name,
+                routed_layers=routed.tolist(),
+            )
+    logger.info("Wrote analysis of %d measurement indices to %s", meas.num_indices, outdir)
+    return metrics
+
+
+def expert_rate_difference(meas: Measurements) -> torch.Tensor:
+    """[L, E] selection rate (share of routed tokens) target minus benign; 0 where unrouted."""
+
+    def rates(counts, tokens):
+        return counts.to(torch.float64) / tokens.to(torch.float64).clamp_min(1).unsqueeze(-1)
+
+    return rates(meas.target_expert_counts, meas.target_router_tokens) - rates(
+        meas.benign_expert_counts, meas.benign_router_tokens
+    )
+
+
+def format_table(metrics: pd.DataFrame) -> str:
+    """The metrics as a fixed-width table for the terminal."""
+    return metrics.to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,82 @@
+"""`abliterate measure -m MODEL --target FILE --benign FILE -o OUT`: class means per index.
+
+`-o` ending in `.safetensors` writes this project's format (+ a JSON beside it); ending in
+`.refuse` writes the legacy torch format the seed's tools read.
+"""
+
+from __future__ import annotations
+
+from ..measure import POSITIONS, measure_to_file
+
+HELP = "measure the refusal direction: class means at every layer (one forward pass per batch)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", nargs="?", help="Hugging Face model directory")
+    parser.add_argument("-m", "--model", dest="model_option", help="same as the positional MODEL")
+    parser.add_argument("-o", "--output", required=True, help="measurements.safetensors or .refuse")
+    parser.add_argument(
+        "--target", "--data-harmful", required=True, help="prompts to refuse (file or dataset id)"
+    )
+    parser.add_argument(
+        "--benign", "--data-harmless", required=True, help="prompts to answer (file or dataset id)"
+    )
+    parser.add_argument("--field", help="csv/parquet column, jsonl/json field or dataset column")
+    parser.add_argument("--split", default="train", help="dataset split (hub datasets only)")
+    parser.add_argument("--max", type=int, dest="max_count", help="keep at most N prompts per set")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max shuffle")
+    parser.add_argument("--system", help="system prompt for every rendered prompt")
+    parser.add_argument(
+        "--fallback-template",
+        action="store_true",
+        help="render 'User: ...\\nAssistant:' text when the tokenizer has no chat template",
+    )
+    parser.add_argument("--position", choices=POSITIONS, default="last")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--clip", type=float, help="winsorize each dimension at this quantile")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    parser.add_argument("--device-map", help="'auto' spreads a large model over GPUs")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4)")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args) -> int:
+    model = args.model_option or args.model
+    if not model:
+        from ..errors import AbliterateError
+
+        raise AbliterateError("no model given; pass the model directory (MODEL or -m MODEL).")
+    meas = measure_to_file(
+        model,
+        args.target,
+        args.benign,
+        args.output,
+        field=args.field,
+        split=args.split,
+        max_count=args.max_count,
+        seed=args.seed,
+        system=args.system,
+        fallback_template=args.fallback_template,
+        position=args.position,
+        batch_size=args.batch_size,
+        clip=args.clip,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
+    counts = meas.meta["counts"]
+    print(
+        f"wrote {args.output}: {meas.num_indices} measurement indices, hidden size "
+        f"{meas.hidden_size}, {counts['target']} target / {counts['benign']} benign prompts"
+    )
+    return 0
