@@ -137,11 +137,14 @@ def read_weight_map(model_dir: str | Path) -> dict[str, str]:
         try:
             index = json.loads(index_path.read_text())
             weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(shard, str) for shard in weight_map.values()
+            ):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise AbliterateError(
-                f"{index_path}: malformed index (expected JSON with a 'weight_map' object)."
+                f"{index_path}: malformed index (expected JSON with a 'weight_map' object "
+                "mapping tensor names to shard file names)."
             ) from None
         for shard in sorted(set(weight_map.values())):
             if not (model_dir / shard).is_file():
