@@ -22,6 +22,8 @@ wildcard_constraints:
 
 
 include: "workflow/rules/model.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/analyze.smk"
 include: "workflow/rules/evaluate.smk"
 
 

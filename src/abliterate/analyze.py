@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 import yaml
 
+from .errors import AbliterateError
 from .logs import logger
 from .measure import Measurements, unit_directions
 
@@ -202,11 +203,22 @@ def write_analysis(
     charts: bool = True,
     min_layer_fraction: float = 0.2,
     title: str | None = None,
+    require_experts: bool = False,
 ) -> pd.DataFrame:
-    """Write layers.tsv, suggested.yaml/.txt and (with `charts`) the PNG plots to `outdir`."""
+    """Write layers.tsv, suggested.yaml/.txt and (with `charts`) the PNG plots to `outdir`.
+
+    `require_experts` (the workflow on an MoE model) makes missing router statistics an
+    error instead of silently skipping experts.png.
+    """
     from . import plots
 
     outdir = Path(outdir)
+    if require_experts and not meas.has_router_stats:
+        source = meas.meta.get("source_file", "the measurements")
+        raise AbliterateError(
+            f"{source} has no router statistics, but the model is an MoE model; expected "
+            "expert counts (was its router module found? see the measure log)."
+        )
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = layer_metrics(meas)
     _write_text(outdir / "layers.tsv", metrics.to_csv(sep="\t", index=False, float_format="%.6g"))
@@ -241,6 +253,19 @@ def expert_rate_difference(meas: Measurements) -> torch.Tensor:
     return rates(meas.target_expert_counts, meas.target_router_tokens) - rates(
         meas.benign_expert_counts, meas.benign_router_tokens
     )
+
+
+def checkpoint_is_moe(model_dir: str | Path) -> bool:
+    """Whether a model directory's config.json describes routed experts."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise AbliterateError(f"model directory {model_dir} has no config.json.")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    keys = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
+    return any(isinstance(config.get(k), int) and config[k] > 1 for k in keys)
 
 
 def format_table(metrics: pd.DataFrame) -> str:

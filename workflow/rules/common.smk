@@ -63,6 +63,65 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
+# ---- measure.smk / analyze.smk ----
+def measure_inputs(wildcards):
+    """The model (demo: its directory) and a user's local prompt files (not hub dataset ids)."""
+    inputs = {"model": model_input()}
+    for cls in ("target", "benign"):
+        configured = config["prompts"][cls]["train"]
+        if configured is not None and Path(configured).is_file():
+            inputs[cls] = configured
+    return inputs
+
+
+def model_is_moe():
+    """Whether the model routes tokens to experts (then analyze also draws experts.png)."""
+    if DEMO:
+        return config["model"]["demo"]["arch"] == "glm4_moe"
+    from abliterate.analyze import checkpoint_is_moe
+
+    return checkpoint_is_moe(config["model"]["path"])
+
+
+def analysis_outputs(wildcards=None):
+    """analyze's files: table, suggestion, plots (experts.png only for MoE models)."""
+    analysis = f"{RESULTS}/analysis"
+    outputs = {
+        "table": report(
+            f"{analysis}/layers.tsv",
+            category="2. Analysis",
+            caption="../report/layers_table.rst",
+        ),
+        "suggested": f"{analysis}/suggested.yaml",
+        "reason": report(
+            f"{analysis}/suggested.txt",
+            category="2. Analysis",
+            caption="../report/suggested.rst",
+        ),
+        "layers": report(
+            f"{analysis}/layers.png",
+            category="2. Analysis",
+            caption="../report/layers.rst",
+        ),
+        "rotation": report(
+            f"{analysis}/rotation.png",
+            category="2. Analysis",
+            caption="../report/rotation.rst",
+        ),
+    }
+    if model_is_moe():
+        outputs["experts"] = report(
+            f"{analysis}/experts.png",
+            category="2. Analysis",
+            caption="../report/experts.rst",
+        )
+    return outputs
+
+
 def final_outputs():
     """The targets of the default rule: the end of every stage."""
-    return [f"{RESULTS}/layout.json"]
+    return [
+        f"{RESULTS}/layout.json",
+        f"{RESULTS}/measurements.safetensors",
+        f"{RESULTS}/analysis/suggested.yaml",
+    ]

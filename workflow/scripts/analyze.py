@@ -1,0 +1,18 @@
+"""Snakemake adapter: per-layer analysis and suggested recipe (abliterate.analyze)."""
+
+from pathlib import Path
+
+from abliterate.analyze import write_analysis
+from abliterate.logs import setup_logging
+from abliterate.measure import load_measurements
+
+with open(snakemake.log[0], "w") as log:
+    setup_logging(stream=log)
+    write_analysis(
+        load_measurements(snakemake.input.measurements),
+        Path(snakemake.output.table).parent,
+        charts=True,
+        min_layer_fraction=snakemake.params.min_layer_fraction,
+        title=snakemake.params.title,
+        require_experts="experts" in snakemake.output.keys(),
+    )
