@@ -385,3 +385,38 @@ def test_glm45_air_config_matches_the_published_model():
         10944,
         151552,
     )
+
+
+def test_gpt_oss_mxfp4_experts_are_left_out_with_a_warning(tmp_path, capsys):
+    """The original gpt-oss release stores experts as MXFP4 blocks + scales (uint8)."""
+    h, experts, layers = 2880, 32, 2
+    config = {
+        "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": h,
+        "intermediate_size": h, "num_local_experts": experts, "experts_per_token": 4,
+        "num_hidden_layers": layers, "vocab_size": 201088,
+        "quantization_config": {"quant_method": "mxfp4"},
+    }  # fmt: skip
+    shards = [[("model.embed_tokens.weight", "BF16", (201088, h))]]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shards.append(
+            [
+                (f"{p}.self_attn.o_proj.weight", "BF16", (h, 4096)),
+                (f"{p}.self_attn.o_proj.bias", "BF16", (h,)),
+                (f"{p}.mlp.router.weight", "BF16", (experts, h)),
+                (f"{p}.mlp.router.bias", "BF16", (experts,)),
+                (f"{p}.mlp.experts.down_proj_blocks", "U8", (experts, h, 90, 16)),
+                (f"{p}.mlp.experts.down_proj_scales", "U8", (experts, h, 90)),
+                (f"{p}.mlp.experts.down_proj_bias", "BF16", (experts, h)),
+                (f"{p}.mlp.experts.gate_up_proj_blocks", "U8", (experts, 2 * h, 90, 16)),
+                (f"{p}.mlp.experts.gate_up_proj_scales", "U8", (experts, 2 * h, 90)),
+            ]
+        )
+    model = write_header_only_checkpoint(tmp_path / "gpt-oss-20b", config, shards)
+    code, _, err = cli(capsys, "inspect", str(model), "--json", str(tmp_path / "l.json"))
+    assert code == 0, err
+    assert "Detected 32 experts per layer" in err.splitlines()
+    assert "stored quantized" in err and "down_proj_blocks" in err
+    layout = Layout.load(tmp_path / "l.json")
+    assert layout.component_counts(1) == {"attn_out": 1, "router": 1}
+    assert layout.experts_per_token == 4

@@ -190,6 +190,7 @@ CONFIG_KEYS = {
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight")
 # Fused MXFP4 blocks (original gpt-oss release) cannot be edited in place.
 QUANTIZED_EXPERT_MARKERS = ("_blocks", "_scales")
+EDITABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 
 LAYER_KEY = re.compile(r"^(?P<prefix>.+?)\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -624,7 +625,7 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
             f"{model_dir}: Could not detect layer structure (no {family.name} target tensors "
             f"under '{prefix}.layers'; found e.g. {', '.join(sorted(by_layer[0])[:8])})."
         )
-    _warn_quantized_experts(by_layer[0] if num_layers else {}, family, model_dir)
+    _warn_quantized(by_layer, layers, model_dir)
 
     globals_ = _global_targets(tensors, prefix, hidden_size, model_dir)
 
@@ -719,16 +720,33 @@ def _global_targets(tensors, prefix: str, hidden_size: int, model_dir) -> tuple[
     return ()
 
 
-def _warn_quantized_experts(layer: dict[str, TensorInfo], family: Family, model_dir) -> None:
-    quantized = sorted(
-        rest for rest in layer if ".experts." in rest and rest.endswith(QUANTIZED_EXPERT_MARKERS)
+def _warn_quantized(by_layer: dict[int, dict[str, TensorInfo]], layers, model_dir) -> None:
+    """Say so when quantized weights are present: the edit needs real-valued tensors."""
+    blocks = sorted(
+        {
+            rest
+            for i in range(len(layers))
+            for rest in by_layer[i]
+            if ".experts." in rest and rest.endswith(QUANTIZED_EXPERT_MARKERS)
+        }
     )
-    if quantized:
+    if blocks:
         logger.warning(
             "%s: expert tensors are stored quantized (%s); they are not editable and are left "
             "out of the layout (dequantize the checkpoint to edit experts)",
             model_dir,
-            ", ".join(quantized[:4]),
+            ", ".join(blocks[:4]),
+        )
+    quantized = Counter(
+        t.dtype for e in layers for t in e.targets if t.dtype not in EDITABLE_DTYPES
+    )
+    if quantized:
+        logger.warning(
+            "%s: %s target tensors are not stored as floats (%s); editing them needs a "
+            "dequantized checkpoint",
+            model_dir,
+            sum(quantized.values()),
+            ", ".join(sorted(quantized)),
         )
 
 
