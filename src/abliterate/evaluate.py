@@ -307,9 +307,10 @@ def plan_edits(plan) -> list[Edit]:
 class InMemoryEditor:
     """Applies plans to a loaded model and restores the original tensors exactly.
 
-    The originals of every touched tensor are cloned before the first edit and copied
-    back afterwards (`copy_` of the same dtype is bit-exact), so variant N+1 starts from
-    the very base weights variant N started from.
+    The originals of every touched tensor are copied to host memory before the edit and
+    copied back afterwards (`copy_` of the same dtype is bit-exact), so variant N+1 starts
+    from the very base weights variant N started from. Host copies keep accelerator
+    memory free; they cost host RAM equal to the edited tensors' size.
     """
 
     def __init__(self, model: torch.nn.Module, model_dir: str | Path | None = None):
@@ -341,7 +342,7 @@ class InMemoryEditor:
                 for edit, ref in zip(edits, refs, strict=True):
                     view = ref.view(self.model)
                     if edit.key not in originals:
-                        originals[edit.key] = view.clone()
+                        originals[edit.key] = view.detach().to("cpu", copy=True)
                     if edit.is_bias:
                         new = ablate_bias(view, edit.direction, edit.scale)
                     else:
