@@ -122,3 +122,189 @@ def _ticks(values, most: int = 24):
     values = np.asarray(values)
     step = max(1, int(np.ceil(len(values) / most)))
     return values[::step]
+
+
+# ---- sweep figures (evaluation) --------------------------------------------------------
+
+
+def _sweep_label(row, varying: list[str]) -> str:
+    """A short point label naming only the swept parameters that vary."""
+    short = {
+        "scale": "s",
+        "sparsity": "p",
+        "measurement": "m",
+        "layers": "L",
+        "components": "c",
+        "norm_preserve": "np",
+        "experts": "e",
+    }
+    parts = []
+    for key in varying:
+        value = row[key]
+        if key == "norm_preserve":
+            value = int(str(value) in ("True", "true", "1"))
+        parts.append(f"{short[key]}{'sug' if value == 'suggested' else value}")
+    return " ".join(parts) or str(row["variant"])
+
+
+def plot_pareto(
+    table,
+    path: str | Path,
+    *,
+    kl_column: str = "kl_first_token",
+    best: str | None = None,
+    max_refusal_rate: float | None = None,
+) -> None:
+    """Refusal rate against KL from the base model, one labelled point per variant.
+
+    The lower-left frontier (no other variant is better on both) is drawn as a line; the
+    selected variant is starred and the refusal-rate target drawn as a dashed line.
+    """
+    variants = table[table["variant"] != "base"].reset_index(drop=True)
+    keys = [
+        k
+        for k in (
+            "scale",
+            "sparsity",
+            "measurement",
+            "layers",
+            "components",
+            "norm_preserve",
+            "experts",
+        )
+        if k in variants
+    ]
+    varying = [k for k in keys if variants[k].astype(str).nunique() > 1]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    x = variants[kl_column].astype(float)
+    y = variants["refusal_rate"].astype(float)
+    ax.scatter(x, y, s=36, color="tab:blue", zorder=3, label="variants")
+    order = sorted(range(len(variants)), key=lambda i: (x[i], y[i]))
+    front, lowest = [], float("inf")
+    for i in order:
+        if y[i] < lowest:
+            front.append(i)
+            lowest = y[i]
+    ax.plot(x[front], y[front], color="tab:blue", alpha=0.4, zorder=2, label="Pareto front")
+    for i, row in variants.iterrows():
+        ax.annotate(
+            _sweep_label(row, varying),
+            (x[i], y[i]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    base = table[table["variant"] == "base"]
+    if not base.empty:
+        ax.scatter(
+            [0.0],
+            [float(base["refusal_rate"].iloc[0])],
+            marker="s",
+            color="gray",
+            s=50,
+            zorder=3,
+            label="base model",
+            clip_on=False,
+        )
+    if best is not None and best in set(variants["variant"]):
+        i = int(variants.index[variants["variant"] == best][0])
+        ax.scatter([x[i]], [y[i]], marker="*", s=260, color="tab:red", zorder=4, label="selected")
+    if max_refusal_rate is not None:
+        ax.axhline(
+            max_refusal_rate,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"refusal target {max_refusal_rate:g}",
+        )
+    linthresh = max(1e-4, float(x[x > 0].min()) / 2 if (x > 0).any() else 1e-4)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(left=0, right=max(float(x.max()) * 2, linthresh * 10))
+    ax.set_xlabel(f"KL(base || edited), {kl_column.removeprefix('kl_').replace('_', '-')} (nats)")
+    ax.set_ylabel("refusal rate on held-out target prompts")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("Sweep: refusal rate vs divergence from the base model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def plot_sweep_heatmap(
+    table,
+    path: str | Path,
+    *,
+    axes: list[str],
+    best: str | None = None,
+    kl_column: str = "kl_first_token",
+) -> None:
+    """Refusal rate and KL over a two-parameter grid (one parameter: a single row).
+
+    Parameters other than the two shown are held at the selected variant's values, so
+    the grid is a slice through the best point rather than an average over unlike runs.
+    """
+    variants = table[table["variant"] != "base"].copy()
+    keys = [
+        k
+        for k in (
+            "scale",
+            "sparsity",
+            "measurement",
+            "layers",
+            "components",
+            "norm_preserve",
+            "experts",
+        )
+        if k in variants
+    ]
+    if best is not None and best in set(variants["variant"]):
+        anchor = variants[variants["variant"] == best].iloc[0]
+        for key in keys:
+            if key not in axes:
+                variants = variants[variants[key].astype(str) == str(anchor[key])]
+    row_key = axes[0] if axes else None
+    col_key = axes[1] if len(axes) > 1 else None
+
+    def levels(key):
+        values = list(variants[key].astype(str).unique())
+        try:
+            return sorted(values, key=float)
+        except ValueError:
+            return sorted(values)
+
+    rows = levels(row_key) if row_key else ["all"]
+    cols = levels(col_key) if col_key else ["all"]
+    kl_title = f"KL from base ({kl_column.removeprefix('kl_').replace('_', '-')})"
+    metrics = [("refusal_rate", "refusal rate", "Reds"), (kl_column, kl_title, "Blues")]
+    fig, panels = plt.subplots(1, 2, figsize=(4 + 1.6 * len(cols) * 2, 2.2 + 0.7 * len(rows)))
+    for ax, (metric, title, cmap) in zip(panels, metrics, strict=True):
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for _, item in variants.iterrows():
+            r = rows.index(str(item[row_key])) if row_key else 0
+            c = cols.index(str(item[col_key])) if col_key else 0
+            grid[r, c] = float(item[metric])
+        image = ax.imshow(grid, cmap=cmap, aspect="auto")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        for r in range(len(rows)):
+            for c in range(len(cols)):
+                if not np.isnan(grid[r, c]):
+                    dark = image.norm(grid[r, c]) > 0.6
+                    ax.text(
+                        c,
+                        r,
+                        f"{grid[r, c]:.3g}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if dark else "black",
+                    )
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel(col_key or "")
+        ax.set_ylabel(row_key or "")
+        ax.set_title(title)
+    fig.suptitle(
+        "Sweep grid"
+        + (" (other parameters at the selected variant's values)" if len(keys) > len(axes) else ""),
+        fontsize=10,
+    )
+    _save(fig, path)
