@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from fixtures.header_only import GLM45_AIR_CONFIG, write_glm45_air, write_header_only_checkpoint
 from safetensors.torch import load_file, save_file
 from tiny_models import TINY_CONFIGS, build_tiny
@@ -274,22 +275,29 @@ def test_unknown_model_type_falls_back_to_key_patterns(tiny_glm4_moe, capsys):
     assert "Detected 8 experts per layer" in err.splitlines()
 
 
-def test_other_layer_prefix_is_detected(tiny_llama, tmp_path):
-    """Multimodal wrappers keep the language model under another prefix."""
-    renamed = tmp_path / "wrapped"
-    renamed.mkdir()
+def test_language_model_prefix_wins_over_a_bigger_vision_encoder(tiny_llama, tmp_path):
+    """Multimodal wrappers keep the language model under another prefix, beside a vision
+    encoder whose `...layers.N.` tensors may outnumber it."""
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
     tensors = {}
     for shard in sorted(tiny_llama.glob("*.safetensors")):
         tensors.update(load_file(shard))
-    save_file({f"language_model.{k}": v for k, v in tensors.items()}, renamed / "model.safetensors")
+    tensors = {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()}
+    for i in range(8):
+        for name in ("self_attn.out_proj", "self_attn.q_proj", "mlp.fc1", "mlp.fc2"):
+            for kind in ("weight", "bias"):
+                key = f"model.vision_tower.encoder.layers.{i}.{name}.{kind}"
+                tensors[key] = torch.zeros(4)
+    save_file(tensors, wrapped / "model.safetensors")
     config = json.loads((tiny_llama / "config.json").read_text())
-    (renamed / "config.json").write_text(
-        json.dumps({"model_type": "gemma3", "text_config": config})
+    (wrapped / "config.json").write_text(
+        json.dumps({"model_type": "gemma3", "text_config": config, "vision_config": {}})
     )
-    layout = inspect_checkpoint(renamed)
-    assert layout.layer_prefix == "language_model.model"
-    assert layout.targets(component="embed")[0].key == "language_model.model.embed_tokens.weight"
-    assert layout.component_counts(2) == DENSE
+    layout = inspect_checkpoint(wrapped)
+    assert layout.layer_prefix == "model.language_model"
+    assert layout.targets(component="embed")[0].key == "model.language_model.embed_tokens.weight"
+    assert [layout.component_counts(i) for i in range(3)] == [DENSE] * 3
 
 
 # ------------------------------------------------------------------ bad input through the CLI

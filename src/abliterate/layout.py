@@ -192,6 +192,23 @@ EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight")
 QUANTIZED_EXPERT_MARKERS = ("_blocks", "_scales")
 EDITABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 
+# every layer-relative name some family targets (prefix detection ranks by these)
+_KNOWN_NAMES = {
+    p.suffix for family in FAMILIES.values() for p in family.patterns if "{E}" not in p.suffix
+}
+_KNOWN_EXPERT_NAMES = re.compile(
+    "|".join(
+        sorted(
+            {
+                p.regex().pattern
+                for family in FAMILIES.values()
+                for p in family.patterns
+                if "{E}" in p.suffix
+            }
+        )
+    )
+)
+
 LAYER_KEY = re.compile(r"^(?P<prefix>.+?)\.layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 # --------------------------------------------------------------------------- layout data
@@ -437,10 +454,22 @@ def _config_int(config: dict, quantity: str, config_path: Path) -> int | None:
 
 
 def detect_layer_prefix(keys: Iterable[str], model_dir: str | Path) -> str:
-    """The prefix before `.layers.{N}.` shared by most tensor names."""
+    """The prefix before `.layers.{N}.` of the language model's decoder layers.
+
+    Multimodal checkpoints also have vision-encoder layers (`...encoder.layers.N.`), and
+    there may be about as many of them, so prefixes are ranked by how many of their layer
+    tensors any registered family knows, then by tensor count.
+    """
     keys = list(keys)
-    prefixes = Counter(m["prefix"] for m in map(LAYER_KEY.match, keys) if m)
-    if not prefixes:
+    counts: Counter = Counter()
+    known: Counter = Counter()
+    for match in map(LAYER_KEY.match, keys):
+        if match:
+            counts[match["prefix"]] += 1
+            known[match["prefix"]] += match["rest"] in _KNOWN_NAMES or bool(
+                _KNOWN_EXPERT_NAMES.match(match["rest"])
+            )
+    if not counts:
         roots = sorted({key.split(".")[0] for key in keys})
         examples = ", ".join(sorted(keys)[:5])
         raise AbliterateError(
@@ -448,7 +477,7 @@ def detect_layer_prefix(keys: Iterable[str], model_dir: str | Path) -> str:
             f"names; found {len(keys)} tensors under {', '.join(roots[:8]) or 'nothing'}, "
             f"e.g. {examples})."
         )
-    return prefixes.most_common(1)[0][0]
+    return max(counts, key=lambda prefix: (known[prefix], counts[prefix]))
 
 
 def _layer_tensors(tensors: dict[str, TensorInfo], prefix: str) -> dict[int, dict[str, TensorInfo]]:
@@ -482,8 +511,11 @@ def choose_family(
     if model_type in ARCHITECTURES:
         return FAMILIES[ARCHITECTURES[model_type]]
 
+    # the first and last decoder layers tell dense-first MoE models apart cheaply
+    sample = [by_layer[i] for i in sorted({min(by_layer), max(by_layer)})] if by_layer else []
+
     def score(family: Family) -> tuple[int, int]:
-        matched = sum(len(_match_family(family, layer)) for layer in by_layer.values())
+        matched = sum(len(_match_family(family, layer)) for layer in sample)
         return matched, -len(family.patterns)
 
     best = max(FAMILIES.values(), key=score)
