@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -379,13 +378,12 @@ class Layout:
         """Write layout.json atomically (temp file + rename): a partial file never exists."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() honours the umask
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.to_json())
+            tmp.write_text(self.to_json())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 
