@@ -277,15 +277,12 @@ def plan_edits(plan) -> list[Edit]:
             raise AbliterateError(f"plan entry {_field(entry, 'key')!r} has no direction.")
         direction = torch.as_tensor(direction)
         scale = float(_field(entry, "scale", 1.0))
-        mode = _field(entry, "mode", None)
         norm_preserve = _field(entry, "norm_preserve", None)
         preserve = _field(entry, "preserve", None)
-        if isinstance(mode, dict):
-            norm_preserve = mode.get("norm_preserve", norm_preserve)
-            preserve = mode.get("preserve", preserve)
-        elif isinstance(mode, str):
-            norm_preserve = mode not in ("plain", "none", "project")
-            preserve = mode if mode in ("hidden", "other") else preserve
+        mode = _field(entry, "mode", None)  # plan.json spelling: hidden | other | plain
+        if norm_preserve is None and isinstance(mode, str):
+            norm_preserve = mode != "plain"
+            preserve = preserve or (mode if mode != "plain" else None)
         shape = _field(entry, "shape", None)
         edits.append(
             Edit(
