@@ -1,0 +1,437 @@
+"""The sharded exporter: plan -> per-shard edit jobs -> assembled, manifested checkpoint.
+
+Why per shard: a 200 GB MoE checkpoint is ~50 independent files, so each file holding a
+target is one job (one Snakemake job, or one worker of `abliterate ablate -j N`), and files
+without targets are hard-linked. Why streaming: a job copies untouched byte ranges
+file-to-file and reads, edits and rewrites one target (or one expert slice of a fused
+target) at a time, so its memory does not grow with the shard. Why temp names: an output
+file only appears under its real name when it is complete, so an interrupted run never
+leaves something that looks finished, and a rerun picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from .edit import ablate_bias, ablate_tensor
+from .errors import AbliterateError
+from .logs import logger
+from .recipe import Plan, PlanEntry, file_sha256
+from .shards import (
+    INDEX_NAME,
+    ShardHeader,
+    copy_byte_range,
+    read_header,
+    read_tensor,
+    read_weight_map,
+    tensor_bytes,
+)
+
+# Files copied next to the weights (config, generation config, tokenizer, chat template).
+METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+MARKER = ".abliterate-plan"  # inside a staging directory: the plan it is being built for
+
+
+# --------------------------------------------------------------------------------------
+# Safety
+# --------------------------------------------------------------------------------------
+
+
+def check_output_location(source: str | Path, output: str | Path) -> None:
+    """Refuse an output equal to, inside, or containing the source model directory."""
+    source_path = Path(source).resolve()
+    output_path = Path(output).resolve()
+    if output_path == source_path or source_path in output_path.parents:
+        raise AbliterateError(
+            f"{output}: the output directory is inside the source model {source}; choose a "
+            "directory outside it (the source is never modified)."
+        )
+    if output_path in source_path.parents:
+        raise AbliterateError(
+            f"{output}: the output directory contains the source model {source}; choose a "
+            "directory that does not hold it."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Which shards hold what
+# --------------------------------------------------------------------------------------
+
+
+def plan_shards(plan: Plan, model_dir: str | Path | None = None) -> dict:
+    """{'edit': {shard: [keys]}, 'link': [shards]}: the jobs the plan needs.
+
+    Every key the plan names must exist in the checkpoint with the plan's dtype and shape
+    (a plan made for another checkpoint is refused here, before any job runs).
+    """
+    model_dir = Path(model_dir or plan.model_dir)
+    weight_map = read_weight_map(model_dir)
+    headers = {s: read_header(model_dir / s) for s in sorted(set(weight_map.values()))}
+    edit: dict[str, list[str]] = {}
+    for shard, items in plan.by_shard().items():
+        for key, entry in items:
+            info = headers.get(shard, None)
+            info = info.tensors.get(key) if info else None
+            if info is None or weight_map.get(key) != shard:
+                raise AbliterateError(
+                    f"plan names {key!r} in shard {shard!r}, but {model_dir} has it "
+                    f"{'in ' + repr(weight_map[key]) if key in weight_map else 'nowhere'}; "
+                    "was the plan made for another checkpoint?"
+                )
+            if key == entry.key and (
+                list(info.shape) != list(entry.shape) or info.dtype != entry.dtype
+            ):
+                raise AbliterateError(
+                    f"plan expects {key!r} as {entry.dtype} {list(entry.shape)}, but {model_dir} "
+                    f"has {info.dtype} {list(info.shape)}; was the plan made for another checkpoint?"
+                )
+            keys = edit.setdefault(shard, [])
+            if key not in keys:
+                keys.append(key)
+    link = [s for s in headers if s not in edit]
+    return {"model_dir": str(model_dir), "edit": edit, "link": link}
+
+
+def write_json(data, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# One shard job
+# --------------------------------------------------------------------------------------
+
+
+def entries_by_key(plan: Plan, shard: str) -> dict[str, list[tuple[PlanEntry, bool]]]:
+    """key -> [(entry, is_bias)] for one shard, in plan order."""
+    edits: dict[str, list[tuple[PlanEntry, bool]]] = {}
+    for key, entry in plan.by_shard().get(shard, []):
+        edits.setdefault(key, []).append((entry, key != entry.key))
+    return edits
+
+
+def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
+    """Apply a key's plan entries in order (the same calls the in-memory evaluator makes)."""
+    for entry, is_bias in edits:
+        if is_bias:
+            weight = ablate_bias(weight, entry.direction, entry.scale)
+        else:
+            weight = ablate_tensor(
+                weight,
+                entry.direction,
+                entry.scale,
+                hidden_axis=entry.hidden_axis,
+                norm_preserve=entry.norm_preserve,
+                preserve=entry.preserve,
+                device=device,
+            )
+    return weight
+
+
+def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
+    """(byte offset, shape, edits) pieces to stream a target in: per expert when fused.
+
+    `ablate_tensor` itself edits a 3-D tensor one leading slice at a time when the hidden
+    axis is not the leading one, so slice-wise streaming gives the same bits while holding
+    one expert instead of all of them.
+    """
+    from dataclasses import replace
+
+    ndim = len(info.shape)
+    if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
+        return [(info.begin, tuple(info.shape), edits)]
+    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
+    step = info.nbytes // info.shape[0]
+    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
+
+
+def ablate_shard(
+    model_dir: str | Path,
+    shard: str,
+    plan: Plan,
+    output: str | Path,
+    *,
+    device: str | None = None,
+    digest: bool = False,
+) -> str | None:
+    """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
+
+    The header and every untouched byte are copied as they are; target tensors are read,
+    edited in float32 (on `device`) and written back in their dtype at their own offsets.
+    The file is written as `<output>.tmp` and renamed when complete. Returns the file's
+    SHA-256 when `digest` (computed on the way, at the cost of user-space copying).
+    """
+    source = Path(model_dir) / shard
+    output = Path(output)
+    check_output_location(model_dir, output.parent)
+    header: ShardHeader = read_header(source)
+    edits = entries_by_key(plan, shard)
+    missing = [k for k in edits if k not in header.tensors]
+    if missing:
+        raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
+    targets = sorted((header.tensors[k] for k in edits), key=lambda info: info.begin)
+    hasher = hashlib.sha256() if digest else None
+    tmp = output.with_name(output.name + ".tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    size = source.stat().st_size
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            position = 0
+            for info in targets:
+                copy_byte_range(src, dst, position, info.begin, hasher)
+                chunks = tensor_chunks(info, edits[info.name])
+                logger.info("Modifying %s", info.name)
+                for begin, shape, chunk_edits in chunks:
+                    weight = read_tensor(src, info, begin=begin, shape=shape)
+                    edited = edit_tensor(weight, chunk_edits, device)
+                    if edited.dtype != weight.dtype or edited.shape != weight.shape:
+                        raise AssertionError(f"edit changed {info.name}'s dtype or shape")
+                    data = tensor_bytes(edited)
+                    dst.write(data)
+                    if hasher is not None:
+                        hasher.update(data)
+                    del weight, edited, data
+                position = info.end
+            copy_byte_range(src, dst, position, size, hasher)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if tmp.stat().st_size != size:
+            raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {size}.")
+        tmp.replace(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hasher.hexdigest() if hasher else None
+
+
+def link_or_copy(source: str | Path, destination: str | Path) -> str:
+    """Hard-link `source` to `destination` (same filesystem), else copy it; says which.
+
+    The source is only ever read: a hard link shares its bytes, and nothing in abliterate
+    opens an output shard for writing after it is complete.
+    """
+    destination = Path(destination)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+        return "linked"
+    except OSError:
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(destination)
+        return "copied"
+
+
+# --------------------------------------------------------------------------------------
+# Assembling the output directory
+# --------------------------------------------------------------------------------------
+
+
+def _model_card(plan: Plan, model_dir: Path, metrics: dict | None) -> str:
+    recipe = {k: v for k, v in plan.recipe.items() if v is not None}
+    components = ", ".join(plan.info.get("components", []))
+    counts: dict[str, int] = {}
+    for entry in plan.entries:
+        counts[entry.component] = counts.get(entry.component, 0) + 1
+    lines = [
+        "---",
+        f"base_model: {model_dir.name}",
+        "tags: [abliterated]",
+        "---",
+        "",
+        f"# {model_dir.name}, abliterated",
+        "",
+        f"Base model: `{model_dir}` ({plan.info.get('model_type') or 'unknown type'}).",
+        "",
+        "The refusal direction measured in the residual stream was removed from the weights "
+        f"by [abliterate](https://github.com/) (components: {components}).",
+        "",
+        f"Measurements: `{plan.measurements}` (SHA-256 `{plan.measurements_sha256}`).",
+        "",
+        "Edited tensors: "
+        + ", ".join(f"{n} {c}" for c, n in counts.items())
+        + f" ({len(plan.entries)} in total).",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+    ]
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    else:
+        lines += ["", "## Evaluation", "", "No evaluation metrics were recorded for this export."]
+    lines += [
+        "",
+        "`manifest.json` lists the SHA-256 of every file; `abliterate verify` re-checks the "
+        "output against the base model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _sha256_files(paths: list[Path], known: dict[str, str], jobs: int) -> dict[str, str]:
+    todo = [p for p in paths if p.name not in known]
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        digests = dict(zip((p.name for p in todo), pool.map(file_sha256, todo), strict=True))
+    return {p.name: known.get(p.name) or digests[p.name] for p in paths}
+
+
+def assemble(
+    model_dir: str | Path,
+    output: str | Path,
+    plan: Plan,
+    edited_dir: str | Path,
+    *,
+    metrics: dict | None = None,
+    digests: dict[str, str] | None = None,
+    jobs: int = 1,
+) -> Path:
+    """Build the output checkpoint directory from edited shards + the untouched source.
+
+    Everything goes into `<output>.partial` and is renamed to `output` at the end. Edited
+    shards come from `edited_dir` (linked, or already in place when it is the staging
+    directory); untouched shards are hard-linked from the source (copied across
+    filesystems). Writes the index, the config/tokenizer/chat-template files, remote-code
+    `.py` files if the source has any, `README.md` (model card) and `manifest.json`.
+    """
+    model_dir, output, edited_dir = Path(model_dir), Path(output), Path(edited_dir)
+    check_output_location(model_dir, output)
+    jobs_info = plan_shards(plan, model_dir)
+    staging = output.with_name(output.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    actions: dict[str, str] = {}
+    for shard in jobs_info["edit"]:
+        edited = edited_dir / shard
+        if not edited.is_file():
+            raise AbliterateError(f"{edited}: edited shard missing; run its ablate_shard job.")
+        if edited.resolve() != (staging / shard).resolve():
+            link_or_copy(edited, staging / shard)
+        actions[shard] = "edited"
+    for shard in jobs_info["link"]:
+        actions[shard] = link_or_copy(model_dir / shard, staging / shard)
+    if (model_dir / INDEX_NAME).is_file():
+        index = json.loads((model_dir / INDEX_NAME).read_text())
+        index.setdefault("metadata", {})["abliterated"] = True
+        write_json(index, staging / INDEX_NAME)
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.name in METADATA_FILES or path.suffix == ".py"):
+            shutil.copyfile(path, staging / path.name)
+            copied.append(path.name)
+    (staging / "README.md").write_text(_model_card(plan, model_dir, metrics))
+    (staging / MARKER).unlink(missing_ok=True)
+    files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "base_model": str(model_dir.resolve()),
+        "recipe": plan.recipe,
+        "measurements": plan.measurements,
+        "measurements_sha256": plan.measurements_sha256,
+        "plan_sha256": plan.sha256(),
+        "edited_tensors": len(plan.entries),
+        "shards": actions,
+        "copied_files": copied,
+        "metrics": metrics,
+        "sha256": _sha256_files(files, digests or {}, jobs),
+    }
+    write_json(manifest, staging / "manifest.json")
+    if output.exists():
+        shutil.rmtree(output)
+    staging.replace(output)
+    logger.info(
+        "Wrote %s: %d edited shard(s), %d linked/copied, %d metadata files",
+        output,
+        len(jobs_info["edit"]),
+        len(jobs_info["link"]),
+        len(copied),
+    )
+    return output
+
+
+# --------------------------------------------------------------------------------------
+# The standalone driver (`abliterate ablate`)
+# --------------------------------------------------------------------------------------
+
+
+def export_model(
+    plan: Plan,
+    output: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    jobs: int = 1,
+    device: str | None = None,
+    force: bool = False,
+    metrics: dict | None = None,
+) -> Path:
+    """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
+
+    Finished shards are kept in `<output>.partial` under their real names, so rerunning
+    after an interruption only redoes the shards that were not complete (the staging
+    directory is reused only if it was started for the very same plan).
+    """
+    model_dir = Path(model_dir or plan.model_dir)
+    output = Path(output)
+    check_output_location(model_dir, output)
+    if output.exists() and not force:
+        raise AbliterateError(
+            f"{output}: output directory already exists; remove it or pass --force."
+        )
+    jobs_info = plan_shards(plan, model_dir)
+    staging = output.with_name(output.name + ".partial")
+    marker = staging / MARKER
+    plan_id = plan.sha256()
+    if staging.exists() and (not marker.is_file() or marker.read_text() != plan_id):
+        logger.info("Discarding %s (started for another plan)", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    marker.write_text(plan_id)
+    todo = [s for s in jobs_info["edit"] if not (staging / s).is_file()]
+    done = len(jobs_info["edit"]) - len(todo)
+    if done:
+        logger.info("Resuming: %d of %d edited shards already complete", done, len(todo) + done)
+    digests: dict[str, str] = {}
+    if jobs <= 1 or len(todo) <= 1:
+        for shard in todo:
+            digests[shard] = ablate_shard(
+                model_dir, shard, plan, staging / shard, device=device, digest=True
+            )
+    else:
+        # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
+        # and a thread needs no second interpreter importing torch.
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            futures = {
+                pool.submit(
+                    ablate_shard, model_dir, s, plan, staging / s, device=device, digest=True
+                ): s
+                for s in todo
+            }
+            for future in concurrent.futures.as_completed(futures):
+                digests[futures[future]] = future.result()
+    return assemble(model_dir, output, plan, staging, metrics=metrics, digests=digests, jobs=jobs)

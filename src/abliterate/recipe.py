@@ -1,0 +1,642 @@
+"""Recipes (the seed's YAML plus options) and the explicit plans they resolve to.
+
+Why two objects: a recipe is what a person writes ("layer 30, measurement 40, scale 0.8");
+a plan is what a machine executes ("edit this key, along this direction, at this scale,
+on this axis"). Resolving against the checkpoint's layout and the measurements happens
+once, here, so the exporter and the in-memory evaluator consume the same plan and can
+only differ if the plan differs.
+
+Defaults (documented in docs/ablation.md):
+
+- Dense model: `attn_out` + `mlp_down` of every listed layer.
+- MoE model (the seed's default): `attn_out` + `shared_down` + `router` of every listed
+  layer, plus `mlp_down` where a listed layer is one of the dense first layers (GLM-4.5-Air
+  layer 0 has a plain MLP; leaving it out would leave that layer's MLP writer untouched).
+- Routed experts only when asked: `ablate_individual_experts: true` adds every expert's
+  `expert_down` (the writers); `expert_subset` restricts them (and implies the flag, as the
+  seed's `--expert-subset` alone does). Read-side expert tensors (`expert_gate`,
+  `expert_up`, `expert_gate_up`) and `embed` only when listed in `components`.
+- The router is edited at `gate_scale` (seed: 0.5) times the entry's scale.
+- Writers' biases are edited (plain projection) whenever their weight is.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import AbliterateError
+
+WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
+READ_COMPONENTS = ("router", "expert_gate", "expert_up", "expert_gate_up")
+COMPONENTS = WRITE_COMPONENTS + READ_COMPONENTS
+EXPERT_COMPONENTS = ("expert_down", "expert_gate", "expert_up", "expert_gate_up")
+DENSE_DEFAULT = ("attn_out", "mlp_down")
+MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
+
+ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
+# recipe key -> default; paths are None until given
+OPTIONS: dict[str, Any] = {
+    "model": None,
+    "measurements": None,
+    "output": None,
+    "ablate_individual_experts": False,
+    "expert_subset": None,
+    "components": None,
+    "norm_preserve": True,
+    "preserve": "hidden",
+    "projected": False,
+    "biprojected": False,
+    "gate_scale": 0.5,
+    "scale": 1.0,
+    "ensemble": 0,
+    "biases": True,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AblateEntry:
+    layer: int
+    measurement: int
+    scale: float = 1.0
+    sparsity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: the seed's keys plus options, every default filled in."""
+
+    ablate: tuple[AblateEntry, ...]
+    model: str | None = None
+    measurements: str | None = None
+    output: str | None = None
+    ablate_individual_experts: bool = False
+    expert_subset: tuple[int, ...] | None = None
+    components: tuple[str, ...] | None = None
+    norm_preserve: bool = True
+    preserve: str = "hidden"
+    projected: bool = False
+    biprojected: bool = False
+    gate_scale: float = 0.5
+    scale: float = 1.0
+    ensemble: int = 0
+    biases: bool = True
+    source: str = "<dict>"  # where it came from, for error messages
+
+    def to_dict(self) -> dict:
+        """The recipe as YAML-ready plain data (seed keys first)."""
+        data = {k: getattr(self, k) for k in ("model", "measurements", "output")}
+        data["ablate_individual_experts"] = self.ablate_individual_experts
+        data["expert_subset"] = list(self.expert_subset) if self.expert_subset else None
+        data["ablate"] = [asdict(e) for e in self.ablate]
+        for key in OPTIONS:
+            if key not in data:
+                value = getattr(self, key)
+                data[key] = list(value) if isinstance(value, tuple) else value
+        return data
+
+
+def _fail(source: str, key: str, expected: str, value: Any) -> AbliterateError:
+    return AbliterateError(f"{source}: recipe key '{key}' {expected}, got {value!r}.")
+
+
+def _number(source, key, value, *, integer=False):
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise _fail(source, key, "must be an integer" if integer else "must be a number", value)
+    return int(value) if integer else float(value)
+
+
+def _parse_subset(source: str, value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise _fail(
+                source, "expert_subset", "must be a list of expert indices like '0,1,2,3'", value
+            ) from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _fail(source, "expert_subset", "must be a non-empty list of expert indices", value)
+    subset = tuple(_number(source, "expert_subset", v, integer=True) for v in value)
+    if any(e < 0 for e in subset):
+        raise _fail(source, "expert_subset", "must hold indices >= 0", value)
+    return tuple(sorted(set(subset)))
+
+
+def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe (a YAML path or a dict), then apply `overrides`.
+
+    `overrides` are recipe keys that win over the file (the CLI's
+    `--ablate-individual-experts`, `--expert-subset`, `--output`); None values are ignored.
+    """
+    if isinstance(path_or_dict, dict):
+        source, data = "<recipe>", copy.deepcopy(path_or_dict)
+    else:
+        path = Path(path_or_dict)
+        source = str(path)
+        if not path.is_file():
+            raise AbliterateError(f"{path}: recipe file not found.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise AbliterateError(f"{path}: not valid YAML ({error}).") from None
+        if not isinstance(data, dict):
+            raise AbliterateError(f"{path}: expected a YAML mapping of recipe keys.")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    unknown = sorted(set(data) - set(OPTIONS) - {"ablate"})
+    if unknown:
+        raise AbliterateError(
+            f"{source}: unknown recipe key '{unknown[0]}' (expected one of ablate, "
+            f"{', '.join(OPTIONS)})."
+        )
+    raw_entries = data.get("ablate")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise _fail(source, "ablate", "must be a non-empty list of {layer, measurement} entries",
+                    raw_entries)  # fmt: skip
+    entries = []
+    for i, raw in enumerate(raw_entries):
+        where = f"ablate[{i}]"
+        if not isinstance(raw, dict) or "layer" not in raw or "measurement" not in raw:
+            raise _fail(source, where, "must be a mapping with 'layer' and 'measurement'", raw)
+        extra = sorted(set(raw) - ENTRY_KEYS)
+        if extra:
+            raise _fail(source, f"{where}.{extra[0]}", "is not an entry key "
+                        "(expected layer, measurement, scale, sparsity)", raw[extra[0]])  # fmt: skip
+        layer = _number(source, f"{where}.layer", raw["layer"], integer=True)
+        measurement = _number(source, f"{where}.measurement", raw["measurement"], integer=True)
+        scale = _number(source, f"{where}.scale", raw.get("scale", 1.0))
+        sparsity = _number(source, f"{where}.sparsity", raw.get("sparsity", 0.0))
+        if layer < 0 or measurement < 0:
+            raise _fail(source, where, "must have layer and measurement >= 0", raw)
+        if not 0.0 <= sparsity < 1.0:
+            raise _fail(source, f"{where}.sparsity", "must be in [0, 1)", sparsity)
+        entries.append(AblateEntry(layer, measurement, scale, sparsity))
+
+    options = {k: data.get(k, default) for k, default in OPTIONS.items()}
+    for key in ("ablate_individual_experts", "norm_preserve", "projected", "biprojected", "biases"):
+        if not isinstance(options[key], bool):
+            raise _fail(source, key, "must be true or false", options[key])
+    for key in ("gate_scale", "scale"):
+        options[key] = _number(source, key, options[key])
+    options["ensemble"] = _number(source, "ensemble", options["ensemble"], integer=True)
+    if options["ensemble"] < 0:
+        raise _fail(source, "ensemble", "must be >= 0", options["ensemble"])
+    if options["preserve"] not in ("hidden", "other"):
+        raise _fail(source, "preserve", "must be 'hidden' or 'other'", options["preserve"])
+    for key in ("model", "measurements", "output"):
+        if options[key] is not None and not isinstance(options[key], (str, Path)):
+            raise _fail(source, key, "must be a path", options[key])
+        if options[key] is not None:
+            options[key] = str(options[key])
+    options["expert_subset"] = _parse_subset(source, options["expert_subset"])
+    options["components"] = _parse_components(source, options["components"])
+    return Recipe(ablate=tuple(entries), source=source, **options)
+
+
+def _parse_components(source: str, value) -> tuple[str, ...] | None:
+    """None = the architecture's defaults; 'default' inside a list expands to them."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part for part in value.replace("+", ",").split(",") if part]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _fail(source, "components", "must be a list of component names", value)
+    for name in value:
+        if name != "default" and name not in COMPONENTS:
+            raise AbliterateError(
+                f"{source}: recipe key 'components' names unknown component {name!r} "
+                f"(expected 'default' or one of {', '.join(COMPONENTS)})."
+            )
+    return tuple(dict.fromkeys(value))
+
+
+# --------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanEntry:
+    """One tensor edit: the key on disk, the direction, the effective scale and the mode."""
+
+    key: str
+    component: str
+    side: str  # write | read
+    layer: int | None
+    expert: int | None
+    hidden_axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    shard: str
+    scale: float
+    norm_preserve: bool
+    preserve: str
+    bias: str | None
+    bias_shard: str | None
+    direction_id: str  # tensor name in plan.safetensors
+    direction: torch.Tensor = field(repr=False)
+
+    @property
+    def mode(self) -> str:
+        """'hidden' / 'other' (norm-preserving, which norms) or 'plain' (projection only)."""
+        return self.preserve if self.norm_preserve else "plain"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("direction")
+        data["shape"] = list(self.shape)
+        data["mode"] = self.mode
+        return data
+
+
+@dataclass
+class Plan:
+    """The explicit edit list plus what it was made from (for manifests and checks)."""
+
+    entries: list[PlanEntry]
+    model_dir: str
+    recipe: dict
+    measurements: str | None = None
+    measurements_sha256: str | None = None
+    info: dict = field(default_factory=dict)  # layout summary: prefix, is_moe, experts...
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(e.key for e in self.entries))
+
+    def by_shard(self) -> dict[str, list[tuple[str, PlanEntry]]]:
+        """shard -> [(key, entry)] in plan order; a bias is its own item (possibly elsewhere)."""
+        shards: dict[str, list[tuple[str, PlanEntry]]] = {}
+        for entry in self.entries:
+            shards.setdefault(entry.shard, []).append((entry.key, entry))
+            if entry.bias:
+                shards.setdefault(entry.bias_shard, []).append((entry.bias, entry))
+        return shards
+
+    def sha256(self) -> str:
+        """Identity of what the plan does (entries and directions), for resume checks."""
+        digest = hashlib.sha256(json.dumps([e.to_json() for e in self.entries]).encode())
+        for entry in self.entries:
+            digest.update(entry.direction.to(torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write `plan.json` and, beside it, `<stem>.safetensors` with the directions."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors_path = path.with_suffix(".safetensors")
+        directions = {}
+        for entry in self.entries:
+            directions.setdefault(
+                entry.direction_id, entry.direction.to(torch.float32).contiguous()
+            )
+        data = {
+            "model_dir": self.model_dir,
+            "recipe": self.recipe,
+            "measurements": self.measurements,
+            "measurements_sha256": self.measurements_sha256,
+            "info": self.info,
+            "directions_file": tensors_path.name,
+            "entries": [e.to_json() for e in self.entries],
+        }
+        tmp_tensors = tensors_path.with_name(tensors_path.name + ".tmp")
+        save_file(directions, str(tmp_tensors))
+        tmp_json = path.with_name(path.name + ".tmp")
+        tmp_json.write_text(json.dumps(data, indent=1) + "\n")
+        tmp_tensors.replace(tensors_path)
+        tmp_json.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            directions = load_file(str(path.parent / data["directions_file"]))
+            entries = []
+            for raw in data["entries"]:
+                raw = dict(raw)
+                raw.pop("mode", None)
+                raw["shape"] = tuple(raw["shape"])
+                raw["direction"] = directions[raw["direction_id"]]
+                entries.append(PlanEntry(**raw))
+        except FileNotFoundError as error:
+            raise AbliterateError(f"{path}: plan file not found ({error.filename}).") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise AbliterateError(
+                f"{path}: malformed plan (expected plan.json + its directions file: {error})."
+            ) from None
+        return cls(
+            entries=entries,
+            model_dir=data["model_dir"],
+            recipe=data["recipe"],
+            measurements=data.get("measurements"),
+            measurements_sha256=data.get("measurements_sha256"),
+            info=data.get("info", {}),
+        )
+
+    def describe(self) -> str:
+        """One line per edit (key, component, scale, mode) and the totals."""
+        lines = [
+            f"{e.key}  {e.component}  scale={e.scale:g}  mode={e.mode}"
+            + (f"  bias={e.bias}" if e.bias else "")
+            for e in self.entries
+        ]
+        counts: dict[str, int] = {}
+        for entry in self.entries:
+            counts[entry.component] = counts.get(entry.component, 0) + 1
+        by_component = ", ".join(f"{n} {c}" for c, n in counts.items())
+        shards = len(
+            {e.shard for e in self.entries} | {e.bias_shard for e in self.entries if e.bias}
+        )
+        lines.append(
+            f"total: {len(self.entries)} tensor edits ({by_component}), "
+            f"{sum(1 for e in self.entries if e.bias)} biases, in {shards} shard(s)"
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Resolution: recipe + layout + measurements -> plan
+# --------------------------------------------------------------------------------------
+
+
+def _get(obj, name, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _layout_targets(layout) -> dict[int, list[dict]]:
+    """layer index -> its targets as plain dicts (accepts a Layout or layout.json data)."""
+    by_layer: dict[int, list[dict]] = {}
+    for layer in _get(layout, "layers", []) or []:
+        index = int(_get(layer, "index"))
+        by_layer[index] = [
+            t if isinstance(t, dict) else asdict(t) for t in (_get(layer, "targets") or [])
+        ]
+    return by_layer
+
+
+def _global_targets(layout) -> list[dict]:
+    return [t if isinstance(t, dict) else asdict(t) for t in (_get(layout, "globals") or [])]
+
+
+def default_components(recipe: Recipe, is_moe: bool) -> tuple[str, ...]:
+    """The component set a recipe edits (see the module docstring for the defaults)."""
+    base = MOE_DEFAULT if is_moe else DENSE_DEFAULT
+    if recipe.components is None:
+        chosen = list(base)
+    else:
+        chosen = []
+        for name in recipe.components:
+            chosen.extend(base if name == "default" else [name])
+    if is_moe and (recipe.ablate_individual_experts or recipe.expert_subset is not None):
+        if not any(c in EXPERT_COMPONENTS for c in chosen):
+            chosen.append("expert_down")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _measurement_arrays(measurements) -> tuple[torch.Tensor, torch.Tensor]:
+    target = _get(measurements, "target_mean")
+    benign = _get(measurements, "benign_mean")
+    if target is None or benign is None:
+        raise AbliterateError("measurements lack target_mean/benign_mean tensors.")
+    return torch.as_tensor(target), torch.as_tensor(benign)
+
+
+def entry_direction(
+    recipe: Recipe, entry: AblateEntry, measurements, num_layers: int
+) -> torch.Tensor:
+    """The float32 unit direction an ablate entry uses (from `abliterate.directions`).
+
+    `projected` orthogonalizes against the benign mean at the measurement index,
+    `biprojected` also against the benign mean at index `layer` (the stream entering the
+    edited layer). `ensemble: k` averages the unit directions of indices m-k..m+k
+    (clipped to the measured range) and renormalizes before sparsifying, so neighbouring
+    layers' estimates smooth out one noisy index.
+    """
+    from .directions import direction, normalize, sparsify
+
+    options = dict(
+        projected=recipe.projected or recipe.biprojected,
+        biprojected_at=entry.layer if recipe.biprojected else None,
+    )
+    m, k = entry.measurement, recipe.ensemble
+    if k == 0:
+        r = direction(measurements, m, sparsity=entry.sparsity, **options)
+    else:
+        last = _measurement_arrays(measurements)[0].shape[0] - 1
+        window = range(max(0, m - k), min(last, m + k) + 1)
+        r = normalize(sum(direction(measurements, i, **options) for i in window))
+        r = sparsify(r, entry.sparsity)
+    return r.to(torch.float32)
+
+
+def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
+    num_layers = int(_get(layout, "num_layers"))
+    hidden = int(_get(layout, "hidden_size"))
+    target, benign = _measurement_arrays(measurements)
+    if target.ndim != 2 or target.shape != benign.shape:
+        raise AbliterateError(
+            f"{recipe.measurements or 'measurements'}: target_mean/benign_mean must both be "
+            f"[indices, hidden], got {tuple(target.shape)} and {tuple(benign.shape)}."
+        )
+    if target.shape[1] != hidden:
+        raise AbliterateError(
+            f"{recipe.measurements or 'measurements'}: directions have {target.shape[1]} "
+            f"components but the model's hidden_size is {hidden}; were they measured on "
+            "another model?"
+        )
+    indices = target.shape[0]
+    for i, entry in enumerate(recipe.ablate):
+        if entry.layer >= num_layers:
+            raise AbliterateError(
+                f"{recipe.source}: recipe key 'ablate[{i}].layer' is {entry.layer}, but the "
+                f"model has {num_layers} decoder layers (0-{num_layers - 1})."
+            )
+        if entry.measurement >= indices:
+            raise AbliterateError(
+                f"{recipe.source}: recipe key 'ablate[{i}].measurement' is {entry.measurement}, "
+                f"but the measurements have indices 0-{indices - 1}."
+            )
+    return num_layers, hidden
+
+
+def _check_experts(recipe: Recipe, layout) -> None:
+    if recipe.expert_subset is None:
+        return
+    if not _get(layout, "is_moe"):
+        raise AbliterateError(
+            f"{recipe.source}: recipe key 'expert_subset' is set, but the model has no routed "
+            "experts."
+        )
+    count = int(_get(layout, "num_experts") or 0)
+    for expert in recipe.expert_subset:
+        if expert >= count:
+            raise AbliterateError(
+                f"Expert {expert} not found (the model has {count} experts per layer, "
+                f"indices 0-{count - 1})."
+            )
+
+
+def resolve(
+    recipe: Recipe | dict,
+    layout,
+    measurements,
+    *,
+    weight_map: dict[str, str] | None = None,
+    measurements_path: str | Path | None = None,
+) -> Plan:
+    """Turn a recipe into the explicit per-tensor plan.
+
+    `layout` is an `abliterate.layout.Layout` (or layout.json data); `measurements` an
+    `abliterate.measure.Measurements` (anything with `target_mean`/`benign_mean`).
+    `weight_map` (key -> shard) locates writers' biases; without it a bias is assumed to
+    live in its weight's shard.
+    """
+    if isinstance(recipe, dict):
+        recipe = load_recipe(recipe)
+    num_layers, _ = _check_ranges(recipe, layout, measurements)
+    _check_experts(recipe, layout)
+    is_moe = bool(_get(layout, "is_moe"))
+    components = default_components(recipe, is_moe)
+    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
+    targets = _layout_targets(layout)
+    entries: list[PlanEntry] = []
+    for index, item in enumerate(recipe.ablate):
+        r = entry_direction(recipe, item, measurements, num_layers)
+        direction_id = f"entry{index}"
+        candidates = list(targets.get(item.layer, []))
+        if "embed" in components and item.layer == 0:
+            candidates += _global_targets(layout)
+        for target in candidates:
+            component = target["component"]
+            if component not in components:
+                continue
+            expert = target.get("expert")
+            if component in EXPERT_COMPONENTS and subset is not None:
+                if target.get("fused"):
+                    raise AbliterateError(
+                        f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
+                        f"the fused tensor {target['key']}; edit all experts or none."
+                    )
+                if expert not in subset:
+                    continue
+            scale = item.scale * recipe.scale
+            if component == "router":
+                scale *= recipe.gate_scale
+            bias = target.get("bias") if recipe.biases and target["side"] == "write" else None
+            entries.append(
+                PlanEntry(
+                    key=target["key"],
+                    component=component,
+                    side=target["side"],
+                    layer=item.layer if component != "embed" else None,
+                    expert=expert,
+                    hidden_axis=int(target["hidden_axis"]),
+                    shape=tuple(target["shape"]),
+                    dtype=target["dtype"],
+                    shard=target["shard"],
+                    scale=scale,
+                    norm_preserve=recipe.norm_preserve,
+                    preserve=recipe.preserve,
+                    bias=bias,
+                    bias_shard=(weight_map or {}).get(bias, target["shard"]) if bias else None,
+                    direction_id=direction_id,
+                    direction=r,
+                )
+            )
+    if not entries:
+        raise AbliterateError(
+            f"{recipe.source}: the recipe selects no tensors (components "
+            f"{', '.join(components)} do not occur in the listed layers)."
+        )
+    return Plan(
+        entries=entries,
+        model_dir=str(_get(layout, "model_dir") or recipe.model or ""),
+        recipe=recipe.to_dict(),
+        measurements=str(measurements_path or recipe.measurements or "") or None,
+        measurements_sha256=file_sha256(measurements_path) if measurements_path else None,
+        info={
+            "layer_prefix": _get(layout, "layer_prefix"),
+            "is_moe": is_moe,
+            "num_layers": num_layers,
+            "hidden_size": int(_get(layout, "hidden_size")),
+            "num_experts": _get(layout, "num_experts"),
+            "model_type": _get(layout, "model_type"),
+            "components": list(components),
+        },
+    )
+
+
+def file_sha256(path: str | Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_plan(
+    recipe: Recipe | dict | str | Path,
+    *,
+    model: str | Path | None = None,
+    measurements: str | Path | None = None,
+    layout=None,
+    overrides: dict | None = None,
+) -> Plan:
+    """Load everything a recipe names (model layout, measurements) and resolve it.
+
+    `model`/`measurements` override the recipe's own paths (the workflow passes its own);
+    `layout` may be a `Layout`, a layout.json path, or None to inspect the model's headers.
+    """
+    from .layout import Layout, inspect_checkpoint
+    from .measure import load_measurements
+    from .shards import read_weight_map
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    model = model or recipe.model
+    measurements = measurements or recipe.measurements
+    if not model:
+        raise AbliterateError(
+            f"{recipe.source}: recipe key 'model' is required (a model directory)."
+        )
+    if not measurements:
+        raise AbliterateError(
+            f"{recipe.source}: recipe key 'measurements' is required (a measurements file)."
+        )
+    if layout is None:
+        layout = inspect_checkpoint(model)
+    elif isinstance(layout, (str, Path)):
+        layout = Layout.load(layout)
+    meas = load_measurements(measurements)
+    plan = resolve(
+        recipe,
+        layout,
+        meas,
+        weight_map=read_weight_map(model),
+        measurements_path=measurements,
+    )
+    plan.model_dir = str(Path(model).resolve())
+    return plan
