@@ -24,6 +24,9 @@ COMMANDS = [
     ("analyze", "analyze"),
     ("evaluate", "evaluate"),
     ("aggregate", "sweep"),
+    ("plan", "plan"),
+    ("ablate", "ablate"),
+    ("verify", "verify"),
 ]
 
 
