@@ -245,3 +245,46 @@ def test_editing_in_memory_never_touches_the_checkpoint_files(tmp_path):
     with InMemoryEditor(model, model_dir).applied(_plan(model_dir, ("o_proj", "down_proj"))):
         assert digests() == before
     assert digests() == before
+
+
+# ---- the command on the demo organism --------------------------------------------------
+
+
+def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, capsys):
+    import pandas as pd
+    import yaml
+
+    from abliterate.cli import main
+    from abliterate.measure import measure_to_file
+
+    prompts = demo_dense / "prompts"
+    measurements = tmp_path / "measurements.safetensors"
+    measure_to_file(
+        demo_dense,
+        str(prompts / "target_train.txt"),
+        str(prompts / "benign_train.txt"),
+        measurements,
+    )
+    recipe = tmp_path / "edit.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "measurements": str(measurements),
+                "ablate": [{"layer": n, "measurement": 2, "scale": 1.0} for n in range(4)],
+            }
+        )
+    )
+    table_path = tmp_path / "table.tsv"
+    args = ["evaluate", str(demo_dense), str(recipe), "--max-prompts", "24"]
+    args += ["--max-new-tokens", "8", "--kl-tokens", "4", "--out", str(table_path)]
+    assert main(args) == 0
+    table = pd.read_csv(table_path, sep="\t")
+    assert list(table["variant"]) == ["base", "edit"]
+    base, edited = table.iloc[0], table.iloc[1]
+    assert base["refusal_rate"] >= 0.9 and base["benign_kept"] == 1.0
+    assert base["kl_first_token"] == 0.0 and base["kl_multi_token"] == 0.0
+    assert edited["kl_first_token"] > 0 and edited["kl_multi_token"] > 0
+    assert "edit" in capsys.readouterr().out
+    # a recipe naming no measurements, and none given, is one clear sentence
+    recipe.write_text(yaml.safe_dump({"ablate": [{"layer": 0, "measurement": 2}]}))
+    assert main(["evaluate", str(demo_dense), str(recipe)]) == 1
