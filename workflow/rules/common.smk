@@ -124,4 +124,6 @@ def final_outputs():
         f"{RESULTS}/layout.json",
         f"{RESULTS}/measurements.safetensors",
         f"{RESULTS}/analysis/suggested.yaml",
+        f"{RESULTS}/sweep.tsv",
+        f"{RESULTS}/best.yaml",
     ]
