@@ -258,7 +258,26 @@ def test_expert_count_must_agree_with_config(tiny_glm4_moe, capsys):
     _edit_config(tiny_glm4_moe, n_routed_experts=16)
     code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
     assert code == 1
-    assert "16" in err and "8 experts" in err and "config.json" in err
+    assert "config.json: n_routed_experts is 16" in err and "8 experts" in err
+
+
+def _drop_keys(model, fragment):
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if fragment not in k}
+    index_path.write_text(json.dumps(index))
+
+
+def test_experts_must_be_contiguous(tiny_glm4_moe, capsys):
+    _drop_keys(tiny_glm4_moe, "layers.2.mlp.experts.3.")
+    code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
+    assert code == 1 and "layer 2 has experts 0..7 but lacks expert(s) [3]" in err
+
+
+def test_every_moe_layer_has_the_same_experts(tiny_glm4_moe, capsys):
+    _drop_keys(tiny_glm4_moe, "layers.2.mlp.experts.7.")
+    code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
+    assert code == 1 and "(7 in layers 2; 8 in layers 1)" in err
 
 
 def test_layer_count_must_be_on_disk(tiny_llama, capsys):
@@ -323,6 +342,24 @@ def test_malformed_config(tiny_llama, capsys):
     (tiny_llama / "config.json").write_text("{not json")
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
     assert code == 1 and "config.json: malformed JSON" in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
+        ('{"model_type": "llama", "num_hidden_layers": 3}', "config.json: no hidden_size"),
+        (
+            '{"model_type": "llama", "hidden_size": 32, "num_hidden_layers": "3"}',
+            "config.json: num_hidden_layers is '3'; expected a non-negative integer",
+        ),
+    ],
+    ids=["not-an-object", "no-hidden-size", "string-layers"],
+)
+def test_config_without_usable_sizes(tiny_llama, capsys, text, message):
+    (tiny_llama / "config.json").write_text(text)
+    code, _, err = cli(capsys, "inspect", str(tiny_llama))
+    assert code == 1 and message in err
 
 
 def test_malformed_index(tiny_llama, capsys):

@@ -432,21 +432,20 @@ def read_config(model_dir: str | Path) -> dict:
     return config
 
 
-def _config_value(config: dict, quantity: str):
-    for name in CONFIG_KEYS[quantity]:
-        if config.get(name) is not None:
-            return config[name]
-    return None
+def _config_name(config: dict, quantity: str) -> str:
+    """The config.json key that holds `quantity` (its first alternative when none does)."""
+    names = CONFIG_KEYS[quantity]
+    return next((name for name in names if config.get(name) is not None), names[0])
 
 
 def _config_int(config: dict, quantity: str, config_path: Path) -> int | None:
-    value = _config_value(config, quantity)
+    name = _config_name(config, quantity)
+    value = config.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        names = "/".join(CONFIG_KEYS[quantity])
         raise AbliterateError(
-            f"{config_path}: {names} is {value!r}; expected a non-negative integer."
+            f"{config_path}: {name} is {value!r}; expected a non-negative integer."
         )
     return value
 
@@ -580,15 +579,16 @@ def _layer_targets(
     return LayerTargets(index, tuple(targets))
 
 
-def _expert_count(entry: LayerTargets) -> int:
+def _expert_count(entry: LayerTargets, model_dir) -> int:
     """Routed experts of one layer: distinct per-expert indices, else a fused tensor's E."""
     indices = {t.expert for t in entry.targets if t.expert is not None}
     if indices:
         if indices != set(range(len(indices))):
             missing = sorted(set(range(max(indices) + 1)) - indices)
             raise AbliterateError(
-                f"layer {entry.index} has experts {min(indices)}..{max(indices)} but lacks "
-                f"expert(s) {missing[:10]}; expected contiguous 0-based expert indices."
+                f"{model_dir}: layer {entry.index} has experts {min(indices)}..{max(indices)} "
+                f"but lacks expert(s) "
+                f"{missing[:10]}; expected contiguous 0-based expert indices."
             )
         return len(indices)
     fused = [t for t in entry.targets if t.fused]
@@ -713,13 +713,15 @@ def _check_experts(layers, moe_layers, config: dict, config_path: Path) -> int:
     """Routed experts per MoE layer, counted from the keys and checked against config.json."""
     if not moe_layers:
         return 0
-    counts = {i: _expert_count(layers[i]) for i in moe_layers}
+    counts = {i: _expert_count(layers[i], config_path.parent) for i in moe_layers}
     distinct = sorted(set(counts.values()))
     if len(distinct) != 1:
+        found = "; ".join(
+            f"{n} in layers {_ranges(i for i in counts if counts[i] == n)}" for n in distinct
+        )
         raise AbliterateError(
-            f"{config_path.parent}: MoE layers have different expert counts "
-            f"({', '.join(f'layer {i}: {n}' for i, n in list(counts.items())[:6])}); expected "
-            "the same number in every MoE layer."
+            f"{config_path.parent}: MoE layers have different expert counts ({found}); "
+            "expected the same number in every MoE layer."
         )
     count = distinct[0]
     for i in moe_layers:
@@ -731,9 +733,9 @@ def _check_experts(layers, moe_layers, config: dict, config_path: Path) -> int:
                 )
     configured = _config_int(config, "num_experts", config_path)
     if configured is not None and configured != count:
-        names = "/".join(CONFIG_KEYS["num_experts"])
+        name = _config_name(config, "num_experts")
         raise AbliterateError(
-            f"{config_path}: {names} is {configured}, but the checkpoint has {count} experts "
+            f"{config_path}: {name} is {configured}, but the checkpoint has {count} experts "
             "per MoE layer; expected them to agree."
         )
     return count
