@@ -25,6 +25,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/analyze.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

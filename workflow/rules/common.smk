@@ -122,6 +122,7 @@ def final_outputs():
     """The targets of the default rule: the end of every stage."""
     return [
         f"{RESULTS}/layout.json",
+        f"{RESULTS}/layout.txt",
         f"{RESULTS}/measurements.safetensors",
         f"{RESULTS}/analysis/suggested.yaml",
         f"{RESULTS}/sweep.tsv",

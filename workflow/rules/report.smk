@@ -1,0 +1,19 @@
+# Report-only outputs: a readable summary of the inspected checkpoint for
+# `snakemake --report` (layout.json itself stays the machine-readable contract).
+
+
+rule summarize_layout:
+    input:
+        layout=f"{RESULTS}/layout.json",
+    output:
+        summary=report(
+            f"{RESULTS}/layout.txt",
+            category="1. Checkpoint",
+            caption="../report/layout.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/summarize_layout.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    script:
+        "../scripts/summarize_layout.py"
