@@ -100,8 +100,7 @@ def plot_expert_heatmap(
         dense = np.ones(diff.shape[0], dtype=bool)
         dense[list(routed_layers)] = False
         diff = np.ma.masked_array(diff, mask=np.repeat(dense[:, None], diff.shape[1], axis=1))
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
     width = min(20, 7 + 0.25 * diff.shape[1])
     height = min(14, 3 + 0.3 * diff.shape[0])
     fig, ax = plt.subplots(figsize=(width, height))
