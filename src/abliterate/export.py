@@ -435,3 +435,29 @@ def export_model(
             for future in concurrent.futures.as_completed(futures):
                 digests[futures[future]] = future.result()
     return assemble(model_dir, output, plan, staging, metrics=metrics, digests=digests, jobs=jobs)
+
+
+def read_digests(paths) -> dict[str, str]:
+    """{shard: sha256} from the `<shard>.sha256` files the shard jobs wrote."""
+    digests = {}
+    for path in paths or []:
+        path = Path(path)
+        digests[path.name[: -len(".sha256")]] = path.read_text().strip()
+    return digests
+
+
+def sweep_metrics(sweep_table: str | Path | None) -> dict | None:
+    """The selected variant's metrics from sweep.tsv (for the model card), if any."""
+    if not sweep_table or not Path(sweep_table).is_file():
+        return None
+    import pandas as pd
+
+    table = pd.read_csv(sweep_table, sep="\t")
+    if "selected" not in table:
+        return None
+    chosen = table[table["selected"].astype(bool)]
+    if chosen.empty:
+        return None
+    row = chosen.iloc[0]
+    columns = ["variant", "refusal_rate", "kl_first_token", "kl_multi_token", "benign_kept"]
+    return {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns if c in row}

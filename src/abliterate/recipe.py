@@ -640,3 +640,15 @@ def build_plan(
     )
     plan.model_dir = str(Path(model).resolve())
     return plan
+
+
+def write_recipe(recipe: dict, path: str | Path) -> Path:
+    """Validate a recipe dict (the workflow config's `recipe:`) and write it as YAML."""
+    validated = load_recipe(recipe)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = {k: v for k, v in validated.to_dict().items() if v is not None}
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path

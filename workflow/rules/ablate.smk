@@ -1,0 +1,126 @@
+# Stage: export. Resolve the recipe to a per-tensor plan, list the shards it touches
+# (a checkpoint), edit each such shard in its own job, assemble the output directory
+# (untouched shards hard-linked, index, config, tokenizer, model card, manifest), verify.
+
+
+rule write_recipe:
+    output:
+        recipe=f"{RESULTS}/export/recipe.yaml",
+    log:
+        f"{RESULTS}/logs/write_recipe.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        recipe=config["recipe"],
+    script:
+        "../scripts/write_recipe.py"
+
+
+rule plan_ablation:
+    input:
+        unpack(plan_inputs),
+    output:
+        plan=f"{RESULTS}/export/plan.json",
+        directions=f"{RESULTS}/export/plan.safetensors",
+        text=report(
+            f"{RESULTS}/export/plan.txt",
+            category="6. Export",
+            caption="../report/plan.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/plan_ablation.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        model=model_dir,
+    script:
+        "../scripts/plan_ablation.py"
+
+
+checkpoint plan_shards:
+    input:
+        plan=f"{RESULTS}/export/plan.json",
+        directions=f"{RESULTS}/export/plan.safetensors",
+        model=model_input,
+    output:
+        shards=f"{RESULTS}/export/shards.json",
+    log:
+        f"{RESULTS}/logs/plan_shards.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        model=model_dir,
+    script:
+        "../scripts/plan_shards.py"
+
+
+rule ablate_shard:
+    input:
+        plan=f"{RESULTS}/export/plan.json",
+        directions=f"{RESULTS}/export/plan.safetensors",
+        shards=f"{RESULTS}/export/shards.json",
+        model=model_input,
+    output:
+        shard=f"{RESULTS}/export/shards/{{shard}}",
+        digest=f"{RESULTS}/export/shards/{{shard}}.sha256",
+    log:
+        f"{RESULTS}/logs/ablate_shard/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ablate_shard/{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"[^/]+\.safetensors",
+    conda:
+        "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=config["export"]["mem_mb"],
+        gpu=int(config["export"]["gpu"]),
+    params:
+        model=model_dir,
+        device=config["export"]["device"],
+    script:
+        "../scripts/ablate_shard.py"
+
+
+rule assemble_model:
+    input:
+        unpack(assemble_inputs),
+    output:
+        model=directory(f"{RESULTS}/abliterated"),
+    log:
+        f"{RESULTS}/logs/assemble_model.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/assemble_model.tsv"
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        model=model_dir,
+        edited_dir=f"{RESULTS}/export/shards",
+    script:
+        "../scripts/assemble_model.py"
+
+
+rule verify_model:
+    input:
+        model=model_input,
+        output=f"{RESULTS}/abliterated",
+        plan=f"{RESULTS}/export/plan.json",
+        directions=f"{RESULTS}/export/plan.safetensors",
+    output:
+        json=f"{RESULTS}/verify.json",
+        text=report(
+            f"{RESULTS}/verify.txt",
+            category="6. Export",
+            caption="../report/verify.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/verify_model.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/verify_model.tsv"
+    conda:
+        "../../envs/abliterate.yaml"
+    params:
+        model=model_dir,
+        device=config["export"]["device"],
+        generate=config["export"]["generate_check"],
+    script:
+        "../scripts/verify_model.py"

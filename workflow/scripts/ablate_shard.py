@@ -1,0 +1,19 @@
+"""Snakemake adapter: one shard, streamed through the plan's edits (+ its SHA-256)."""
+
+from pathlib import Path
+
+from abliterate.export import ablate_shard
+from abliterate.logs import setup_logging
+from abliterate.recipe import Plan
+
+with open(snakemake.log[0], "w") as log:
+    setup_logging(stream=log)
+    digest = ablate_shard(
+        snakemake.params.model,
+        snakemake.wildcards.shard,
+        Plan.load(snakemake.input.plan),
+        snakemake.output.shard,
+        device=snakemake.params.device,
+        digest=True,
+    )
+    Path(snakemake.output.digest).write_text(digest + "\n")

@@ -1,0 +1,16 @@
+"""Snakemake adapter: edited shards + linked shards + metadata -> the output directory."""
+
+from abliterate.export import assemble, read_digests, sweep_metrics
+from abliterate.logs import setup_logging
+from abliterate.recipe import Plan
+
+with open(snakemake.log[0], "w") as log:
+    setup_logging(stream=log)
+    assemble(
+        snakemake.params.model,
+        snakemake.output.model,
+        Plan.load(snakemake.input.plan),
+        snakemake.params.edited_dir,
+        metrics=sweep_metrics(snakemake.input.get("sweep")),
+        digests=read_digests(snakemake.input.digests),
+    )

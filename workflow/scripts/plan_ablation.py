@@ -1,0 +1,17 @@
+"""Snakemake adapter: recipe + layout + measurements -> plan.json (abliterate.recipe)."""
+
+from pathlib import Path
+
+from abliterate.logs import setup_logging
+from abliterate.recipe import build_plan
+
+with open(snakemake.log[0], "w") as log:
+    setup_logging(stream=log)
+    plan = build_plan(
+        snakemake.input.recipe,
+        model=snakemake.params.model,
+        measurements=snakemake.input.measurements,
+        layout=snakemake.input.layout,
+    )
+    plan.save(snakemake.output.plan)
+    Path(snakemake.output.text).write_text(plan.describe() + "\n")
