@@ -118,6 +118,43 @@ def analysis_outputs(wildcards=None):
     return outputs
 
 
+# ---- ablate.smk: the recipe to export, the plan's inputs, the shards it edits ----
+def export_recipe(wildcards=None):
+    """The config's own recipe when `recipe.ablate` is set, else the sweep's best.yaml."""
+    if config["recipe"]["ablate"]:
+        return f"{RESULTS}/export/recipe.yaml"
+    return f"{RESULTS}/best.yaml"
+
+
+def plan_inputs(wildcards):
+    """Recipe, layout and measurements the plan is resolved from."""
+    return {
+        "recipe": export_recipe(),
+        "layout": f"{RESULTS}/layout.json",
+        "measurements": f"{RESULTS}/measurements.safetensors",
+        "model": model_input(),
+    }
+
+
+def assemble_inputs(wildcards):
+    """The plan, every edited shard (known once plan_shards ran) and their digests."""
+    import json
+
+    listing = checkpoints.plan_shards.get(**wildcards).output.shards
+    edited = sorted(json.loads(Path(listing).read_text())["edit"])
+    shards = [f"{RESULTS}/export/shards/{name}" for name in edited]
+    inputs = {
+        "plan": f"{RESULTS}/export/plan.json",
+        "directions": f"{RESULTS}/export/plan.safetensors",
+        "shards": shards,
+        "digests": [f"{path}.sha256" for path in shards],
+        "model": model_input(),
+    }
+    if not config["recipe"]["ablate"]:
+        inputs["sweep"] = f"{RESULTS}/sweep.tsv"
+    return inputs
+
+
 def final_outputs():
     """The targets of the default rule: the end of every stage."""
     return [
@@ -127,4 +164,5 @@ def final_outputs():
         f"{RESULTS}/analysis/suggested.yaml",
         f"{RESULTS}/sweep.tsv",
         f"{RESULTS}/best.yaml",
+        f"{RESULTS}/verify.json",
     ]
