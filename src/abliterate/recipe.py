@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .errors import AbliterateError
+from .logs import logger
 
 WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
 READ_COMPONENTS = ("router", "expert_gate", "expert_up", "expert_gate_up")
@@ -520,6 +521,11 @@ def resolve(
     _check_experts(recipe, layout)
     is_moe = bool(_get(layout, "is_moe"))
     components = default_components(recipe, is_moe)
+    if is_moe and not _get(layout, "num_shared_experts") and "expert_down" not in components:
+        logger.warning(
+            "This MoE model has no shared experts: without ablate_individual_experts its "
+            "MLP writes into the residual stream are left unedited."
+        )
     subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
     targets = _layout_targets(layout)
     entries: list[PlanEntry] = []
