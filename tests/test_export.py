@@ -1,0 +1,404 @@
+"""The sharded export: bit-exact streaming, safety, resumption, verification, the demos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from abliterate import export as export_module
+from abliterate.edit import ablate_bias, ablate_tensor
+from abliterate.errors import AbliterateError
+from abliterate.export import ablate_shard, check_output_location, export_model, plan_shards
+from abliterate.layout import inspect_checkpoint
+from abliterate.measure import Measurements, save_measurements
+from abliterate.recipe import Plan, PlanEntry, build_plan, resolve
+from abliterate.verify import verify
+
+BIN = Path(sys.executable).parent
+
+
+def fake_measurements(num_layers: int, hidden: int, seed: int = 0) -> Measurements:
+    g = torch.Generator().manual_seed(seed)
+    means = [torch.randn(num_layers + 1, hidden, generator=g, dtype=torch.float64) for _ in "tb"]
+    empty = torch.zeros(num_layers + 1, 0)
+    return Measurements(means[0], means[1], empty, empty, meta={"num_layers": num_layers})
+
+
+def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def digests(model_dir: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(model_dir.iterdir())
+        if p.is_file()
+    }
+
+
+def in_memory(plan: Plan, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the in-memory evaluator computes: the plan's edits applied in plan order."""
+    edited = dict(source)
+    for entry in plan.entries:
+        edited[entry.key] = ablate_tensor(
+            edited[entry.key],
+            entry.direction,
+            entry.scale,
+            hidden_axis=entry.hidden_axis,
+            norm_preserve=entry.norm_preserve,
+            preserve=entry.preserve,
+        )
+        if entry.bias:
+            edited[entry.bias] = ablate_bias(edited[entry.bias], entry.direction, entry.scale)
+    return edited
+
+
+@pytest.fixture(scope="module")
+def glm_bf16(tmp_path_factory):
+    from tiny_models import build_tiny
+
+    root = tmp_path_factory.mktemp("glm-bf16")
+    model = build_tiny(root / "model", "glm4_moe", dtype=torch.bfloat16, max_shard_size="20KB")
+    return model, inspect_checkpoint(model), fake_measurements(3, 32)
+
+
+def glm_plan(glm, **options) -> Plan:
+    model, layout, meas = glm
+    recipe = {
+        "ablate": [
+            {"layer": 0, "measurement": 1, "scale": 1.0},
+            {"layer": 1, "measurement": 2, "scale": 0.7, "sparsity": 0.25},
+            {"layer": 1, "measurement": 3, "scale": 1.0},  # the same layer twice: edits compose
+            {"layer": 2, "measurement": 2, "scale": -0.5},
+        ],
+        "ablate_individual_experts": True,
+        **options,
+    }
+    plan = resolve(recipe, layout, meas)
+    plan.model_dir = str(model)
+    return plan
+
+
+def test_sharded_export_equals_the_in_memory_edit_bit_for_bit(glm_bf16, tmp_path):
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    before = digests(model)
+    output = export_model(plan, tmp_path / "out", jobs=2)
+    source, exported = load_all(model), load_all(output)
+    expected = in_memory(plan, source)
+    assert exported.keys() == source.keys()
+    for key, tensor in exported.items():
+        assert tensor.dtype == source[key].dtype and tensor.shape == source[key].shape
+        assert torch.equal(tensor.view(torch.uint8), expected[key].view(torch.uint8)), key
+    edited = set(plan.keys())
+    assert len(edited) == 2 + 2 * (3 + 8)  # attn + mlp_down at 0; attn/shared/router/8 experts
+    assert all(not torch.equal(exported[k], source[k]) for k in edited)
+    assert digests(model) == before  # the source is never modified
+    report = verify(model, output, plan)
+    assert report["ok"], report["failures"]
+    assert report["edited"] == len(edited) and report["untouched"] + report["untouched_linked"] == (
+        len(source) - len(edited)
+    )
+
+
+def test_output_directory_is_complete_and_manifested(glm_bf16, tmp_path):
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16, expert_subset=[1])
+    jobs = plan_shards(plan, model)
+    output = export_model(plan, tmp_path / "out")
+    names = {p.name for p in output.iterdir()}
+    shards = set(
+        json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()
+    )
+    assert shards <= names and {"config.json", "generation_config.json"} <= names
+    assert {"README.md", "manifest.json", "model.safetensors.index.json"} <= names
+    assert not (tmp_path / "out.partial").exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == names - {"manifest.json"}
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((output / name).read_bytes()).hexdigest() == digest
+    assert manifest["recipe"]["expert_subset"] == [1]
+    for shard in jobs["link"]:  # shards without targets are hard links of the source
+        assert os.path.samefile(output / shard, model / shard)
+    for shard in jobs["edit"]:
+        assert not os.path.samefile(output / shard, model / shard)
+    card = (output / "README.md").read_text()
+    assert "base_model: model" in card and "layer: 1" in card
+
+
+def test_fused_expert_tensor_and_a_bias_in_another_shard(tmp_path):
+    """gpt-oss orientation: down_proj [E, intermediate, hidden], hidden == intermediate."""
+    g = torch.Generator().manual_seed(3)
+    model = tmp_path / "fused"
+    model.mkdir()
+    down = torch.randn(4, 16, 16, generator=g).to(torch.bfloat16)
+    bias = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+    other = torch.randn(5, 16, generator=g).to(torch.float16)
+    save_file(
+        {"a.down_proj": down, "a.other": other}, str(model / "model-00001-of-00002.safetensors")
+    )
+    save_file({"a.down_proj_bias": bias}, str(model / "model-00002-of-00002.safetensors"))
+    weight_map = {
+        "a.down_proj": "model-00001-of-00002.safetensors",
+        "a.other": "model-00001-of-00002.safetensors",
+        "a.down_proj_bias": "model-00002-of-00002.safetensors",
+    }
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    r = torch.randn(16, generator=g)
+    r = r / r.norm()
+    entry = PlanEntry(
+        key="a.down_proj", component="expert_down", side="write", layer=0, expert=None,
+        hidden_axis=2, shape=(4, 16, 16), dtype="BF16", shard="model-00001-of-00002.safetensors",
+        scale=1.0, norm_preserve=True, preserve="hidden", bias="a.down_proj_bias",
+        bias_shard="model-00002-of-00002.safetensors", direction_id="entry0", direction=r,
+    )  # fmt: skip
+    plan = Plan([entry], str(model), {"ablate": []})
+    assert plan_shards(plan, model)["edit"] == {
+        "model-00001-of-00002.safetensors": ["a.down_proj"],
+        "model-00002-of-00002.safetensors": ["a.down_proj_bias"],
+    }
+    output = export_model(plan, tmp_path / "out")
+    exported = load_all(output)
+    assert torch.equal(exported["a.down_proj"], ablate_tensor(down, r, 1.0, hidden_axis=2))
+    assert torch.equal(exported["a.down_proj_bias"], ablate_bias(bias, r))
+    assert torch.equal(exported["a.other"], other)
+    assert (exported["a.down_proj"].float() @ r).abs().max() < 0.05
+    report = verify(model, output, plan, generate=False)
+    assert report["ok"], report["failures"]
+    assert report["invariants_checked"] == 4  # one per expert slice
+
+
+def test_single_file_checkpoint(tmp_path):
+    from tiny_models import build_tiny
+
+    model = build_tiny(tmp_path / "single", "llama", max_shard_size=None)
+    assert (model / "model.safetensors").is_file()
+    plan = resolve(
+        {"ablate": [{"layer": 1, "measurement": 2}]},
+        inspect_checkpoint(model),
+        fake_measurements(3, 32),
+    )
+    output = export_model(plan, tmp_path / "out")
+    assert (output / "model.safetensors").is_file()
+    assert not (output / "model.safetensors.index.json").exists()
+    report = verify(model, output, plan)
+    assert report["ok"] and report["generation"]["ok"], report["failures"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_in_or_around_the_source_is_refused(glm_bf16, where):
+    model = glm_bf16[0]
+    output = {"same": model, "inside": model / "abliterated", "parent": model.parent}[where]
+    with pytest.raises(AbliterateError, match="output directory"):
+        check_output_location(model, output)
+    with pytest.raises(AbliterateError, match="output directory"):
+        export_model(glm_plan(glm_bf16), output, force=True)
+    assert not (model / "abliterated").exists()
+
+
+def test_existing_output_needs_force(glm_bf16, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(AbliterateError, match="already exists; remove it or pass --force"):
+        export_model(glm_plan(glm_bf16), tmp_path / "out")
+
+
+def test_interrupted_export_resumes_and_verifies(glm_bf16, tmp_path, monkeypatch):
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    edited = list(plan_shards(plan, model)["edit"])
+    assert len(edited) >= 2
+    calls: list[str] = []
+
+    def crash_on_second(model_dir, shard, plan, output, **kwargs):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine went away mid-run
+        return ablate_shard(model_dir, shard, plan, output, **kwargs)
+
+    monkeypatch.setattr(export_module, "ablate_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(plan, tmp_path / "out")
+    staging = tmp_path / "out.partial"
+    assert not (tmp_path / "out").exists()  # nothing looks complete
+    assert not list(staging.glob("*.tmp"))
+    complete = sorted(p.name for p in staging.glob("*.safetensors"))
+    assert complete == [calls[0]]
+    (staging / calls[0]).unlink()  # a shard removed mid-run, too
+    calls.clear()
+    monkeypatch.setattr(export_module, "ablate_shard", ablate_shard)
+    output = export_model(plan, tmp_path / "out")
+    report = verify(model, output, plan)
+    assert report["ok"], report["failures"]
+
+
+def test_verify_catches_a_changed_untouched_tensor_and_a_wrong_edit(glm_bf16, tmp_path):
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    output = export_model(plan, tmp_path / "out")
+    shard = sorted(plan_shards(plan, model)["edit"])[0]
+    tensors = load_file(str(output / shard))
+    untouched = next(k for k in tensors if k not in plan.keys())
+    target = next(k for k in tensors if k in plan.keys())
+    tensors[untouched] = tensors[untouched] + 1
+    tensors[target] = tensors[target] * 1.5
+    (output / shard).unlink()  # a hard link must not be written through
+    save_file(tensors, str(output / shard), metadata={"format": "pt"})
+    report = verify(model, output, plan, generate=False)
+    assert not report["ok"]
+    messages = "\n".join(report["failures"])
+    assert f"{untouched}: not in the plan but its bytes differ" in messages
+    assert f"{target}: differs from the plan's edit" in messages
+    assert f"{shard}: SHA-256 differs from manifest.json" in messages
+
+
+def test_a_plan_for_another_checkpoint_is_refused(glm_bf16, tmp_path):
+    from tiny_models import build_tiny
+
+    plan = glm_plan(glm_bf16)
+    other = build_tiny(tmp_path / "llama", "llama")
+    with pytest.raises(AbliterateError, match="was the plan made for another checkpoint"):
+        export_model(plan, tmp_path / "out", model_dir=other)
+
+
+def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
+    model, _, meas = glm_bf16
+    save_measurements(meas, tmp_path / "m.safetensors")
+    recipe = tmp_path / "glm4.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "measurements": str(tmp_path / "m.safetensors"),
+                "output": str(tmp_path / "glm4-out"),
+                "ablate_individual_experts": False,
+                "expert_subset": None,
+                "ablate": [{"layer": 2, "measurement": 3, "scale": 1.0, "sparsity": 0.0}],
+            }
+        )
+    )
+    command = [str(BIN / "abliterate"), "ablate", str(recipe), "--expert-subset", "0,1,2,3"]
+    result = subprocess.run([*command, "-j", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    for line in (
+        "Detected layer prefix: model",
+        "MoE architecture: True",
+        "Detected 8 experts per layer",
+        "Modifying model.layers.2.self_attn.o_proj.weight",
+        "Modifying model.layers.2.mlp.shared_experts.down_proj.weight",
+        "Modifying model.layers.2.mlp.gate.weight",
+        "Modifying model.layers.2.mlp.experts.3.down_proj.weight",
+    ):
+        assert line in log, line
+    assert "experts.4.down_proj" not in log
+    assert "PASSED" in result.stdout
+    assert json.loads((tmp_path / "glm4-out.verify.json").read_text())["ok"] is True
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+# ---- the demo organisms, abliterated with their suggested recipe
+
+
+def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
+    from abliterate.analyze import layer_metrics, suggest_recipe
+    from abliterate.measure import measure_to_file
+
+    prompts = demo / "prompts"
+    meas = measure_to_file(
+        demo,
+        str(prompts / "target_train.txt"),
+        str(prompts / "benign_train.txt"),
+        workdir / "measurements.safetensors",
+        device="cpu",
+        progress=False,
+    )
+    recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
+    plan = build_plan(recipe, model=demo, measurements=workdir / "measurements.safetensors")
+    output = export_model(plan, workdir / "abliterated", jobs=2)
+    report = verify(demo, output, plan)
+    assert report["ok"], report["failures"]
+    return output, recipe
+
+
+def answers(model_dir: Path, prompts: list[str]) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abliterate.demo import greedy_responses
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return greedy_responses(model, tokenizer, prompts, max_new_tokens=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("organism", ["demo_dense", "demo_moe"])
+def test_abliterated_demo_answers_targets_and_keeps_benign_answers(organism, request, tmp_path):
+    from abliterate.demo import is_refusal
+
+    demo = request.getfixturevalue(organism)
+    output, recipe = abliterate_demo(demo, tmp_path)
+    assert not (output / "prompts").exists()  # the demo's prompt sets are not model files
+    target = (demo / "prompts" / "target_test.txt").read_text().splitlines()
+    benign = (demo / "prompts" / "benign_test.txt").read_text().splitlines()
+    assert sum(map(is_refusal, answers(demo, target))) / len(target) >= 0.9  # it did refuse
+    after = answers(output, target + benign)
+    refused = sum(map(is_refusal, after[: len(target)])) / len(target)
+    before_benign = answers(demo, benign)
+    kept = sum(a == b for a, b in zip(after[len(target) :], before_benign, strict=True))
+    assert refused <= 0.10, (recipe, after[:5])
+    assert kept / len(benign) >= 0.90, recipe
+
+
+# ---- the export part of the workflow DAG
+
+
+@pytest.mark.slow
+def test_workflow_exports_the_configs_recipe_and_verifies(demo_dense, tmp_path):
+    prompts = demo_dense / "prompts"
+    config = {
+        "model": {"name": "wf", "path": str(demo_dense)},
+        "prompts": {
+            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
+            for cls in ("target", "benign")
+        },
+        "measure": {"device": "cpu"},
+        "recipe": {
+            "ablate": [{"layer": 2, "measurement": 3}, {"layer": 3, "measurement": 3}],
+            "gate_scale": 0.5,
+        },
+        "export": {"device": "cpu", "mem_mb": 1024},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(Path(__file__).parent.parent / "Snakefile"),
+    ]
+    command += ["--configfile", "config.yaml", "--cores", "2", "results/wf/verify.json"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results = tmp_path / "results" / "wf"
+    report = json.loads((results / "verify.json").read_text())
+    assert report["ok"] is True and report["generation"]["ok"] is True
+    assert "sweep.tsv" not in os.listdir(results)  # the config's recipe, no sweep needed
+    exported = yaml.safe_load((results / "export" / "recipe.yaml").read_text())
+    assert [e["layer"] for e in exported["ablate"]] == [2, 3]
+    shards = json.loads((results / "export" / "shards.json").read_text())
+    logs = os.listdir(results / "logs" / "ablate_shard")
+    assert sorted(logs) == sorted(f"{s}.log" for s in shards["edit"])  # one job per shard
+    assert "PASSED" in (results / "verify.txt").read_text()
+    assert (results / "abliterated" / "tokenizer.json").is_file()
