@@ -273,15 +273,17 @@ def plot_sweep_heatmap(
     rows = levels(row_key) if row_key else ["all"]
     cols = levels(col_key) if col_key else ["all"]
     kl_title = f"KL from base ({kl_column.removeprefix('kl_').replace('_', '-')})"
-    metrics = [("refusal_rate", "refusal rate", "Reds"), (kl_column, kl_title, "Blues")]
+    # refusal rate on its full 0-1 scale; KL from 0 (no change) to the largest value seen
+    metrics = [("refusal_rate", "refusal rate", "Reds", 1.0), (kl_column, kl_title, "Blues", None)]
     fig, panels = plt.subplots(1, 2, figsize=(4 + 1.6 * len(cols) * 2, 2.2 + 0.7 * len(rows)))
-    for ax, (metric, title, cmap) in zip(panels, metrics, strict=True):
+    for ax, (metric, title, cmap, top) in zip(panels, metrics, strict=True):
         grid = np.full((len(rows), len(cols)), np.nan)
         for _, item in variants.iterrows():
             r = rows.index(str(item[row_key])) if row_key else 0
             c = cols.index(str(item[col_key])) if col_key else 0
             grid[r, c] = float(item[metric])
-        image = ax.imshow(grid, cmap=cmap, aspect="auto")
+        top = top if top is not None else max(float(np.nanmax(grid)), 1e-9)
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0.0, vmax=top)
         fig.colorbar(image, ax=ax, shrink=0.8)
         for r in range(len(rows)):
             for c in range(len(cols)):
