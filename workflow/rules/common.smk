@@ -165,4 +165,5 @@ def final_outputs():
         f"{RESULTS}/sweep.tsv",
         f"{RESULTS}/best.yaml",
         f"{RESULTS}/verify.json",
+        f"{RESULTS}/model_card.md",
     ]

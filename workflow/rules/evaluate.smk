@@ -39,28 +39,28 @@ rule aggregate_sweep:
     output:
         table=report(
             f"{RESULTS}/sweep.tsv",
-            category="4. Sweep",
+            category="3. Sweep",
             caption="../report/sweep_table.rst",
         ),
         best=f"{RESULTS}/best.yaml",
         reason=report(
             f"{RESULTS}/best.txt",
-            category="4. Sweep",
+            category="3. Sweep",
             caption="../report/sweep_best.rst",
         ),
         pareto=report(
             f"{RESULTS}/pareto.png",
-            category="4. Sweep",
+            category="3. Sweep",
             caption="../report/sweep_pareto.rst",
         ),
         heatmap=report(
             f"{RESULTS}/heatmap.png",
-            category="4. Sweep",
+            category="3. Sweep",
             caption="../report/sweep_heatmap.rst",
         ),
         samples=report(
             f"{RESULTS}/samples.html",
-            category="5. Sample answers",
+            category="4. Sample answers",
             caption="../report/samples.rst",
         ),
     log:

@@ -17,3 +17,20 @@ rule summarize_layout:
         "../../envs/abliterate.yaml"
     script:
         "../scripts/summarize_layout.py"
+
+
+rule copy_model_card:
+    input:
+        model=f"{RESULTS}/abliterated",
+    output:
+        card=report(
+            f"{RESULTS}/model_card.md",
+            category="6. Export",
+            caption="../report/model_card.rst",
+        ),
+    log:
+        f"{RESULTS}/logs/copy_model_card.log",
+    conda:
+        "../../envs/abliterate.yaml"
+    shell:
+        "cp {input.model}/README.md {output.card} 2> {log}"
