@@ -625,12 +625,18 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
 
     num_layers = _config_int(config, "num_layers", config_path)
     on_disk = sorted(by_layer)
-    if num_layers is None:
+    if num_layers is None:  # no layer count in config.json: count 0, 1, 2, ... on disk
         num_layers = next(i for i in range(len(on_disk) + 1) if i not in by_layer)
+        if num_layers == 0:
+            raise AbliterateError(
+                f"{model_dir}: layers under '{prefix}.layers' start at {on_disk[0]} and "
+                "config.json has no num_hidden_layers; expected 0-based decoder layers."
+            )
     missing = [i for i in range(num_layers) if i not in by_layer]
     if missing:
         raise AbliterateError(
-            f"{config_path}: num_hidden_layers is {num_layers}, but the checkpoint has no "
+            f"{config_path}: {_config_name(config, 'num_layers')} is {num_layers}, but the "
+            "checkpoint has no "
             f"tensors for layer(s) {missing[:10]} under '{prefix}.layers'."
         )
     extra = [i for i in on_disk if i >= num_layers]
@@ -652,9 +658,11 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
         for i in range(num_layers)
     )
     if not any(entry.targets for entry in layers):
+        found = sorted({rest for layer in by_layer.values() for rest in layer})
         raise AbliterateError(
             f"{model_dir}: Could not detect layer structure (no {family.name} target tensors "
-            f"under '{prefix}.layers'; found e.g. {', '.join(sorted(by_layer[0])[:8])})."
+            f"in {num_layers} layer(s) under '{prefix}.layers'; found e.g. "
+            f"{', '.join(found[:8])})."
         )
     _warn_quantized(by_layer, layers, model_dir)
 
