@@ -23,6 +23,7 @@ _RUNS: dict[str, Path] = {}
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models, shared cores: one thread per job is fastest
     command = [str(BIN / "snakemake"), *args, "--snakefile", str(ROOT / "Snakefile")]
     command += ["--configfile", str(workdir / "config.yaml")]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
@@ -64,6 +65,12 @@ def run_workflow(tmp_path_factory, model_dir: Path, name: str, **sweep) -> Path:
 @pytest.fixture(scope="session")
 def dense_run(tmp_path_factory, demo_dense) -> Path:
     return run_workflow(tmp_path_factory, demo_dense, "demo")
+
+
+def selected_row(results: Path) -> pd.Series:
+    table = pd.read_csv(results / "sweep.tsv", sep="\t")
+    assert table["selected"].sum() == 1
+    return table[table["selected"].astype(bool)].iloc[0]
 
 
 def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
@@ -128,3 +135,20 @@ def test_bad_sweep_value_names_the_key(tmp_path, demo_dense):
     result = snakemake(tmp_path, "-n", "--cores", "1")
     assert result.returncode != 0
     assert "sweep.layers: expected 'suggested', 'all' or a range" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_factory, demo_moe):
+    workdir = run_workflow(
+        tmp_path_factory, demo_moe, "demo-moe", layers=["all"], experts=["none", "all"]
+    )
+    results = workdir / "results" / "demo-moe"
+    table = pd.read_csv(results / "sweep.tsv", sep="\t")
+    assert sorted(table["experts"].dropna().unique()) == ["all", "none"]
+    best = selected_row(results)
+    assert best["refusal_rate"] <= 0.1 and best["benign_kept"] >= 0.9
+    assert table.iloc[0]["refusal_rate"] >= 0.9  # the base model refuses
+    recipe = yaml.safe_load((results / "best.yaml").read_text())
+    assert recipe["ablate_individual_experts"] is (best["experts"] == "all")
+    assert json.loads((results / "verify.json").read_text())["ok"] is True
+    assert (results / "analysis" / "experts.png").is_file()
