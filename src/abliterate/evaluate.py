@@ -440,7 +440,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _trim(tokens: Sequence[int], stop: set[int], pad_id: int) -> list[int]:
+def _trim(tokens: Sequence[int], stop: set[int]) -> list[int]:
     """Generated tokens up to (excluding) the first stop token."""
     out: list[int] = []
     for token in tokens:
@@ -470,7 +470,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], settings: Ev
             top_k=None,
         )
         for row in generated[:, ids.shape[1] :].tolist():
-            outputs.append(_trim(row, stop, pad_id))
+            outputs.append(_trim(row, stop))
     return outputs
 
 
@@ -498,12 +498,22 @@ def continuation_logprobs(
             lengths.append(k)
         ids, mask = _left_pad(sequences, pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = _last_logits(model, ids, mask, positions, max(lengths))
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, k in enumerate(lengths):
             result.append(logprobs[row, -k:].cpu())
             counts.append(k)
     return result, counts
+
+
+def _last_logits(model, ids, mask, positions, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions only: a 150k-token vocabulary over a whole
+    batch of prompts would otherwise need gigabytes for values nobody reads."""
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    except TypeError:  # a (remote-code) model without logits_to_keep
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    return out.logits[:, -keep:]
 
 
 def kl_divergence(base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
@@ -774,17 +784,6 @@ def render_prompts(
     return PromptSet(texts, [e.ids for e in encoded])
 
 
-def summarize(results: Sequence[VariantResult]) -> str:
-    """A fixed-width text table of results (for the CLI)."""
-    header = f"{'variant':<44} {'refusal':>8} {'benign_ref':>10} {'kept':>6} {'kl_first':>9} {'kl_multi':>9}"
-    lines = [header]
-    for r in results:
-        lines.append(
-            f"{r.variant:<44} {r.refusal_rate:>8.3f} {r.benign_refusal_rate:>10.3f} "
-            f"{r.benign_kept:>6.3f} {r.kl_first_token:>9.4g} {r.kl_multi_token:>9.4g}"
-        )
-    return "\n".join(lines)
-
-
 def finite(x: float | None) -> bool:
+    """Whether a metric was measured (optional metrics are NaN or None when not)."""
     return x is not None and not math.isnan(x)
