@@ -755,8 +755,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(model_dir: str | Path, device: str = "auto", trust_remote_code: bool = False):
-    """Model (checkpoint dtype, eval mode) and tokenizer; left padding for batching."""
+def load_model(
+    model_dir: str | Path,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
+    """Model (checkpoint dtype, eval mode) and tokenizer; left padding for batching.
+
+    `device_map` ("auto") spreads a model too large for one accelerator over several; each
+    edit then runs on the device that holds its tensor.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -766,11 +775,15 @@ def load_model(model_dir: str | Path, device: str = "auto", trust_remote_code: b
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
+    if device_map:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype="auto", trust_remote_code=trust_remote_code, device_map=device_map
+        )
+        return model.eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype="auto", trust_remote_code=trust_remote_code
     )
-    model = model.to(pick_device(device)).eval()
-    return model, tokenizer
+    return model.to(pick_device(device)).eval(), tokenizer
 
 
 def render_prompts(

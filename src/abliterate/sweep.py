@@ -416,7 +416,10 @@ def evaluate_recipes(
     plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
     settings = settings_from_config(evaluate_config)
     model, tokenizer = load_model(
-        model_dir, evaluate_config.get("device", "auto"), trust_remote_code
+        model_dir,
+        evaluate_config.get("device", "auto"),
+        trust_remote_code,
+        device_map=evaluate_config.get("device_map"),
     )
 
     def prompt_set(path):
