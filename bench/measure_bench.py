@@ -235,8 +235,9 @@ def main() -> None:
                     "wide random (d=1024, L=12)",
                     wide,
                     demo / "prompts",
-                    args.prompts,
+                    args.wide_prompts,
                     args.batch_size,
+                    args.repeats,
                 )
             )
 

@@ -246,8 +246,11 @@ class _Capture:
             handle.remove()
         self.handles.clear()
 
-    def start_batch(self, weights: torch.Tensor, token_mask: torch.Tensor) -> None:
+    def start_batch(
+        self, weights: torch.Tensor, token_mask: torch.Tensor, single_position: bool = False
+    ) -> None:
         self.weights, self.token_mask = weights, token_mask
+        self.single_position = single_position
         self.slots = [None] * self.num_indices
 
     def rows(self) -> torch.Tensor:
@@ -260,7 +263,11 @@ class _Capture:
 
     def _keep(self, m: int, hidden: torch.Tensor) -> None:
         weights = self.weights.to(hidden.device)
-        kept = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
+        if self.single_position:  # one token per row: a gather, not a weighted sum
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            kept = hidden[rows, weights.argmax(-1)].to(torch.float32)
+        else:
+            kept = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
         self.slots[m] = kept.to("cpu")
 
     def _pre_hook(self, m):
@@ -380,7 +387,7 @@ def collect(
             tails = (
                 torch.tensor([e.tail for e in items]) if position == "post_instruction" else None
             )
-            capture.start_batch(position_weights(mask, tails), mask)
+            capture.start_batch(position_weights(mask, tails), mask, single_position=tails is None)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
             runner(
                 input_ids=ids.to(device),
