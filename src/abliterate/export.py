@@ -297,11 +297,15 @@ def _model_card(plan: Plan, model_dir: Path, metrics: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _sha256_files(paths: list[Path], known: dict[str, str], jobs: int) -> dict[str, str]:
-    todo = [p for p in paths if p.name not in known]
+def _sha256_files(
+    paths: list[Path], known: dict[str, str], jobs: int, hash_shards: bool = True
+) -> dict[str, str | None]:
+    """SHA-256 of each file (from `known` when a shard job computed it on the way)."""
+    skip = {p.name for p in paths if not hash_shards and p.suffix == ".safetensors"}
+    todo = [p for p in paths if p.name not in known and p.name not in skip]
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         digests = dict(zip((p.name for p in todo), pool.map(file_sha256, todo), strict=True))
-    return {p.name: known.get(p.name) or digests[p.name] for p in paths}
+    return {p.name: None if p.name in skip else known.get(p.name) or digests[p.name] for p in paths}
 
 
 def assemble(
@@ -313,6 +317,7 @@ def assemble(
     metrics: dict | None = None,
     digests: dict[str, str] | None = None,
     jobs: int = 1,
+    hash_shards: bool = True,
 ) -> Path:
     """Build the output checkpoint directory from edited shards + the untouched source.
 
@@ -359,7 +364,7 @@ def assemble(
         "shards": actions,
         "copied_files": copied,
         "metrics": metrics,
-        "sha256": _sha256_files(files, digests or {}, jobs),
+        "sha256": _sha256_files(files, digests or {}, jobs, hash_shards),
     }
     write_json(manifest, staging / "manifest.json")
     if output.exists():
@@ -389,12 +394,15 @@ def export_model(
     device: str | None = None,
     force: bool = False,
     metrics: dict | None = None,
+    hash_shards: bool = True,
 ) -> Path:
     """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
 
     Finished shards are kept in `<output>.partial` under their real names, so rerunning
     after an interruption only redoes the shards that were not complete (the staging
     directory is reused only if it was started for the very same plan).
+    `hash_shards=False` leaves the shards' SHA-256 out of the manifest (null), saving a
+    hashing pass over the whole model (`--no-hash`).
     """
     model_dir = Path(model_dir or plan.model_dir)
     output = Path(output)
@@ -420,7 +428,7 @@ def export_model(
     if jobs <= 1 or len(todo) <= 1:
         for shard in todo:
             digests[shard] = ablate_shard(
-                model_dir, shard, plan, staging / shard, device=device, digest=True
+                model_dir, shard, plan, staging / shard, device=device, digest=hash_shards
             )
     else:
         # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
@@ -428,13 +436,22 @@ def export_model(
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             futures = {
                 pool.submit(
-                    ablate_shard, model_dir, s, plan, staging / s, device=device, digest=True
+                    ablate_shard, model_dir, s, plan, staging / s, device=device, digest=hash_shards
                 ): s
                 for s in todo
             }
             for future in concurrent.futures.as_completed(futures):
                 digests[futures[future]] = future.result()
-    return assemble(model_dir, output, plan, staging, metrics=metrics, digests=digests, jobs=jobs)
+    return assemble(
+        model_dir,
+        output,
+        plan,
+        staging,
+        metrics=metrics,
+        digests=digests,
+        jobs=jobs,
+        hash_shards=hash_shards,
+    )
 
 
 def read_digests(paths) -> dict[str, str]:

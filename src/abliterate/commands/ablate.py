@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="compute device (cpu, cuda, ...)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification pass")
+    parser.add_argument(
+        "--no-hash", action="store_true", help="leave shard SHA-256s out of manifest.json"
+    )
 
 
 def run(args) -> int:
@@ -37,7 +40,14 @@ def run(args) -> int:
         raise AbliterateError(f"-j/--jobs must be at least 1, got {args.jobs}.")
     plan = build_plan(recipe, model=args.model, measurements=args.measurements, layout=args.layout)
     print(plan.describe().splitlines()[-1], flush=True)
-    output = export_model(plan, recipe.output, jobs=args.jobs, device=args.device, force=args.force)
+    output = export_model(
+        plan,
+        recipe.output,
+        jobs=args.jobs,
+        device=args.device,
+        force=args.force,
+        hash_shards=not args.no_hash,
+    )
     if args.no_verify:
         return 0
     report = verify(plan.model_dir, output, plan, device=args.device)
