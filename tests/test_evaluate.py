@@ -250,7 +250,16 @@ def test_editing_in_memory_never_touches_the_checkpoint_files(tmp_path):
 # ---- the command on the demo organism --------------------------------------------------
 
 
-def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny models on shared cores: one thread avoids oversubscription stalls (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, capsys, one_thread):
     import pandas as pd
     import yaml
 
@@ -264,6 +273,7 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
         str(prompts / "target_train.txt"),
         str(prompts / "benign_train.txt"),
         measurements,
+        max_count=120,
     )
     recipe = tmp_path / "edit.yml"
     recipe.write_text(
@@ -277,6 +287,7 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
     table_path = tmp_path / "table.tsv"
     args = ["evaluate", str(demo_dense), str(recipe), "--max-prompts", "24"]
     args += ["--max-new-tokens", "8", "--kl-tokens", "4", "--out", str(table_path)]
+    args += ["--text-file", str(prompts / "benign_test.txt")]
     assert main(args) == 0
     table = pd.read_csv(table_path, sep="\t")
     assert list(table["variant"]) == ["base", "edit"]
@@ -284,6 +295,8 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
     assert base["refusal_rate"] >= 0.9 and base["benign_kept"] == 1.0
     assert base["kl_first_token"] == 0.0 and base["kl_multi_token"] == 0.0
     assert edited["kl_first_token"] > 0 and edited["kl_multi_token"] > 0
+    # cross-entropy on a user text: measured for both, and the edit changes it
+    assert 0 < base["cross_entropy"] < 20 and edited["cross_entropy"] != base["cross_entropy"]
     assert "edit" in capsys.readouterr().out
     # a recipe naming no measurements, and none given, is one clear sentence
     recipe.write_text(yaml.safe_dump({"ablate": [{"layer": 0, "measurement": 2}]}))
