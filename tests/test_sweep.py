@@ -138,3 +138,10 @@ def test_aggregation_keeps_one_base_row_and_best_yaml_round_trips(tmp_path):
     write_best(recipe, "because", tmp_path / "best.yaml", tmp_path / "best.txt")
     assert yaml.safe_load((tmp_path / "best.yaml").read_text()) == recipe
     assert (tmp_path / "best.txt").read_text().strip() == "because"
+
+
+def test_dense_models_collapse_the_expert_axis():
+    grid = {"experts": ["none", "all", "0,1"], "norm_preserve": [True, False]}
+    assert len(variants(grid)) == 6
+    dense = variants(grid, moe=False)
+    assert [v.experts for v in dense] == ["none", "none"]

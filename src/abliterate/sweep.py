@@ -135,15 +135,20 @@ def _check_value(key: str, value) -> object:
     )
 
 
-def variants(sweep: dict) -> list[Variant]:
-    """Every grid point of the config's `sweep:` block, in a stable order, ids unique."""
+def variants(sweep: dict, moe: bool = True) -> list[Variant]:
+    """Every grid point of the config's `sweep:` block, in a stable order, ids unique.
+
+    For a dense model (`moe=False`) the expert strategies collapse to "none": without
+    routed experts, "all" or a subset would repeat the "none" variant.
+    """
     defaults = Variant()
     grids: list[list] = []
     for key in SWEEP_KEYS:
         values = sweep.get(key, [getattr(defaults, key)])
         if not isinstance(values, (list, tuple)) or not values:
             raise AbliterateError(f"sweep.{key}: expected a non-empty list, got {values!r}.")
-        grids.append([_check_value(key, v) for v in values])
+        values = [_check_value(key, v) for v in values]
+        grids.append(["none"] if key == "experts" and not moe else values)
     seen: dict[str, Variant] = {}
     for combo in itertools.product(*grids):
         variant = Variant(**dict(zip(SWEEP_KEYS, combo, strict=True)))

@@ -35,18 +35,21 @@ import sys
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
 
-SWEEP_VARIANTS = _sweep_variants(config["sweep"])
-SWEEP_CHUNKS = _sweep_chunks(SWEEP_VARIANTS, config["sweep"]["chunk_size"])
+
+def sweep_chunks():
+    """The grid's variants in groups of sweep.chunk_size (dense models: experts "none")."""
+    variants = _sweep_variants(config["sweep"], moe=model_is_moe())
+    return _sweep_chunks(variants, config["sweep"]["chunk_size"])
 
 
 def sweep_chunk_variants(wildcards):
     """Variant ids evaluated by one evaluate_variants job (one model load)."""
-    return [v.id for v in SWEEP_CHUNKS[int(wildcards.chunk)]]
+    return [v.id for v in sweep_chunks()[int(wildcards.chunk)]]
 
 
 def sweep_chunk_files(ext):
     """Every evaluate_variants output of one kind (tsv table, json details)."""
-    return [f"{RESULTS}/sweep/chunk-{i}.{ext}" for i in range(len(SWEEP_CHUNKS))]
+    return [f"{RESULTS}/sweep/chunk-{i}.{ext}" for i in range(len(sweep_chunks()))]
 
 
 def evaluate_inputs(wildcards):
