@@ -42,7 +42,7 @@ def demo_config(model_dir: Path, name: str, **sweep) -> dict:
             "scale": [1.0],
             "layers": ["suggested", "all"],
             "norm_preserve": [True, False],
-            "chunk_size": 2,
+            "chunk_size": 4,  # one evaluation job (one model load) per run
             **sweep,
         },
         "evaluate": {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4, "max_prompts": 40},
@@ -74,7 +74,8 @@ def selected_row(results: Path) -> pd.Series:
 
 
 def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(demo_config(demo_dense, "demo")))
+    config = demo_config(demo_dense, "demo", chunk_size=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(tmp_path, "-n", "--cores", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
@@ -140,7 +141,12 @@ def test_bad_sweep_value_names_the_key(tmp_path, demo_dense):
 @pytest.mark.slow
 def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_factory, demo_moe):
     workdir = run_workflow(
-        tmp_path_factory, demo_moe, "demo-moe", layers=["all"], experts=["none", "all"]
+        tmp_path_factory,
+        demo_moe,
+        "demo-moe",
+        layers=["all"],
+        norm_preserve=[False],
+        experts=["none", "all"],
     )
     results = workdir / "results" / "demo-moe"
     table = pd.read_csv(results / "sweep.tsv", sep="\t")
