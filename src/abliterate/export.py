@@ -12,7 +12,6 @@ leaves something that looks finished, and a rerun picks up where it stopped.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import shutil
@@ -28,11 +27,12 @@ from .recipe import Plan, PlanEntry, file_sha256
 from .shards import (
     INDEX_NAME,
     ShardHeader,
-    copy_byte_range,
+    copy_range_at,
     read_header,
     read_tensor,
     read_weight_map,
     tensor_bytes,
+    write_at,
 )
 
 # Files copied next to the weights (config, generation config, tokenizer, chat template).
@@ -178,13 +178,17 @@ def ablate_shard(
     *,
     device: str | None = None,
     digest: bool = False,
+    workers: int = 2,
 ) -> str | None:
     """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
 
-    The header and every untouched byte are copied as they are; target tensors are read,
-    edited in float32 (on `device`) and written back in their dtype at their own offsets.
-    The file is written as `<output>.tmp` and renamed when complete. Returns the file's
-    SHA-256 when `digest` (computed on the way, at the cost of user-space copying).
+    The output has the source's exact header and byte layout (edits keep dtype and
+    shape), so every byte is written at its source offset: untouched ranges are copied
+    file-to-file by the kernel, and targets (one fused expert slice at a time) are read,
+    edited in float32 on `device` and written back in their dtype by `workers` threads,
+    so reading, editing and writing overlap while at most `workers` tensors are in memory.
+    The file is written as `<output>.tmp`, fsynced and renamed when complete. Returns the
+    file's SHA-256 when `digest` (read back from the page cache after writing).
     """
     source = Path(model_dir) / shard
     output = Path(output)
@@ -195,38 +199,42 @@ def ablate_shard(
     if missing:
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
     targets = sorted((header.tensors[k] for k in edits), key=lambda info: info.begin)
-    hasher = hashlib.sha256() if digest else None
     tmp = output.with_name(output.name + ".tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
     size = source.stat().st_size
+    gaps, position = [], 0
+    for info in targets:
+        gaps.append((position, info.begin))
+        position = info.end
+    gaps.append((position, size))
     try:
         with open(source, "rb") as src, open(tmp, "wb") as dst:
-            position = 0
-            for info in targets:
-                copy_byte_range(src, dst, position, info.begin, hasher)
-                chunks = tensor_chunks(info, edits[info.name])
+            os.ftruncate(dst.fileno(), size)
+
+            def edit_one(info) -> None:
                 logger.info("Modifying %s", info.name)
-                for begin, shape, chunk_edits in chunks:
+                for begin, shape, chunk_edits in tensor_chunks(info, edits[info.name]):
                     weight = read_tensor(src, info, begin=begin, shape=shape)
                     edited = edit_tensor(weight, chunk_edits, device)
                     if edited.dtype != weight.dtype or edited.shape != weight.shape:
                         raise AssertionError(f"edit changed {info.name}'s dtype or shape")
-                    data = tensor_bytes(edited)
-                    dst.write(data)
-                    if hasher is not None:
-                        hasher.update(data)
-                    del weight, edited, data
-                position = info.end
-            copy_byte_range(src, dst, position, size, hasher)
-            dst.flush()
+                    write_at(dst.fileno(), tensor_bytes(edited), begin)
+
+            with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+                pending = [pool.submit(edit_one, info) for info in targets]
+                for begin, end in gaps:
+                    copy_range_at(src.fileno(), dst.fileno(), begin, end)
+                for future in pending:
+                    future.result()
             os.fsync(dst.fileno())
         if tmp.stat().st_size != size:
             raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {size}.")
+        sha256 = file_sha256(tmp) if digest else None
         tmp.replace(output)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return hasher.hexdigest() if hasher else None
+    return sha256
 
 
 def link_or_copy(source: str | Path, destination: str | Path) -> str:

@@ -228,33 +228,40 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def copy_byte_range(src, dst, begin: int, end: int, digest=None) -> None:
-    """Append bytes [begin, end) of open file `src` to open file `dst`.
+def copy_range_at(src_fd: int, dst_fd: int, begin: int, end: int) -> None:
+    """Copy bytes [begin, end) of `src_fd` to the same offsets of `dst_fd`.
 
-    Without a digest the kernel copies (`copy_file_range`, as `cp` does); with one, the
-    bytes pass through user space in 64 MiB chunks so they can be hashed on the way.
+    The kernel copies (`copy_file_range`, as `cp` does) where it can; otherwise 64 MiB
+    chunks go through `pread`/`pwrite`. Explicit offsets let several workers fill one
+    output file at once, since an edited shard has its source's exact byte layout.
     """
     import os
 
-    dst.flush()
     position = begin
-    if digest is None and hasattr(os, "copy_file_range"):
+    if hasattr(os, "copy_file_range"):
         try:
             while position < end:
                 copied = os.copy_file_range(
-                    src.fileno(), dst.fileno(), min(end - position, 1 << 30), position
+                    src_fd, dst_fd, min(end - position, 1 << 30), position, position
                 )
                 if copied <= 0:
                     break
                 position += copied
         except OSError:
-            pass  # e.g. a filesystem without support: fall through to the chunked copy
-        dst.seek(0, os.SEEK_END)
+            pass  # e.g. across filesystems on an old kernel: fall through to the chunked copy
     while position < end:
-        chunk = os.pread(src.fileno(), min(COPY_CHUNK, end - position), position)
+        chunk = os.pread(src_fd, min(COPY_CHUNK, end - position), position)
         if not chunk:
-            raise AbliterateError(f"{src.name}: file ended at byte {position}, expected {end}.")
-        dst.write(chunk)
-        if digest is not None:
-            digest.update(chunk)
+            raise AbliterateError(f"source file ended at byte {position}, expected {end}.")
+        write_at(dst_fd, chunk, position)
         position += len(chunk)
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    """Write all of `data` (bytes or a memoryview) at `offset` of `fd`."""
+    import os
+
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
