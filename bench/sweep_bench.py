@@ -83,24 +83,26 @@ def demo_part(model_dir: Path, n_variants: int) -> dict:
     evaluator = Evaluator(model, tokenizer, *prompt_sets(tokenizer), settings, model_dir=model_dir)
     evaluator.evaluate_base()
     setup = time.perf_counter() - start
-    in_memory = []
-    for i, plan in enumerate(plans):
-        t = time.perf_counter()
-        evaluator.evaluate(f"v{i}", plan)
-        in_memory.append(time.perf_counter() - t)
     base = evaluator
 
-    # reload per variant: fresh model each time, base references reused from above
-    reload = []
-    for i, plan in enumerate(plans):
-        t = time.perf_counter()
+    def reload_and_evaluate(name, plan):
+        """The alternative: a fresh model per variant (base references reused)."""
         model, tokenizer = load_model(model_dir, "cpu")
         fresh = Evaluator(model, tokenizer, base.target, base.benign, settings, model_dir=model_dir)
         fresh.base = base.base
         fresh._base_benign_answers = base._base_benign_answers
         fresh._base_continuations = base._base_continuations
         fresh._base_logprobs = base._base_logprobs
-        fresh.evaluate(f"v{i}", plan)
+        fresh.evaluate(name, plan)
+
+    # interleaved, so load drift on shared machines hits both strategies alike
+    in_memory, reload = [], []
+    for i, plan in enumerate(plans):
+        t = time.perf_counter()
+        evaluator.evaluate(f"v{i}", plan)
+        in_memory.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        reload_and_evaluate(f"v{i}", plan)
         reload.append(time.perf_counter() - t)
     return {
         "variants": len(plans),
@@ -153,7 +155,11 @@ def big_part(hidden: int, layers: int, device: str = "cpu", repeats: int = 3) ->
         return model
 
     loads, applies, forwards, switches = [], [], [], []
-    for _ in range(repeats):  # reload strategy: load + edit + evaluate (one forward here)
+    resident = load()
+    editor = InMemoryEditor(resident, work)
+    with editor.applied(plan):  # first use also checks a few mapped tensors against disk
+        pass
+    for _ in range(repeats):  # interleaved: reload strategy, then in-memory strategy
         t = time.perf_counter()
         model = load()
         loads.append(time.perf_counter() - t)
@@ -164,11 +170,6 @@ def big_part(hidden: int, layers: int, device: str = "cpu", repeats: int = 3) ->
             forward(model)
             forwards.append(time.perf_counter() - t)
         del model
-    model = load()
-    editor = InMemoryEditor(model, work)
-    with editor.applied(plan):  # first use also checks a few mapped tensors against disk
-        pass
-    for _ in range(repeats):  # in-memory strategy: edit + restore, no load
         t = time.perf_counter()
         with editor.applied(plan):
             pass
@@ -191,8 +192,10 @@ def main() -> None:
     parser.add_argument("--big-hidden", type=int, default=2048)
     parser.add_argument("--big-layers", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="device of the large-model part")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.model
     if model_dir is None:
         from abliterate.demo import build_demo_model
@@ -210,7 +213,9 @@ def main() -> None:
     print(
         f"random llama {big['size_gb']:.2f} GB bf16 on {args.device}, {big['tensors']} tensors edited "
         f"(norm-preserving): load {big['load_s']:.2f} s, edit {big['apply_s']:.2f} s, "
-        f"edit+restore {big['switch_s']:.2f} s, one forward {big['forward_s']:.2f} s -> "
+        f"edit+restore {big['switch_s']:.2f} s (restore "
+        f"{max(big['switch_s'] - big['apply_s'], 0):.2f} s), one forward "
+        f"{big['forward_s']:.2f} s -> "
         f"switching cost per variant: reload {per_reload:.2f} s vs in-memory "
         f"{big['switch_s']:.2f} s ({per_reload / big['switch_s']:.1f}x), evaluation excluded"
     )
