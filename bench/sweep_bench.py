@@ -212,12 +212,12 @@ def main() -> None:
     per_reload = big["load_s"] + big["apply_s"]
     print(
         f"random llama {big['size_gb']:.2f} GB bf16 on {args.device}, {big['tensors']} tensors edited "
-        f"(norm-preserving): load {big['load_s']:.2f} s, edit {big['apply_s']:.2f} s, "
-        f"edit+restore {big['switch_s']:.2f} s (restore "
-        f"{max(big['switch_s'] - big['apply_s'], 0):.2f} s), one forward "
+        f"(norm-preserving): load {big['load_s']:.3f} s, edit {big['apply_s']:.3f} s, "
+        f"edit+restore {big['switch_s']:.3f} s (restore "
+        f"{max(big['switch_s'] - big['apply_s'], 0):.3f} s), one forward "
         f"{big['forward_s']:.2f} s -> "
-        f"switching cost per variant: reload {per_reload:.2f} s vs in-memory "
-        f"{big['switch_s']:.2f} s ({per_reload / big['switch_s']:.1f}x), evaluation excluded"
+        f"switching cost per variant: reload {per_reload:.3f} s vs in-memory "
+        f"{big['switch_s']:.3f} s ({per_reload / big['switch_s']:.1f}x), evaluation excluded"
     )
 
 
