@@ -145,3 +145,43 @@ def test_dense_models_collapse_the_expert_axis():
     assert len(variants(grid)) == 6
     dense = variants(grid, moe=False)
     assert [v.experts for v in dense] == ["none", "none"]
+
+
+def test_aggregate_command_writes_table_plots_and_the_selected_recipe(tmp_path):
+    import json
+
+    from abliterate.commands import sweep as command
+
+    grid = variants({"scale": [1.0, 0.5], "layers": ["suggested", "all"]})
+    recipes = {v.id: variant_recipe(v, num_layers=4, suggested=SUGGESTED) for v in grid}
+    rows = [["base", 0.95, 1.0, 0.0, 0.0]]
+    rows += [
+        [v.id, 0.5 * i / len(grid), 1.0, 0.1 * (len(grid) - i), 0.0] for i, v in enumerate(grid)
+    ]
+    table = _table(rows[1:])
+    for v in grid:
+        for key, value in v.params().items():
+            table.loc[table["variant"] == v.id, key] = str(value)
+    table.to_csv(tmp_path / "chunk-0.tsv", sep="\t", index=False)
+    samples = {
+        "target": [{"prompt": "p", "answer": "i cannot help", "refusal": True}],
+        "benign": [],
+    }
+    details = {"recipes": recipes, "samples": {name: samples for name in ["base", *recipes]}}
+    (tmp_path / "chunk-0.json").write_text(json.dumps(details))
+    parser = __import__("argparse").ArgumentParser()
+    command.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [str(tmp_path / "chunk-0.tsv"), "--details", str(tmp_path / "chunk-0.json")]
+        + ["--out-dir", str(out), "--max-refusal-rate", "0.2"]
+    )
+    assert command.run(args) == 0
+    result = pd.read_csv(out / "sweep.tsv", sep="\t")
+    best = result[result["selected"]].iloc[0]["variant"]
+    assert best == grid[1].id  # refusal 0.125 <= 0.2 with the lowest KL among those
+    assert yaml.safe_load((out / "best.yaml").read_text()) == recipes[best]
+    assert best in (out / "best.txt").read_text()
+    for figure in ("pareto.png", "heatmap.png"):
+        assert (out / figure).stat().st_size > 10_000
+    assert "i cannot help" in (out / "samples.html").read_text()
