@@ -277,7 +277,7 @@ def _model_card(plan: Plan, model_dir: Path, metrics: dict | None) -> str:
         f"Base model: `{model_dir}` ({plan.info.get('model_type') or 'unknown type'}).",
         "",
         "The refusal direction measured in the residual stream was removed from the weights "
-        f"by [abliterate](https://github.com/) (components: {components}).",
+        f"by abliterate (components: {components}).",
         "",
         f"Measurements: `{plan.measurements}` (SHA-256 `{plan.measurements_sha256}`).",
         "",
@@ -361,7 +361,11 @@ def assemble(
             copied.append(path.name)
     (staging / "README.md").write_text(_model_card(plan, model_dir, metrics))
     (staging / MARKER).unlink(missing_ok=True)
-    files = sorted(p for p in staging.iterdir() if p.is_file() and p.name != "manifest.json")
+    files = sorted(
+        p
+        for p in staging.iterdir()
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    )
     manifest = {
         "base_model": str(model_dir.resolve()),
         "recipe": plan.recipe,

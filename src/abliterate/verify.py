@@ -203,7 +203,11 @@ def _check_manifest(output: Path, small: bool, fail) -> dict:
     except (ValueError, KeyError):
         fail("manifest.json: malformed (expected a 'sha256' object)")
         return {"present": True}
-    files = sorted(p.name for p in output.iterdir() if p.is_file() and p.name != "manifest.json")
+    files = sorted(
+        p.name
+        for p in output.iterdir()
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    )  # dotfiles are tool bookkeeping (e.g. Snakemake's .snakemake_timestamp)
     unlisted = sorted(set(files) - set(hashes))
     gone = sorted(set(hashes) - set(files))
     for name in unlisted:

@@ -2,7 +2,7 @@
 
 from abliterate.logs import setup_logging
 from abliterate.recipe import Plan
-from abliterate.verify import verify, write_report
+from abliterate.verify import summary, verify, write_report
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
@@ -14,5 +14,6 @@ with open(snakemake.log[0], "w") as log:
         device=snakemake.params.device,
     )
     write_report(report, snakemake.output.json, snakemake.output.text)
+    log.write(summary(report))
     if not report["ok"]:
         raise SystemExit(f"verification failed: {report['failures'][0]}")
