@@ -460,6 +460,15 @@ def measure(
     if clip is not None and not 0.0 <= clip < 0.5:
         raise AbliterateError(f"clip quantile {clip} is invalid; expected a value in [0, 0.5).")
     pad_id = _pad_id(tokenizer)
+    layers = decoder_layers(model)
+    router_modules = routers(layers)
+    if router_modules:
+        logger.info(
+            "Counting router top-%s selections of %s experts in %d MoE layers",
+            _experts_per_token(model.config),
+            _num_experts(model.config),
+            len(router_modules),
+        )
     collected = {}
     for cls, prompts in (("target", target), ("benign", benign)):
         if not prompts:
@@ -486,7 +495,6 @@ def measure(
         cls: torch.einsum("nmd,md->mn", acts.rows.to(torch.float64), directions).to(torch.float32)
         for cls, acts in collected.items()
     }
-    layers = decoder_layers(model)
     meta = {
         "num_layers": len(layers),
         "hidden_size": int(means["target"].shape[1]),
@@ -507,7 +515,7 @@ def measure(
         benign_proj=projections["benign"],
         meta=meta,
     )
-    if routers(layers) and _num_experts(model.config):
+    if router_modules and _num_experts(model.config):
         result.target_expert_counts = collected["target"].expert_counts
         result.benign_expert_counts = collected["benign"].expert_counts
         result.target_router_tokens = collected["target"].router_tokens
