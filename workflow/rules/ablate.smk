@@ -24,7 +24,7 @@ rule plan_ablation:
         directions=f"{RESULTS}/export/plan.safetensors",
         text=report(
             f"{RESULTS}/export/plan.txt",
-            category="6. Export",
+            category="5. Export",
             caption="../report/plan.rst",
         ),
     log:
@@ -109,7 +109,7 @@ rule verify_model:
         json=f"{RESULTS}/verify.json",
         text=report(
             f"{RESULTS}/verify.txt",
-            category="6. Export",
+            category="5. Export",
             caption="../report/verify.rst",
         ),
     log:

@@ -25,7 +25,7 @@ rule copy_model_card:
     output:
         card=report(
             f"{RESULTS}/model_card.md",
-            category="6. Export",
+            category="5. Export",
             caption="../report/model_card.rst",
         ),
     log:
