@@ -279,3 +279,16 @@ def test_plan_command_prints_each_edit_and_the_totals(glm, tmp_path):
     )
     assert bad.returncode == 1
     assert "Expert 9 not found (the model has 8 experts per layer, indices 0-7)." in bad.stderr
+
+
+def test_embedding_is_edited_once_with_the_lowest_layers_direction(glm):
+    _, layout, meas = glm
+    recipe = {
+        "ablate": [{"layer": 2, "measurement": 3}, {"layer": 1, "measurement": 1}],
+        "components": ["embed"],
+    }
+    plan = resolve(recipe, layout, meas)
+    assert [e.key for e in plan.entries] == ["model.embed_tokens.weight"]
+    assert plan.entries[0].hidden_axis == 1 and plan.entries[0].layer is None
+    expected = meas.target_mean[1] - meas.benign_mean[1]
+    torch.testing.assert_close(plan.entries[0].direction, (expected / expected.norm()).float())

@@ -528,12 +528,19 @@ def resolve(
         )
     subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
     targets = _layout_targets(layout)
+    # The embedding writes into the residual before any layer: it is edited once, with
+    # the direction of the entry for the lowest layer.
+    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
+    if "embed" in components and _get(layout, "tie_word_embeddings"):
+        logger.warning(
+            "The embedding is tied to the output head: editing it also edits the lm_head."
+        )
     entries: list[PlanEntry] = []
     for index, item in enumerate(recipe.ablate):
         r = entry_direction(recipe, item, measurements, num_layers)
         direction_id = f"entry{index}"
         candidates = list(targets.get(item.layer, []))
-        if "embed" in components and item.layer == 0:
+        if "embed" in components and index == embed_owner:
             candidates += _global_targets(layout)
         for target in candidates:
             component = target["component"]
