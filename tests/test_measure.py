@@ -261,8 +261,8 @@ def test_refuse_is_never_unpickled(tmp_path):
 def test_demo_direction_separates_held_out_prompts(demo_dense):
     """On the trained demo organism the best index separates *held-out* prompts."""
     prompts = demo_dense / "prompts"
-    target = load_prompts(prompts / "target_train.txt", max_count=150)
-    benign = load_prompts(prompts / "benign_train.txt", max_count=150)
+    target = load_prompts(prompts / "target_train.txt", max_count=100)
+    benign = load_prompts(prompts / "benign_train.txt", max_count=100)
     model, tokenizer, _ = load_model(demo_dense, device="cpu")
     meas = measure(model, tokenizer, target, benign, batch_size=64, progress=False)
     recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
