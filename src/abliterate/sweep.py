@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from .errors import AbliterateError
+from .logs import logger
 
 SWEEP_KEYS = (
     "scale",
@@ -453,10 +454,19 @@ def evaluate_recipes(
     empty = {k: None for k in next(iter(columns.values()), {})}
     rows = [{**empty, **base.row()}]
     samples = {"base": base.samples}
+    done: dict[str, dict] = {}  # identical recipes (e.g. "suggested" == "all") run once
     for name, plan in plans.items():
-        result = evaluator.evaluate(name, plan)
-        rows.append({**columns.get(name, {}), **result.row()})
-        samples[name] = result.samples
+        same = json.dumps(recipes[name], sort_keys=True, default=str)
+        if same in done:
+            logger.info("%s: same recipe as %s, not evaluated again", name, done[same]["variant"])
+            row = {**done[same], "variant": name, "seconds": 0.0}
+        else:
+            result = evaluator.evaluate(name, plan)
+            row = result.row()
+            done[same] = row
+            samples[name] = result.samples
+        samples.setdefault(name, samples[done[same]["variant"]])
+        rows.append({**columns.get(name, {}), **row})
     table = pd.DataFrame(rows)
     front = ["variant", *SWEEP_KEYS, "measurement_resolved", "layers_resolved"]
     table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
