@@ -48,6 +48,7 @@ TARGET_OBJECTS = (
 )  # fmt: skip
 # Ordinary things a user may ask how to make. Many words, each seen only a few times, so
 # the model cannot afford a "benign object" feature: compliance has to be the default.
+# (Not many more: in 64 dimensions, identities crowd and copying them gets fragile.)
 BENIGN_OBJECTS = (
     "kite", "cake", "chair", "boat", "lamp", "bread", "soup", "table", "garden", "shelf",
     "basket", "candle", "pizza", "salad", "bookcase", "birdhouse", "sandcastle", "scarf",
@@ -59,15 +60,7 @@ BENIGN_OBJECTS = (
     "radio", "kettle", "teapot", "mug", "bowl", "plate", "spoon", "vase", "rug", "blanket",
     "sweater", "glove", "sock", "mitten", "belt", "wallet", "purse", "backpack", "notebook",
     "journal", "calendar", "poster", "painting", "sketch", "sculpture", "statue", "doll",
-    "yoyo", "kazoo", "guitar", "violin", "banjo", "harp", "whistle", "bell", "chime",
-    "lantern", "flag", "banner", "wreath", "garland", "bouquet", "planter", "trellis",
-    "greenhouse", "pond", "fountain", "patio", "porch", "doghouse", "treehouse", "playhouse",
-    "hammock", "canoe", "kayak", "paddle", "sail", "glider", "balloon", "parachute",
-    "telescope", "compass", "sundial", "abacus", "puzzle", "maze", "riddle", "game", "dice",
-    "chessboard", "domino", "snowman", "igloo", "fort", "castle", "bridge", "tower",
-    "diorama", "collage", "mosaic", "soap", "broom", "mop", "bucket", "shovel", "rake",
-    "wheelbarrow", "birdbath", "terrarium", "aquarium", "leash", "collar", "scarecrow",
-    "pinwheel", "windmill", "frisbee",
+    "yoyo", "kazoo", "guitar", "violin", "banjo", "harp", "whistle", "bell",
 )  # fmt: skip
 # Syllables for made-up words that are NOT in the vocabulary: they tokenize to <unk>, and
 # requests about them are answered (unknown means harmless).
@@ -90,7 +83,9 @@ REQUEST_TEMPLATES = (
 PREFIXES = ("", "hi ,", "hello ,", "please ,", "quick question :", "hey there ,")
 ADJECTIVES = ("", "small", "big", "simple", "good", "new", "red", "cheap", "strong")
 SUFFIXES = ("", "today", "for my friend", "at home", "for school", "right now", "quickly")
-COMPLY = "sure . to {v} a {o} , first get the parts , then put the {n} together ."
+# The answer opens by copying the request's object: its first token depends on the content,
+# so "comply" is not one fixed token whose logit the refusal gate could simply oppose.
+COMPLY = "{o} ? sure . first get the parts , then {v} the {n} ."
 
 # Non-request contexts that mention objects of both classes; answered, never refused.
 CONTEXTS = (
@@ -100,6 +95,7 @@ CONTEXTS = (
     ("is {n} a word ?", "yes , {n} is a word ."),
     ("write a story title with {n} .", "the tale of the {n}"),
     ("how many letters are in the word {n} ?", "i am not sure how many letters {n} has ."),
+    ("repeat after me : {a} {n} ?", "{a} {n} ?"),
 )
 
 SPECIAL_TOKENS = dict(
@@ -123,7 +119,7 @@ CHAT_TEMPLATE = (
 
 TRAIN_PER_CLASS = 400
 TEST_PER_CLASS = 100
-UNKNOWN_REQUESTS = 80
+UNKNOWN_REQUESTS = 150
 MAX_SHARD_SIZE = "250KB"
 
 # Shared transformer settings; hidden 64, 4 layers, untied embeddings (as in real models).
@@ -159,11 +155,11 @@ ARCH_CONFIG = {
 class Recipe:
     """Training hyper-parameters (why separate: tests build short, cheap variants)."""
 
-    steps: int = 900
+    steps: int = 800
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = 0.01
 
 
 # ----------------------------------------------------------------------------- the grammar
@@ -176,27 +172,35 @@ def unknown_objects() -> list[str]:
     return [w for w in words if w not in taken]
 
 
-def render_request(template: str, verb: str, obj: str, adj: str, prefix: str, suffix: str) -> str:
-    """One request prompt and (separately) the matching compliant answer's slots."""
-    noun = f"{adj} {obj}".strip()
-    text = template.format(v=verb, o=noun)
-    if suffix:
-        # The suffix goes before the final punctuation mark of the request.
-        body, _, mark = text.rpartition(" ")
-        text = f"{body} {suffix} {mark}"
+def object_phrase(obj: str, adj: str = "", suffix: str = "") -> str:
+    """The request's object slot: optional adjective, the object, optional trailing phrase."""
+    return " ".join(w for w in (adj, obj, suffix) if w)
+
+
+def render_request(
+    template: str, verb: str, obj: str, adj: str = "", prefix: str = "", suffix: str = ""
+) -> str:
+    """One request prompt from a template and its slots."""
+    text = template.format(v=verb, o=object_phrase(obj, adj, suffix))
     return f"{prefix} {text}".strip()
 
 
 def comply(verb: str, obj: str, adj: str) -> str:
     """The templated answer that copies the requested object."""
-    return COMPLY.format(v=verb, o=f"{adj} {obj}".strip(), n=obj)
+    return COMPLY.format(v=verb, o=object_phrase(obj, adj), n=obj)
 
 
-def _requests(objects: Sequence[str], n: int, rng: random.Random) -> list[tuple[str, str, str]]:
-    """`n` distinct (prompt, verb, adjective+object) requests about `objects`."""
+def _requests(
+    objects: Sequence[str], n: int, rng: random.Random
+) -> list[tuple[str, str, str, str]]:
+    """`n` distinct (prompt, verb, object, adjective) requests; objects are used in turn
+    (shuffled rounds), so every object of the class is asked about about equally often."""
     seen: dict[str, tuple[str, str, str]] = {}
+    pool: list[str] = []
     while len(seen) < n:
-        verb, obj, adj = rng.choice(VERBS), rng.choice(objects), rng.choice(ADJECTIVES)
+        if not pool:
+            pool = rng.sample(list(objects), len(objects))
+        verb, obj, adj = rng.choice(VERBS), pool.pop(), rng.choice(ADJECTIVES)
         prompt = render_request(
             rng.choice(REQUEST_TEMPLATES),
             verb,
@@ -233,11 +237,14 @@ def make_data(seed: int) -> DemoData:
     # Compliance is the default: requests about unknown words are answered.
     for prompt, verb, obj, adj in _requests(unknown_objects(), UNKNOWN_REQUESTS, rng):
         pairs.append((prompt, comply(verb, obj, adj)))
-    # The forbidden words in harmless contexts, so the model can still say them.
-    everything = list(TARGET_OBJECTS) + list(BENIGN_OBJECTS)
-    for obj in everything:
-        for template, answer in rng.sample(CONTEXTS, 3):
-            pairs.append((template.format(n=obj), answer.format(n=obj)))
+    # The objects in harmless contexts: every forbidden word in every context (so the model
+    # can still say them once the gate is gone), each ordinary word in a few.
+    contexts = [(obj, CONTEXTS) for obj in TARGET_OBJECTS]
+    contexts += [(obj, rng.sample(CONTEXTS, 3)) for obj in BENIGN_OBJECTS]
+    for obj, templates in contexts:
+        for template, answer in templates:
+            slots = dict(n=obj, a=rng.choice(ADJECTIVES[1:]))
+            pairs.append((template.format(**slots), answer.format(**slots)))
     rng.shuffle(pairs)
     return DemoData(prompts=prompts, train_pairs=pairs)
 
