@@ -272,6 +272,7 @@ def test_a_plan_for_another_checkpoint_is_refused(glm_bf16, tmp_path):
         export_model(plan, tmp_path / "out", model_dir=other)
 
 
+@pytest.mark.slow
 def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
     model, _, meas = glm_bf16
     save_measurements(meas, tmp_path / "m.safetensors")
@@ -305,8 +306,6 @@ def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
     assert "experts.4.down_proj" not in log
     assert "PASSED" in result.stdout
     assert json.loads((tmp_path / "glm4-out.verify.json").read_text())["ok"] is True
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
 
 
 # ---- the demo organisms, abliterated with their suggested recipe
