@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from abliterate.analyze import auroc, layer_metrics, suggest_recipe, write_analysis
+from abliterate.analyze import auroc, layer_metrics, onset_auroc, suggest_recipe, write_analysis
 from abliterate.measure import Measurements
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,13 +81,34 @@ def test_suggestion_prefers_best_separation_then_quality_and_respects_min_fracti
     assert "measurement 5" in why and "layers 0..7" in why
 
 
+def test_onset_is_the_first_index_clearly_above_chance():
+    # 400 prompts per class: chance-level standard error ~0.0204, so 0.6 is the bar
+    assert onset_auroc(400, 400) == pytest.approx(0.6)
+    assert onset_auroc(10, 10) == pytest.approx(0.5 + 4 * math.sqrt(21 / 1200))
+    df = metrics_frame(
+        [
+            (0, float("nan"), float("nan"), float("nan"), float("nan")),
+            (1, 0.55, 0.1, 0.1, 1.0),  # at chance level: layer 0 writes nothing
+            (2, 0.73, 0.2, 0.2, 1.0),  # clearly separable: layer 1 writes part of it
+            (3, 1.00, 0.9, 0.9, 1.0),
+            (4, 1.00, 0.8, 0.8, 1.0),
+        ]
+    )
+    recipe, why = suggest_recipe(df, 4, counts=(400, 400))
+    assert [e["layer"] for e in recipe["ablate"]] == [1, 2, 3]
+    assert recipe["ablate"][0]["measurement"] == 3
+    assert "index 2" in why
+    small, _ = suggest_recipe(df, 4, counts=(12, 12))  # bar 0.98: 0.73 is noise for 12 prompts
+    assert [e["layer"] for e in small["ablate"]] == [2, 3]
+
+
 def test_suggestion_without_projections_uses_quality():
     df = metrics_frame(
         [
             (0, float("nan"), float("nan"), float("nan"), float("nan")),
-            (1, float("nan"), 0.1, 0.1, 1.0),
-            (2, float("nan"), 0.1, 0.1, 1.0),
-            (3, float("nan"), 0.6, 0.6, 1.0),  # half the best quality: onset -> layer 2
+            (1, float("nan"), 0.05, 0.05, 1.0),
+            (2, float("nan"), 0.08, 0.08, 1.0),
+            (3, float("nan"), 0.6, 0.6, 1.0),  # >= 0.1 of the best quality: onset -> layer 2
             (4, float("nan"), 1.0, 1.0, 1.0),
         ]
     )

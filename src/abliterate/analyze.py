@@ -19,10 +19,12 @@ about measurement index m (d = mean_target - mean_benign, b = mean_benign):
 Suggestion rule (`suggest_recipe`): among indices m >= max(1, ceil(min_layer_fraction x
 L)), take the best-separating ones (AUROC within `AUROC_TOLERANCE` of the best; all of
 them when there are no per-prompt projections) and among those the highest quality. The
-layers to edit run from the layer that first writes a separating direction (the layer
-before the first index whose AUROC reaches `ONSET_AUROC`, or whose quality reaches half
-the best, without projections) to the last layer: once a layer has written the feature,
-every later layer could write it again.
+layers to edit run from the layer that first writes the feature at all (the layer before
+the first index whose AUROC is clearly above chance: at least `ONSET_AUROC` and 4 standard
+errors above 0.5; without projections, whose quality reaches `ONSET_QUALITY` of the best)
+to the last layer: a layer that writes even part of the feature keeps the model refusing
+if it is left out (measured on both demo organisms, docs/measure.md), and once a layer has
+written the feature every later layer could write it again.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from .logs import logger
 from .measure import Measurements, unit_directions
 
 AUROC_TOLERANCE = 0.005
-ONSET_AUROC = 0.95
+ONSET_AUROC = 0.6
+ONSET_SIGMAS = 4.0
+ONSET_QUALITY = 0.1
 EPS = 1e-12
 
 COLUMNS = [
@@ -134,10 +138,30 @@ def direction_similarity(meas: Measurements) -> torch.Tensor:
     return units @ units.T
 
 
+def onset_auroc(n_target: int | None, n_benign: int | None) -> float:
+    """The AUROC that counts as clearly above chance for these class sizes.
+
+    Under no separation the AUROC has standard error sqrt((n1 + n2 + 1) / (12 n1 n2));
+    an index must beat 0.5 by `ONSET_SIGMAS` of them, and reach `ONSET_AUROC` in any case.
+    """
+    if not n_target or not n_benign:
+        return ONSET_AUROC
+    se = math.sqrt((n_target + n_benign + 1) / (12 * n_target * n_benign))
+    return max(ONSET_AUROC, 0.5 + ONSET_SIGMAS * se)
+
+
 def suggest_recipe(
-    metrics: pd.DataFrame, num_layers: int, *, min_layer_fraction: float = 0.2, scale: float = 1.0
+    metrics: pd.DataFrame,
+    num_layers: int,
+    *,
+    min_layer_fraction: float = 0.2,
+    scale: float = 1.0,
+    counts: tuple[int, int] | None = None,
 ) -> tuple[dict, str]:
-    """The seed-format recipe picked by the rule in the module docstring, and why."""
+    """The seed-format recipe picked by the rule in the module docstring, and why.
+
+    `counts` (target, benign prompts) sets the chance level of the onset test.
+    """
     start = max(1, math.ceil(min_layer_fraction * num_layers))
     candidates = metrics[(metrics.measurement >= start) & metrics.quality.notna()]
     if candidates.empty:
@@ -154,12 +178,14 @@ def suggest_recipe(
     measurement = int(chosen.measurement)
 
     valid = metrics[(metrics.measurement >= 1) & metrics.quality.notna()]
-    if use_auroc and (valid.auroc >= ONSET_AUROC).any():
-        onset = int(valid[valid.auroc >= ONSET_AUROC].measurement.min())
-        onset_reason = f"the first index whose AUROC reaches {ONSET_AUROC}"
+    threshold = onset_auroc(*(counts or (None, None)))
+    if use_auroc and (valid.auroc >= threshold).any():
+        onset = int(valid[valid.auroc >= threshold].measurement.min())
+        onset_reason = f"the first index whose AUROC is clearly above chance, >= {threshold:.3f}"
     else:
-        onset = int(valid[valid.quality >= 0.5 * valid.quality.max()].measurement.min())
-        onset_reason = "the first index whose quality reaches half the best quality"
+        floor = ONSET_QUALITY * valid.quality.max()
+        onset = int(valid[valid.quality >= floor].measurement.min())
+        onset_reason = f"the first index whose quality reaches {ONSET_QUALITY} of the best"
     first_layer = max(0, min(onset - 1, measurement - 1))
     layers = list(range(first_layer, num_layers))
     recipe = {
@@ -183,9 +209,10 @@ def suggest_recipe(
             + "then the highest quality (snr x purity).",
             f"   -> measurement {measurement}: auroc {chosen.auroc:.4f}, quality {chosen.quality:.4f}, "
             f"snr {chosen.snr:.4f}, purity {chosen.purity:.4f}.",
-            f"2. Layers: from the layer that first writes the direction (the layer before "
-            f"{onset_reason}: index {onset}) to the last layer, since any later layer could "
-            "write the feature again.",
+            f"2. Layers: from the layer that first writes the feature at all (the layer "
+            f"before {onset_reason}: index {onset}) to the last layer: a layer left out that "
+            "writes part of the feature keeps the model refusing, and any later layer could "
+            "write it again.",
             f"   -> layers {layers[0]}..{layers[-1]}, each edited with the direction of "
             f"measurement {measurement} at scale {scale}, sparsity 0.0.",
             "",
@@ -222,7 +249,12 @@ def write_analysis(
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = layer_metrics(meas)
     _write_text(outdir / "layers.tsv", metrics.to_csv(sep="\t", index=False, float_format="%.6g"))
-    recipe, why = suggest_recipe(metrics, meas.num_layers, min_layer_fraction=min_layer_fraction)
+    recipe, why = suggest_recipe(
+        metrics,
+        meas.num_layers,
+        min_layer_fraction=min_layer_fraction,
+        counts=(meas.target_proj.shape[-1], meas.benign_proj.shape[-1]),
+    )
     _write_text(outdir / "suggested.yaml", yaml.safe_dump(recipe, sort_keys=False))
     _write_text(outdir / "suggested.txt", why + "\n")
     if charts:
