@@ -7,6 +7,8 @@ BIN     = $(VENV)/bin
 #   make TORCH_SPEC="torch" demo     (or install your CUDA torch into .venv first)
 TORCH_SPEC ?= torch==2.13.0
 CORES  ?= all
+# Rules call the `abliterate` console script, so the venv's bin/ goes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test lint install install-test bench clean chromium
 
