@@ -37,9 +37,9 @@ def demo_config(model_dir: Path, name: str, **sweep) -> dict:
             cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
             for cls in ("target", "benign")
         },
-        "measure": {"device": "cpu", "batch_size": 64},
-        "sweep": {
-            "scale": [1.0],
+        "measure": {"device": "cpu"},
+        "sweep": {  # the default config's grid (config/config.yaml), fewer prompts
+            "scale": [1.0, 0.9],
             "layers": ["suggested", "all"],
             "norm_preserve": [True, False],
             "chunk_size": 4,  # one evaluation job (one model load) per run
@@ -88,8 +88,8 @@ def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
         "verify_model",
     ):
         assert rule in output, rule
-    # 4 variants in chunks of 2 -> two evaluation jobs, each loading the model once
-    assert "chunk-0.tsv" in output and "chunk-1.tsv" in output and "chunk-2.tsv" not in output
+    # 8 variants in chunks of 2 -> four evaluation jobs, each loading the model once
+    assert "chunk-3.tsv" in output and "chunk-4.tsv" not in output
 
 
 @pytest.mark.slow
@@ -97,7 +97,7 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
     results = dense_run / "results" / "demo"
     table = pd.read_csv(results / "sweep.tsv", sep="\t")
     assert list(table["variant"])[0] == "base"
-    assert len(table) == 1 + 4
+    assert len(table) == 1 + 8
     assert table["selected"].sum() == 1
     base = table.iloc[0]
     assert base["kl_first_token"] == 0 and base["benign_kept"] == 1
@@ -106,7 +106,12 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
         & (table["layers"] == "all")
         & (~table["norm_preserve"].astype(bool))
     ]
+    plain = plain[plain["scale"] == 1.0]
     assert len(plain) == 1  # the plain full-strength variant is in the table to compare with
+    best = selected_row(results)
+    assert base["refusal_rate"] >= 0.9
+    assert best["refusal_rate"] <= 0.1 and best["benign_kept"] >= 0.9
+    assert best["kl_first_token"] < plain.iloc[0]["kl_first_token"]
     best_recipe = yaml.safe_load((results / "best.yaml").read_text())
     assert best_recipe["ablate"] and {"layer", "measurement", "scale", "sparsity"} <= set(
         best_recipe["ablate"][0]
@@ -144,6 +149,7 @@ def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_fac
         tmp_path_factory,
         demo_moe,
         "demo-moe",
+        scale=[1.0],
         layers=["all"],
         norm_preserve=[False],
         experts=["none", "all"],
