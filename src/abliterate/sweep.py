@@ -31,14 +31,6 @@ SWEEP_KEYS = (
     "norm_preserve",
     "experts",
 )
-METRICS = (
-    "refusal_rate",
-    "benign_refusal_rate",
-    "benign_kept",
-    "kl_first_token",
-    "kl_multi_token",
-    "cross_entropy",
-)
 KL_COLUMNS = {"first_token": "kl_first_token", "multi_token": "kl_multi_token"}
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 _SUBSET = re.compile(r"^\d+(,\d+)*$")
@@ -114,8 +106,18 @@ def _check_value(key: str, value) -> object:
         )
     if key == "components":
         text = str(value)
-        if text == "default" or _COMPONENT.match(text):
+        if text == "default":
             return text
+        if _COMPONENT.match(text):
+            from .recipe import COMPONENTS  # lazily: the Snakefile imports this module
+
+            unknown = [n for n in text.split("+") if n != "default" and n not in COMPONENTS]
+            if not unknown:
+                return text
+            raise AbliterateError(
+                f"{where}: unknown component {unknown[0]!r} in {text!r}; expected 'default' "
+                f"or '+'-joined names from {', '.join(COMPONENTS)}."
+            )
         raise AbliterateError(
             f"{where}: expected 'default' or '+'-joined component names such as "
             f"'attn_out+mlp_down', got {value!r}."
