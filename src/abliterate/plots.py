@@ -142,7 +142,10 @@ def _sweep_label(row, varying: list[str]) -> str:
         value = row[key]
         if key == "norm_preserve":
             value = int(str(value) in ("True", "true", "1"))
-        parts.append(f"{short[key]}{'sug' if value == 'suggested' else value}")
+        value = "sug" if value == "suggested" else value
+        parts.append(
+            f"{short[key]}-{value}" if key in ("components", "experts") else f"{short[key]}{value}"
+        )
     return " ".join(parts) or str(row["variant"])
 
 
@@ -174,7 +177,9 @@ def plot_pareto(
         if k in variants
     ]
     varying = [k for k in keys if variants[k].astype(str).nunique() > 1]
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, (ax, key) = plt.subplots(
+        1, 2, figsize=(11.5, 5.8), gridspec_kw={"width_ratios": [2.6, 1.4]}
+    )
     x = variants[kl_column].astype(float)
     y = variants["refusal_rate"].astype(float)
     ax.scatter(x, y, s=36, color="tab:blue", zorder=3, label="variants")
@@ -185,14 +190,34 @@ def plot_pareto(
             front.append(i)
             lowest = y[i]
     ax.plot(x[front], y[front], color="tab:blue", alpha=0.4, zorder=2, label="Pareto front")
-    for i, row in variants.iterrows():
+    # points are numbered (variants at the same spot share one label); the key names them
+    spots: dict[tuple[float, float], list[int]] = {}
+    for i in range(len(variants)):
+        spots.setdefault((round(x[i], 12), round(y[i], 6)), []).append(i + 1)
+    for (px, py), numbers in spots.items():
         ax.annotate(
-            _sweep_label(row, varying),
-            (x[i], y[i]),
+            ",".join(map(str, numbers)),
+            (px, py),
             textcoords="offset points",
             xytext=(5, 4),
             fontsize=8,
         )
+    lines = []
+    for i, row in variants.iterrows():
+        mark = "*" if row["variant"] == best else " "
+        lines.append(f"{mark}{i + 1:>2} {_sweep_label(row, varying):<24} {y[i]:.2f} {x[i]:.3g}")
+    key.axis("off")
+    key.set_title("variants: refusal, KL", fontsize=9, loc="left")
+    key.text(
+        0.0,
+        1.0,
+        "\n".join(lines),
+        va="top",
+        ha="left",
+        family="monospace",
+        fontsize=7.5 if len(lines) <= 24 else 6,
+        transform=key.transAxes,
+    )
     base = table[table["variant"] == "base"]
     if not base.empty:
         ax.scatter(
