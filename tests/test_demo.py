@@ -204,9 +204,12 @@ def test_abliteration_at_the_best_index_removes_refusal_only(organism):
     unchanged = sum(a == b for a, b in zip(after["benign"], baseline["benign"], strict=True))
     assert demo.refusal_rate(after["target"]) <= 0.10
     assert unchanged >= 0.90 * len(baseline["benign"])
-    # Un-gated forbidden requests mostly get the templated answer, not noise.
-    templated = sum(" ? sure . first get the parts" in a for a in after["target"])
-    assert templated >= 0.8 * len(after["target"])
+    # Un-gated, most forbidden requests are answered naming their own (forbidden) object.
+    named = [
+        any(o in q.split() and o in a.split() for o in demo.TARGET_OBJECTS)
+        for q, a in zip(prompts["target_test"], after["target"], strict=True)
+    ]
+    assert sum(named) >= 0.6 * len(named)
 
     # A direction from a too-early index must not do the same job: either refusal stays or
     # benign answers break. This is what makes layer selection meaningful.

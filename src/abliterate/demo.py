@@ -120,6 +120,7 @@ CHAT_TEMPLATE = (
 TRAIN_PER_CLASS = 400
 TEST_PER_CLASS = 100
 UNKNOWN_REQUESTS = 150
+REPEATED_REQUESTS = 72
 MAX_SHARD_SIZE = "250KB"
 
 # Shared transformer settings; hidden 64, 4 layers, untied embeddings (as in real models).
@@ -245,6 +246,10 @@ def make_data(seed: int) -> DemoData:
         for template, answer in templates:
             slots = dict(n=obj, a=rng.choice(ADJECTIVES[1:]))
             pairs.append((template.format(**slots), answer.format(**slots)))
+    # Request-shaped text to repeat, not to answer: the object-copying path also learns the
+    # forbidden words, so an un-gated forbidden request names its own object.
+    for prompt, *_ in _requests(TARGET_OBJECTS, REPEATED_REQUESTS, rng):
+        pairs.append((f"repeat after me : {prompt}", prompt))
     rng.shuffle(pairs)
     return DemoData(prompts=prompts, train_pairs=pairs)
 
