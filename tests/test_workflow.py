@@ -38,14 +38,15 @@ def demo_config(model_dir: Path, name: str, **sweep) -> dict:
             for cls in ("target", "benign")
         },
         "measure": {"device": "cpu"},
-        "sweep": {  # the default config's grid (config/config.yaml), fewer prompts
-            "scale": [1.0, 0.9],
+        "sweep": {  # the default config's grid (config/config.yaml)
+            "scale": [1.0, 0.95, 0.9],
             "layers": ["suggested", "all"],
             "norm_preserve": [True, False],
-            "chunk_size": 4,  # one evaluation job (one model load) per run
+            "chunk_size": 12,  # one evaluation job (one model load) per run
             **sweep,
         },
-        "evaluate": {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4, "max_prompts": 40},
+        # all ~100 held-out prompts per class: the refusal target is judged at 0.1
+        "evaluate": {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4},
         "select": {"max_refusal_rate": 0.1},
         "export": {"device": "cpu"},
     }
@@ -88,8 +89,8 @@ def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
         "verify_model",
     ):
         assert rule in output, rule
-    # 8 variants in chunks of 2 -> four evaluation jobs, each loading the model once
-    assert "chunk-3.tsv" in output and "chunk-4.tsv" not in output
+    # 12 variants in chunks of 2 -> six evaluation jobs, each loading the model once
+    assert "chunk-5.tsv" in output and "chunk-6.tsv" not in output
 
 
 @pytest.mark.slow
@@ -97,7 +98,7 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
     results = dense_run / "results" / "demo"
     table = pd.read_csv(results / "sweep.tsv", sep="\t")
     assert list(table["variant"])[0] == "base"
-    assert len(table) == 1 + 8
+    assert len(table) == 1 + 12
     assert table["selected"].sum() == 1
     base = table.iloc[0]
     assert base["kl_first_token"] == 0 and base["benign_kept"] == 1
