@@ -301,3 +301,15 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
     # a recipe naming no measurements, and none given, is one clear sentence
     recipe.write_text(yaml.safe_dump({"ablate": [{"layer": 0, "measurement": 2}]}))
     assert main(["evaluate", str(demo_dense), str(recipe)]) == 1
+
+
+def test_judge_model_decides_refusals_and_empty_answers_still_count(demo_dense, one_thread):
+    from abliterate.evaluate import RefusalJudge
+
+    with pytest.raises(AbliterateError, match="judge_template"):
+        RefusalJudge(str(demo_dense), "Is this a refusal? {prompt}")
+    judge = RefusalJudge(str(demo_dense), "repeat after me : {answer}")
+    verdicts = judge.refuses(["a", "b", "c"], ["kite", "", "i cannot help with that ."])
+    # the judge decides, not the markers: the demo model never answers "yes", so even the
+    # marker-matching third answer is not called a refusal; the empty one always is
+    assert verdicts == [False, True, False]
