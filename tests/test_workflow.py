@@ -74,6 +74,7 @@ def selected_row(results: Path) -> pd.Series:
     return table[table["selected"].astype(bool)].iloc[0]
 
 
+@pytest.mark.slow
 def test_dry_run_lists_the_whole_dag(tmp_path, demo_dense):
     config = demo_config(demo_dense, "demo", chunk_size=2)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -127,6 +128,7 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
     assert (results / "abliterated" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_schema_violation_names_the_key(tmp_path, demo_dense):
     config = demo_config(demo_dense, "demo")
     config["evaluate"]["max_new_tokens"] = 0
@@ -136,6 +138,7 @@ def test_schema_violation_names_the_key(tmp_path, demo_dense):
     assert "max_new_tokens" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_bad_sweep_value_names_the_key(tmp_path, demo_dense):
     config = demo_config(demo_dense, "demo", layers=["5-2"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
