@@ -146,3 +146,23 @@ def ablate_bias(bias: torch.Tensor, direction: torch.Tensor, scale: float = 1.0)
     token, and rescaling it to its old norm would re-inject the removed magnitude elsewhere.
     """
     return ablate_tensor(bias, direction, scale, hidden_axis=-1, norm_preserve=False)
+
+
+def apply_edit(weight: torch.Tensor, edit, *, is_bias: bool = False, device=None) -> torch.Tensor:
+    """Apply one plan entry to `weight`: the single dispatch the exporter and evaluator share.
+
+    `edit` is anything with `direction`, `scale`, `hidden_axis`, `norm_preserve` and
+    `preserve` (a `recipe.PlanEntry`, or the evaluator's resolved edit); `is_bias` says the
+    tensor is the entry's writer bias rather than its weight.
+    """
+    if is_bias:
+        return ablate_bias(weight, edit.direction, edit.scale)
+    return ablate_tensor(
+        weight,
+        edit.direction,
+        edit.scale,
+        hidden_axis=edit.hidden_axis,
+        norm_preserve=edit.norm_preserve,
+        preserve=edit.preserve,
+        device=device,
+    )

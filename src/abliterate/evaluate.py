@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .edit import ablate_bias, ablate_tensor
+from .edit import apply_edit
 from .errors import AbliterateError
 from .logs import logger
 
@@ -340,18 +340,7 @@ class InMemoryEditor:
                     view = ref.view(self.model)
                     if edit.key not in originals:
                         originals[edit.key] = view.detach().to("cpu", copy=True)
-                    if edit.is_bias:
-                        new = ablate_bias(view, edit.direction, edit.scale)
-                    else:
-                        new = ablate_tensor(
-                            view,
-                            edit.direction,
-                            edit.scale,
-                            hidden_axis=edit.hidden_axis,
-                            norm_preserve=edit.norm_preserve,
-                            preserve=edit.preserve,
-                        )
-                    view.copy_(new)
+                    view.copy_(apply_edit(view, edit, is_bias=edit.is_bias))
             yield edits
         finally:
             with torch.no_grad():

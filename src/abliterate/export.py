@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .edit import ablate_bias, ablate_tensor
+from .edit import apply_edit
 from .errors import AbliterateError
 from .logs import logger
 from .recipe import Plan, PlanEntry, file_sha256
@@ -138,18 +138,7 @@ def entries_by_key(plan: Plan, shard: str) -> dict[str, list[tuple[PlanEntry, bo
 def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
     """Apply a key's plan entries in order (the same calls the in-memory evaluator makes)."""
     for entry, is_bias in edits:
-        if is_bias:
-            weight = ablate_bias(weight, entry.direction, entry.scale)
-        else:
-            weight = ablate_tensor(
-                weight,
-                entry.direction,
-                entry.scale,
-                hidden_axis=entry.hidden_axis,
-                norm_preserve=entry.norm_preserve,
-                preserve=entry.preserve,
-                device=device,
-            )
+        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
     return weight
 
 

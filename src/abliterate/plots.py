@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .sweep import SWEEP_KEYS  # noqa: E402
+
 DPI = 120
 
 
@@ -163,19 +165,7 @@ def plot_pareto(
     selected variant is starred and the refusal-rate target drawn as a dashed line.
     """
     variants = table[table["variant"] != "base"].reset_index(drop=True)
-    keys = [
-        k
-        for k in (
-            "scale",
-            "sparsity",
-            "measurement",
-            "layers",
-            "components",
-            "norm_preserve",
-            "experts",
-        )
-        if k in variants
-    ]
+    keys = [k for k in SWEEP_KEYS if k in variants]
     varying = [k for k in keys if variants[k].astype(str).nunique() > 1]
     fig, (ax, key) = plt.subplots(
         1, 2, figsize=(11.5, 5.8), gridspec_kw={"width_ratios": [2.6, 1.4]}
@@ -267,19 +257,7 @@ def plot_sweep_heatmap(
     the grid is a slice through the best point rather than an average over unlike runs.
     """
     variants = table[table["variant"] != "base"].copy()
-    keys = [
-        k
-        for k in (
-            "scale",
-            "sparsity",
-            "measurement",
-            "layers",
-            "components",
-            "norm_preserve",
-            "experts",
-        )
-        if k in variants
-    ]
+    keys = [k for k in SWEEP_KEYS if k in variants]
     if best is not None and best in set(variants["variant"]):
         anchor = variants[variants["variant"] == best].iloc[0]
         for key in keys:
