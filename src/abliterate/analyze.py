@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from .errors import AbliterateError
+from .layout import config_int
 from .logs import logger
 from .measure import Measurements, unit_directions
 
@@ -295,9 +296,7 @@ def checkpoint_is_moe(model_dir: str | Path) -> bool:
     if not path.is_file():
         raise AbliterateError(f"model directory {model_dir} has no config.json.")
     config = json.loads(path.read_text(encoding="utf-8"))
-    config = config.get("text_config", config)
-    keys = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
-    return any(isinstance(config.get(k), int) and config[k] > 1 for k in keys)
+    return (config_int(config, "num_experts") or 0) > 1
 
 
 def format_table(metrics: pd.DataFrame) -> str:

@@ -184,8 +184,31 @@ CONFIG_KEYS = {
     "vocab_size": ("vocab_size", "padded_vocab_size"),
     "num_experts": ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts"),
     "num_shared_experts": ("n_shared_experts", "num_shared_experts"),
-    "experts_per_token": ("num_experts_per_tok", "experts_per_token", "moe_top_k"),
+    "experts_per_token": (
+        "num_experts_per_tok",
+        "experts_per_token",
+        "moe_top_k",
+        "moe_k",
+        "top_k",
+    ),
 }
+
+
+def config_int(config, quantity: str) -> int | None:
+    """The first positive integer among `quantity`'s alternative names in a model config.
+
+    Accepts a config.json dict or a transformers config object; a nested `text_config`
+    (multimodal wrappers) is looked into first.
+    """
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    config = config.get("text_config") or config
+    for name in CONFIG_KEYS[quantity]:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight")
 # Fused MXFP4 blocks (original gpt-oss release) cannot be edited in place.

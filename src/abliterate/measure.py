@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AbliterateError
+from .layout import config_int
 from .logs import logger
 from .prompts import EncodedPrompt, encode, prompt_sha256
 
@@ -180,21 +181,11 @@ def base_model(model):
 
 
 def _num_experts(config) -> int | None:
-    config = getattr(config, "text_config", None) or config
-    for name in ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return config_int(config, "num_experts")
 
 
 def _experts_per_token(config) -> int | None:
-    config = getattr(config, "text_config", None) or config
-    for name in ("num_experts_per_tok", "experts_per_token", "moe_k", "top_k"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return config_int(config, "experts_per_token")
 
 
 def routers(layers: torch.nn.ModuleList) -> dict[int, torch.nn.Module]:
