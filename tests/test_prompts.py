@@ -51,6 +51,14 @@ def test_json_jsonl_csv_with_fields(tmp_path):
     assert load_prompts(tmp_path / "e.csv", field="prompt") == ["hello, there", "bye"]
 
 
+def test_parquet_with_a_column(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [1, 2, 3], "prompt": ["how do i bake bread", None, "hi"]})
+    frame.to_parquet(tmp_path / "f.parquet")
+    assert load_prompts(tmp_path / "f.parquet", field="prompt") == ["how do i bake bread", "hi"]
+
+
 def test_max_is_a_seeded_subset(tmp_path):
     path = tmp_path / "p.txt"
     lines = [f"prompt {i}" for i in range(50)]
