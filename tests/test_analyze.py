@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from snakemake_runner import demo_model_config, snakemake
 
 from abliterate.analyze import auroc, layer_metrics, onset_auroc, suggest_recipe, write_analysis
 from abliterate.measure import Measurements
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_auroc_hand_cases():
@@ -137,24 +132,8 @@ def test_write_analysis_files_and_moe_heatmap(tmp_path):
 @pytest.mark.slow
 def test_workflow_measures_and_analyzes_the_demo_organism(demo_dense, tmp_path):
     """snakemake measure + analyze on the (already trained) demo organism, in a temp dir."""
-    prompts = demo_dense / "prompts"
-    config = {
-        "model": {"name": "t", "path": str(demo_dense)},
-        "prompts": {
-            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
-            for cls in ("target", "benign")
-        },
-        "measure": {"batch_size": 64},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [snakemake, "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
-        + ["--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]
-        + ["results/t/analysis/suggested.yaml"],
-        capture_output=True,
-        text=True,
-    )
+    config = {**demo_model_config(demo_dense, "t"), "measure": {"batch_size": 64}}
+    result = snakemake(tmp_path, "--cores", "2", "results/t/analysis/suggested.yaml", config=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = tmp_path / "results" / "t"
     assert (results / "measurements.json").is_file()

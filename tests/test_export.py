@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from snakemake_runner import demo_model_config, snakemake
 
 from abliterate import export as export_module
 from abliterate.edit import ablate_bias, ablate_tensor
@@ -366,13 +367,8 @@ def test_abliterated_demo_answers_targets_and_keeps_benign_answers(organism, req
 
 @pytest.mark.slow
 def test_workflow_exports_the_configs_recipe_and_verifies(demo_dense, tmp_path):
-    prompts = demo_dense / "prompts"
     config = {
-        "model": {"name": "wf", "path": str(demo_dense)},
-        "prompts": {
-            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
-            for cls in ("target", "benign")
-        },
+        **demo_model_config(demo_dense, "wf"),
         "measure": {"device": "cpu"},
         "recipe": {
             "ablate": [{"layer": 2, "measurement": 3}, {"layer": 3, "measurement": 3}],
@@ -380,15 +376,7 @@ def test_workflow_exports_the_configs_recipe_and_verifies(demo_dense, tmp_path):
         },
         "export": {"device": "cpu", "mem_mb": 1024},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [
-        str(BIN / "snakemake"),
-        "--snakefile",
-        str(Path(__file__).parent.parent / "Snakefile"),
-    ]
-    command += ["--configfile", "config.yaml", "--cores", "2", "results/wf/verify.json"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = snakemake(tmp_path, "--cores", "2", "results/wf/verify.json", config=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     results = tmp_path / "results" / "wf"
     report = json.loads((results / "verify.json").read_text())

@@ -7,36 +7,19 @@ Runs Snakemake in a temporary directory with `model.path` pointing at the cached
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from snakemake_runner import demo_model_config, snakemake
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 _RUNS: dict[str, Path] = {}
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env["OMP_NUM_THREADS"] = "1"  # tiny models, shared cores: one thread per job is fastest
-    command = [str(BIN / "snakemake"), *args, "--snakefile", str(ROOT / "Snakefile")]
-    command += ["--configfile", str(workdir / "config.yaml")]
-    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-
-
 def demo_config(model_dir: Path, name: str, **sweep) -> dict:
-    prompts = model_dir / "prompts"
     return {
-        "model": {"name": name, "path": str(model_dir)},
-        "prompts": {
-            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
-            for cls in ("target", "benign")
-        },
+        **demo_model_config(model_dir, name),
         "measure": {"device": "cpu"},
         "sweep": {  # the default config's grid (config/config.yaml)
             "scale": [1.0, 0.95, 0.9],
