@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_workflow import ROOT, run_workflow, snakemake
+from snakemake_runner import ROOT, snakemake
+from test_workflow import run_workflow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
