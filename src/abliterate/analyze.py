@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .layout import config_int
 from .logs import logger
 from .measure import Measurements, unit_directions
@@ -305,6 +306,4 @@ def format_table(metrics: pd.DataFrame) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)

@@ -22,6 +22,7 @@ import yaml
 
 from .edit import apply_edit
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .logs import logger
 from .recipe import Plan, PlanEntry, file_sha256
 from .shards import (
@@ -114,12 +115,7 @@ def plan_shards(plan: Plan, model_dir: str | Path | None = None) -> dict:
 
 
 def write_json(data, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------

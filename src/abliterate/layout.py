@@ -14,7 +14,6 @@ most tensors, so a renamed fine-tune of a known architecture still works.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .logs import logger
 from .shards import TensorInfo, read_checkpoint
 
@@ -400,16 +400,7 @@ class Layout:
 
     def save(self, path: str | Path) -> Path:
         """Write layout.json atomically (temp file + rename): a partial file never exists."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() honours the umask
-        try:
-            tmp.write_text(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Layout:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .layout import config_int
 from .logs import logger
 from .prompts import EncodedPrompt, encode, prompt_sha256
@@ -641,10 +642,7 @@ def save_measurements(meas: Measurements, path: str | Path) -> Path:
     meta_json = json.dumps(meta, indent=2, sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(_tensors(meas), str(tmp), metadata={METADATA_KEY: meta_json})
-    json_path = path.with_suffix(".json")
-    json_tmp = json_path.with_name(json_path.name + ".tmp")
-    json_tmp.write_text(meta_json + "\n", encoding="utf-8")
-    os.replace(json_tmp, json_path)
+    write_text_atomic(path.with_suffix(".json"), meta_json + "\n")
     os.replace(tmp, path)
     return path
 

@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .logs import logger
 
 WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
@@ -319,11 +320,8 @@ class Plan:
         }
         tmp_tensors = tensors_path.with_name(tensors_path.name + ".tmp")
         save_file(directions, str(tmp_tensors))
-        tmp_json = path.with_name(path.name + ".tmp")
-        tmp_json.write_text(json.dumps(data, indent=1) + "\n")
         tmp_tensors.replace(tensors_path)
-        tmp_json.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -658,10 +656,5 @@ def build_plan(
 def write_recipe(recipe: dict, path: str | Path) -> Path:
     """Validate a recipe dict (the workflow config's `recipe:`) and write it as YAML."""
     validated = load_recipe(recipe)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     data = {k: v for k, v in validated.to_dict().items() if v is not None}
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from .errors import AbliterateError
+from .files import write_text_atomic
 from .logs import logger
 
 SWEEP_KEYS = (
@@ -371,9 +372,7 @@ def write_best(recipe: dict, reason: str, yaml_path: str | Path, txt_path: str |
         (Path(yaml_path), header + yaml.safe_dump(recipe, sort_keys=False)),
         (Path(txt_path), reason + "\n"),
     ):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
 
 
 def read_chunk_details(paths: Iterable[str | Path]) -> tuple[dict, dict]:
@@ -475,10 +474,9 @@ def evaluate_recipes(
     if table_path:
         write_table(table, table_path)
     if details_path:
-        details_path = Path(details_path)
-        tmp = details_path.with_name(details_path.name + ".tmp")
-        tmp.write_text(json.dumps({"recipes": recipes, "samples": samples}, indent=1))
-        tmp.replace(details_path)
+        write_text_atomic(
+            details_path, json.dumps({"recipes": recipes, "samples": samples}, indent=1)
+        )
     return table
 
 
