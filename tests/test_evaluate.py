@@ -264,7 +264,8 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
     import yaml
 
     from abliterate.cli import main
-    from abliterate.measure import measure_to_file
+    from abliterate.measure import MeasureOptions, measure_to_file
+    from abliterate.prompts import PromptOptions
 
     prompts = demo_dense / "prompts"
     measurements = tmp_path / "measurements.safetensors"
@@ -273,7 +274,7 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
         str(prompts / "target_train.txt"),
         str(prompts / "benign_train.txt"),
         measurements,
-        max_count=120,
+        MeasureOptions(prompts=PromptOptions(max_count=120)),
     )
     recipe = tmp_path / "edit.yml"
     recipe.write_text(

@@ -314,7 +314,8 @@ def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
 
 def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
     from abliterate.analyze import layer_metrics, suggest_recipe
-    from abliterate.measure import measure_to_file
+    from abliterate.measure import MeasureOptions, measure_to_file
+    from abliterate.model import LoadOptions
 
     prompts = demo / "prompts"
     meas = measure_to_file(
@@ -322,8 +323,7 @@ def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
         str(prompts / "target_train.txt"),
         str(prompts / "benign_train.txt"),
         workdir / "measurements.safetensors",
-        device="cpu",
-        progress=False,
+        MeasureOptions(progress=False, load=LoadOptions(device="cpu")),
     )
     recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
     plan = build_plan(recipe, model=demo, measurements=workdir / "measurements.safetensors")

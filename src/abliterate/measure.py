@@ -29,12 +29,77 @@ from .errors import AbliterateError
 from .files import write_text_atomic
 from .layout import config_int
 from .logs import logger
-from .prompts import EncodedPrompt, encode, prompt_sha256
+from .model import (
+    PADDING_SIDES,
+    LoadOptions,
+    base_model,
+    decoder_layers,
+    input_device,
+    length_batches,
+    load_model,
+    mask_positions,
+    pad_batch,
+    pad_id,
+    quantization_of,
+)
+from .prompts import EncodedPrompt, PromptOptions, prompt_sha256
 
 POSITIONS = ("last", "post_instruction")
 CLASSES = ("target", "benign")
 METADATA_KEY = "abliterate"
 EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """Everything `measure` can be told; defaults match the workflow schema's `measure:`.
+
+    `load` and `prompts` are the shared loading and prompt options; `padding_side` and
+    `progress` are library-only (the workflow always left-pads and logs instead of bars).
+    """
+
+    position: str = "last"
+    batch_size: int = 32
+    clip: float | None = None
+    padding_side: str = "left"
+    progress: bool = True
+    load: LoadOptions = field(default_factory=LoadOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise AbliterateError(
+                f"measurement position {self.position!r} is unknown; expected one of "
+                f"{list(POSITIONS)}."
+            )
+        if self.clip is not None and not 0.0 <= self.clip < 0.5:
+            raise AbliterateError(
+                f"clip quantile {self.clip} is invalid; expected a value in [0, 0.5)."
+            )
+        if self.padding_side not in PADDING_SIDES:
+            raise AbliterateError(
+                f"padding side {self.padding_side!r} is unknown; expected left or right."
+            )
+        if self.batch_size < 1:
+            raise AbliterateError(
+                f"measure batch_size is {self.batch_size}; expected a positive integer."
+            )
+
+    @classmethod
+    def from_config(cls, config: dict) -> MeasureOptions:
+        """The options of a validated workflow config (`measure:`, `prompts:`, `model:`)."""
+        section = config["measure"]
+        return cls(
+            position=section["position"],
+            batch_size=section["batch_size"],
+            clip=section["clip"],
+            progress=False,
+            load=LoadOptions.from_config(section, config["model"]["trust_remote_code"]),
+            prompts=PromptOptions.from_config(config["prompts"]),
+        )
 
 
 # --------------------------------------------------------------------------- the result
@@ -117,7 +182,7 @@ class RunningMean:
 
     def mean(self) -> torch.Tensor:
         if self.total is None or self.count == 0:
-            raise ValueError("no rows were added")
+            raise AbliterateError("no prompt was measured; expected at least one prompt.")
         return self.total / self.count
 
 
@@ -157,28 +222,6 @@ def position_weights(mask: torch.Tensor, tails: torch.Tensor | None) -> torch.Te
 
 
 # --------------------------------------------------------------------------- model access
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layer list of a causal LM (`model.layers` of its base model)."""
-    candidates = [getattr(model, getattr(model, "base_model_prefix", "model"), None), model]
-    for base in candidates:
-        for path in ("layers", "language_model.layers", "model.layers"):
-            node = base
-            for part in path.split("."):
-                node = getattr(node, part, None) if node is not None else None
-            if isinstance(node, torch.nn.ModuleList) and len(node) > 0:
-                return node
-    raise AbliterateError(
-        f"could not find the decoder layers of {type(model).__name__}; expected a "
-        "`model.layers` module list."
-    )
-
-
-def base_model(model):
-    """The transformer without its head, so no vocabulary-sized logits are computed."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    return base if isinstance(base, torch.nn.Module) else model
 
 
 def _num_experts(config) -> int | None:
@@ -319,68 +362,39 @@ class ClassActivations:
     router_tokens: torch.Tensor
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Prompt indices grouped into batches of similar length (stable for equal lengths)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _pad(encoded: list[EncodedPrompt], pad_id: int, side: str):
-    width = max(len(e.ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, item in enumerate(encoded):
-        n = len(item.ids)
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[row, cols] = torch.tensor(item.ids, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
-
-
-def _input_device(model) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    return embeddings.weight.device
-
-
 @torch.inference_mode()
 def collect(
     model,
     encoded: list[EncodedPrompt],
+    options: MeasureOptions,
     *,
-    position: str = "last",
-    batch_size: int = 32,
-    padding_side: str = "left",
-    pad_id: int = 0,
-    progress: bool = True,
+    pad_value: int = 0,
     desc: str = "measure",
 ) -> ClassActivations:
     """Run every prompt once and keep the measured residual rows at every index."""
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
     router_modules = routers(layers)
     num_experts = _num_experts(model.config) if router_modules else None
     capture = _Capture(layers, router_modules, num_experts, _experts_per_token(model.config))
-    device = _input_device(model)
+    device = input_device(model)
     runner = base_model(model)
     running = RunningMean()
     out_rows: list[torch.Tensor | None] = [None] * len(encoded)
-    batches = length_batches([len(e.ids) for e in encoded], batch_size)
-    with capture, tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not progress) as bar:
+    batches = length_batches([len(e.ids) for e in encoded], options.batch_size)
+    progress = tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not options.progress)
+    with capture, progress as bar:
         for batch in batches:
             items = [encoded[i] for i in batch]
-            ids, mask = _pad(items, pad_id, padding_side)
+            ids, mask = pad_batch([e.ids for e in items], pad_value, options.padding_side)
             tails = (
-                torch.tensor([e.tail for e in items]) if position == "post_instruction" else None
+                torch.tensor([e.tail for e in items])
+                if options.position == "post_instruction"
+                else None
             )
             capture.start_batch(position_weights(mask, tails), mask, single_position=tails is None)
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            position_ids = mask_positions(mask)
             runner(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -401,27 +415,12 @@ def collect(
 
 
 def prompt_rows(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    position: str = "last",
-    batch_size: int = 32,
-    system: str | None = None,
-    fallback_template: bool = False,
-    progress: bool = False,
+    model, tokenizer, prompts: list[str], options: MeasureOptions | None = None
 ) -> torch.Tensor:
     """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
-    encoded = encode(tokenizer, prompts, system=system, fallback_template=fallback_template)
-    acts = collect(
-        model,
-        encoded,
-        position=position,
-        batch_size=batch_size,
-        pad_id=_pad_id(tokenizer),
-        progress=progress,
-    )
-    return acts.rows
+    options = options or MeasureOptions(progress=False)
+    encoded = options.prompts.encode(tokenizer, prompts)
+    return collect(model, encoded, options, pad_value=pad_id(tokenizer)).rows
 
 
 def _storage_dtype(model) -> torch.dtype:
@@ -435,23 +434,12 @@ def measure(
     tokenizer,
     target: list[str],
     benign: list[str],
-    *,
-    position: str = "last",
-    batch_size: int = 32,
-    clip: float | None = None,
-    system: str | None = None,
-    fallback_template: bool = False,
-    padding_side: str = "left",
-    progress: bool = True,
+    options: MeasureOptions | None = None,
 ) -> Measurements:
     """Measure class means, per-prompt projections and router counts for two prompt sets."""
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    if clip is not None and not 0.0 <= clip < 0.5:
-        raise AbliterateError(f"clip quantile {clip} is invalid; expected a value in [0, 0.5).")
-    pad_id = _pad_id(tokenizer)
+    options = options or MeasureOptions()
+    position, clip, system = options.position, options.clip, options.prompts.system
+    pad_value = pad_id(tokenizer)
     layers = decoder_layers(model)
     router_modules = routers(layers)
     if router_modules:
@@ -465,16 +453,9 @@ def measure(
     for cls, prompts in (("target", target), ("benign", benign)):
         if not prompts:
             raise AbliterateError(f"the {cls} prompt set is empty; expected at least one prompt.")
-        encoded = encode(tokenizer, prompts, system=system, fallback_template=fallback_template)
+        encoded = options.prompts.encode(tokenizer, prompts)
         collected[cls] = collect(
-            model,
-            encoded,
-            position=position,
-            batch_size=batch_size,
-            padding_side=padding_side,
-            pad_id=pad_id,
-            progress=progress,
-            desc=f"measure {cls}",
+            model, encoded, options, pad_value=pad_value, desc=f"measure {cls}"
         )
     means = {}
     for cls, acts in collected.items():
@@ -498,7 +479,7 @@ def measure(
         "system": system,
         "router_positions": "all non-padding prompt tokens",
         "model": str(getattr(model.config, "_name_or_path", "")),
-        "quantization": _quantization_of(model),
+        "quantization": quantization_of(model),
     }
     result = Measurements(
         target_mean=means["target"],
@@ -513,102 +494,6 @@ def measure(
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
     return result
-
-
-def _quantization_of(model) -> str | None:
-    config = getattr(model.config, "quantization_config", None)
-    if config is None:
-        return None
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    if get("load_in_4bit"):
-        return "4bit"
-    if get("load_in_8bit"):
-        return "8bit"
-    return str(get("quant_method") or "quantized")
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value if not isinstance(value, list) else value[0])
-    return 0
-
-
-# --------------------------------------------------------------------------- loading a model
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise AbliterateError("measure.device is cuda but no CUDA device is available.")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_model(
-    model_dir: str | Path,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    trust_remote_code: bool = False,
-):
-    """Load a causal LM and its tokenizer for measurement; returns (model, tokenizer, info)."""
-    import transformers
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise AbliterateError(
-            f"model directory {path} has no config.json; expected a Hugging Face model."
-        )
-    if load_in_4bit and load_in_8bit:
-        raise AbliterateError("load_in_4bit and load_in_8bit are both set; choose one.")
-    device = resolve_device(device)
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    quantization = None
-    if load_in_4bit or load_in_8bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise AbliterateError(
-                "load_in_4bit/load_in_8bit need `pip install bitsandbytes`."
-            ) from None
-        compute = DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
-        quantization = "4bit" if load_in_4bit else "8bit"
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_type="nf4",
-        )
-        kwargs["device_map"] = device_map or device
-    elif device_map:
-        kwargs["device_map"] = device_map
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code
-    )
-    info = {
-        "model": str(path.resolve()),
-        "device": device,
-        "device_map": device_map,
-        "quantization": quantization,
-    }
-    return model, tokenizer, info
 
 
 # --------------------------------------------------------------------------- files
@@ -691,58 +576,18 @@ def measure_to_file(
     target_source: str,
     benign_source: str,
     output: str | Path,
-    *,
-    field: str | None = None,
-    split: str = "train",
-    max_count: int | None = None,
-    seed: int = 0,
-    system: str | None = None,
-    fallback_template: bool = False,
-    position: str = "last",
-    batch_size: int = 32,
-    clip: float | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    options: MeasureOptions | None = None,
 ) -> Measurements:
     """The whole `measure` step: prompts -> model -> measurements file (+ JSON)."""
-    from .prompts import load_prompts
-
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    target = load_prompts(target_source, field=field, split=split, max_count=max_count, seed=seed)
-    benign = load_prompts(benign_source, field=field, split=split, max_count=max_count, seed=seed)
+    options = options or MeasureOptions()
+    target = options.prompts.load(target_source)
+    benign = options.prompts.load(benign_source)
     logger.info("Loaded %d target and %d benign prompts", len(target), len(benign))
-    model, tokenizer, info = load_model(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-        trust_remote_code=trust_remote_code,
-    )
+    model, tokenizer, info = load_model(model_dir, options.load)
     logger.info(
         "Measuring %s on %s (%s)", model_dir, info["device"], info["quantization"] or "unquantized"
     )
-    meas = measure(
-        model,
-        tokenizer,
-        target,
-        benign,
-        position=position,
-        batch_size=batch_size,
-        clip=clip,
-        system=system,
-        fallback_template=fallback_template,
-        progress=progress,
-    )
+    meas = measure(model, tokenizer, target, benign, options)
     meas.meta.update(
         {
             "model": info["model"],

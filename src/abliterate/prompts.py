@@ -42,6 +42,50 @@ class EncodedPrompt:
     tail: int
 
 
+@dataclass(frozen=True)
+class PromptOptions:
+    """How prompt sets are read and rendered; defaults match the workflow schema's `prompts:`.
+
+    Measurement and evaluation share one instance, so held-out prompts are rendered
+    exactly as the training prompts were measured. `max_count` is the schema's `max`.
+    """
+
+    field: str | None = None
+    split: str = "train"
+    max_count: int | None = None
+    seed: int = 0
+    system: str | None = None
+    fallback_template: bool = False
+
+    @classmethod
+    def from_config(cls, section: dict) -> PromptOptions:
+        """The options of a validated `prompts:` section (prompt paths are the workflow's)."""
+        return cls(
+            field=section["field"],
+            split=section["split"],
+            max_count=section["max"],
+            seed=section["seed"],
+            system=section["system"],
+            fallback_template=section["fallback_template"],
+        )
+
+    def load(self, source: str | Path, max_count: int | None = None) -> list[str]:
+        """`load_prompts(source)` with these options (`max_count` overrides the set size)."""
+        return load_prompts(
+            source,
+            field=self.field,
+            split=self.split,
+            max_count=self.max_count if max_count is None else max_count,
+            seed=self.seed,
+        )
+
+    def encode(self, tokenizer, prompts: list[str]) -> list[EncodedPrompt]:
+        """`encode(tokenizer, prompts)` with this system prompt and template fallback."""
+        return encode(
+            tokenizer, prompts, system=self.system, fallback_template=self.fallback_template
+        )
+
+
 def load_prompts(
     source: str | Path,
     *,
