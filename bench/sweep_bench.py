@@ -48,9 +48,10 @@ def writer_plan(layout, directions: dict[int, torch.Tensor], scale: float, norm_
 
 
 def demo_part(model_dir: Path, n_variants: int) -> dict:
-    from abliterate.evaluate import EvalSettings, Evaluator, load_model, render_prompts
+    from abliterate.evaluate import EvalSettings, Evaluator, render_prompts
     from abliterate.layout import inspect_checkpoint
     from abliterate.measure import load_measurements, measure_to_file
+    from abliterate.model import LoadOptions, load_model
     from abliterate.prompts import load_prompts
 
     work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
@@ -79,7 +80,7 @@ def demo_part(model_dir: Path, n_variants: int) -> dict:
 
     # in memory: one load, apply/evaluate/restore per variant
     start = time.perf_counter()
-    model, tokenizer = load_model(model_dir, "cpu")
+    model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))
     evaluator = Evaluator(model, tokenizer, *prompt_sets(tokenizer), settings, model_dir=model_dir)
     evaluator.evaluate_base()
     setup = time.perf_counter() - start
@@ -87,7 +88,7 @@ def demo_part(model_dir: Path, n_variants: int) -> dict:
 
     def reload_and_evaluate(name, plan):
         """The alternative: a fresh model per variant (base references reused)."""
-        model, tokenizer = load_model(model_dir, "cpu")
+        model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))
         fresh = Evaluator(model, tokenizer, base.target, base.benign, settings, model_dir=model_dir)
         fresh.base = base.base
         fresh._base_benign_answers = base._base_benign_answers

@@ -69,14 +69,10 @@ class PromptOptions:
             fallback_template=section["fallback_template"],
         )
 
-    def load(self, source: str | Path, max_count: int | None = None) -> list[str]:
-        """`load_prompts(source)` with these options (`max_count` overrides the set size)."""
+    def load(self, source: str | Path) -> list[str]:
+        """`load_prompts(source)` with these options."""
         return load_prompts(
-            source,
-            field=self.field,
-            split=self.split,
-            max_count=self.max_count if max_count is None else max_count,
-            seed=self.seed,
+            source, field=self.field, split=self.split, max_count=self.max_count, seed=self.seed
         )
 
     def encode(self, tokenizer, prompts: list[str]) -> list[EncodedPrompt]:

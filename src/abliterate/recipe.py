@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,6 @@ DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
 ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
-# recipe key -> default; paths are None until given
-OPTIONS: dict[str, Any] = {
-    "model": None,
-    "measurements": None,
-    "output": None,
-    "ablate_individual_experts": False,
-    "expert_subset": None,
-    "components": None,
-    "norm_preserve": True,
-    "preserve": "hidden",
-    "projected": False,
-    "biprojected": False,
-    "gate_scale": 0.5,
-    "scale": 1.0,
-    "ensemble": 0,
-    "biases": True,
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -108,6 +91,13 @@ class Recipe:
                 value = getattr(self, key)
                 data[key] = list(value) if isinstance(value, tuple) else value
         return data
+
+
+# The keys a recipe may set beside `ablate` -> their defaults (paths are None until given):
+# the `Recipe` fields, so the two cannot differ.
+OPTIONS: dict[str, Any] = {
+    f.name: f.default for f in fields(Recipe) if f.name not in ("ablate", "source")
+}
 
 
 def _fail(source: str, key: str, expected: str, value: Any) -> AbliterateError:

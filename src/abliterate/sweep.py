@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -403,45 +403,28 @@ def evaluate_recipes(
     table_path: str | Path | None = None,
     details_path: str | Path | None = None,
     columns: dict[str, dict] | None = None,
-    evaluate_config: dict | None = None,
-    prompts_config: dict | None = None,
-    trust_remote_code: bool = False,
+    settings=None,
 ) -> pd.DataFrame:
     """Load the model once; evaluate the base model and every named recipe in memory.
 
     Every recipe is resolved to a plan before the model is loaded, so a bad recipe fails
     in seconds, not after a long load. Writes the table (base row first) and a JSON with
     each recipe and its sample answers when paths are given; returns the table.
+    `settings` is an `abliterate.evaluate.EvalSettings` (default: its defaults).
     """
-    from .evaluate import Evaluator, load_model, render_prompts, settings_from_config
-    from .prompts import load_prompts
+    from .evaluate import EvalSettings, Evaluator, render_prompts
+    from .model import load_model
     from .recipe import load_recipe, resolve
 
-    evaluate_config = evaluate_config or {}
-    prompts_config = prompts_config or {}
+    settings = settings or EvalSettings()
     columns = columns or {}
     plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
-    settings = settings_from_config(evaluate_config)
-    model, tokenizer = load_model(
-        model_dir,
-        evaluate_config.get("device", "auto"),
-        trust_remote_code,
-        device_map=evaluate_config.get("device_map"),
-    )
+    model, tokenizer, _ = load_model(model_dir, settings.load)
+
+    held_out = replace(settings.prompts, max_count=settings.max_prompts)
 
     def prompt_set(path):
-        texts = load_prompts(
-            path,
-            field=prompts_config.get("field"),
-            max_count=evaluate_config.get("max_prompts"),
-            seed=prompts_config.get("seed", 0),
-        )
-        return render_prompts(
-            tokenizer,
-            texts,
-            system=prompts_config.get("system"),
-            fallback=prompts_config.get("fallback_template", False),
-        )
+        return render_prompts(tokenizer, held_out.load(path), held_out)
 
     evaluator = Evaluator(
         model,
