@@ -346,7 +346,7 @@ def answers(model_dir: Path, prompts: list[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("organism", ["demo_dense", "demo_moe"])
 def test_abliterated_demo_answers_targets_and_keeps_benign_answers(organism, request, tmp_path):
-    from abliterate.demo import is_refusal
+    from abliterate.demo import opens_with_refusal as is_refusal
 
     demo = request.getfixturevalue(organism)
     output, recipe = abliterate_demo(demo, tmp_path)
