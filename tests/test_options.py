@@ -115,3 +115,16 @@ def test_bad_measure_options_are_one_sentence():
         MeasureOptions(clip=0.7)
     with pytest.raises(AbliterateError, match="padding side 'middle'"):
         MeasureOptions(padding_side="middle")
+
+
+def test_bad_evaluation_settings_and_prompt_limits_are_one_sentence(tmp_path):
+    from abliterate.prompts import load_prompts
+
+    with pytest.raises(AbliterateError, match="evaluate.batch_size is 0"):
+        EvalSettings(batch_size=0)
+    with pytest.raises(AbliterateError, match="evaluate.max_prompts is -2"):
+        EvalSettings(max_prompts=-2)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    with pytest.raises(AbliterateError, match=r"p\.txt is invalid .*prompts\.max"):
+        load_prompts(prompts, max_count=-1)

@@ -398,6 +398,18 @@ class EvalSettings:
     load: LoadOptions = field(default_factory=LoadOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
 
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "kl_tokens", "batch_size", "text_max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise AbliterateError(f"evaluate.{name} is {value!r}; expected an integer >= 1.")
+        if self.samples < 0:
+            raise AbliterateError(f"evaluate.samples is {self.samples}; expected 0 or more.")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise AbliterateError(
+                f"evaluate.max_prompts is {self.max_prompts}; expected an integer >= 1 or null."
+            )
+
     @classmethod
     def from_config(cls, config: dict) -> EvalSettings:
         """The settings of a validated workflow config (`evaluate:`, `prompts:`, `model:`)."""

@@ -91,6 +91,11 @@ def load_prompts(
     seed: int = 0,
 ) -> list[str]:
     """Read a prompt set; with `max_count`, keep a seeded random subset of that size."""
+    if max_count is not None and (isinstance(max_count, bool) or max_count < 1):
+        raise AbliterateError(
+            f"prompt count limit {max_count!r} for {source} is invalid (prompts.max, CLI --max); "
+            "expected an integer >= 1."
+        )
     path = Path(source)
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         if not path.exists():
