@@ -37,6 +37,7 @@ from .model import (
     length_batches,
     load_model,
     mask_positions,
+    option_values,
     pad_batch,
     pad_id,
     quantization_of,
@@ -414,19 +415,13 @@ class EvalSettings:
     def from_config(cls, config: dict) -> EvalSettings:
         """The settings of a validated workflow config (`evaluate:`, `prompts:`, `model:`)."""
         section = config["evaluate"]
-        return cls(
-            max_new_tokens=section["max_new_tokens"],
-            kl_tokens=section["kl_tokens"],
-            batch_size=section["batch_size"],
-            markers=load_markers(section["refusal_markers"]),
-            samples=section["samples"],
-            max_prompts=section["max_prompts"],
-            text_file=section["text_file"],
-            judge=section["judge"],
-            judge_template=section["judge_template"] or DEFAULT_JUDGE_TEMPLATE,
-            load=LoadOptions.from_config(section, config["model"]["trust_remote_code"]),
-            prompts=PromptOptions.from_config(config["prompts"]),
-        )
+        resolved = {  # null in the schema: the built-in values
+            "markers": load_markers(section["refusal_markers"]),
+            "judge_template": section["judge_template"] or DEFAULT_JUDGE_TEMPLATE,
+            "load": LoadOptions.from_config(section, config["model"]["trust_remote_code"]),
+            "prompts": PromptOptions.from_config(config["prompts"]),
+        }
+        return cls(**{**option_values(cls, section), **resolved})
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], settings: EvalSettings):

@@ -38,6 +38,7 @@ from .model import (
     length_batches,
     load_model,
     mask_positions,
+    option_values,
     pad_batch,
     pad_id,
     quantization_of,
@@ -93,9 +94,7 @@ class MeasureOptions:
         """The options of a validated workflow config (`measure:`, `prompts:`, `model:`)."""
         section = config["measure"]
         return cls(
-            position=section["position"],
-            batch_size=section["batch_size"],
-            clip=section["clip"],
+            **option_values(cls, section),
             progress=False,
             load=LoadOptions.from_config(section, config["model"]["trust_remote_code"]),
             prompts=PromptOptions.from_config(config["prompts"]),

@@ -30,6 +30,13 @@ PADDING_SIDES = ("left", "right")
 # --------------------------------------------------------------------------- loading
 
 
+def option_values(options_class, values: dict) -> dict:
+    """The entries of `values` (a config section, `vars(args)`) that name a field of
+    `options_class`: config keys and CLI destinations are spelled like the fields."""
+    names = {f.name for f in fields(options_class)}
+    return {key: value for key, value in values.items() if key in names}
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a model; defaults match the workflow schema's `measure:`/`evaluate:`.
@@ -49,9 +56,8 @@ class LoadOptions:
     @classmethod
     def from_config(cls, section: dict, trust_remote_code: bool = False) -> LoadOptions:
         """The loading keys of a validated workflow section (`measure:` or `evaluate:`)."""
-        names = {f.name for f in fields(cls)} - {"trust_remote_code"}
-        given = {k: v for k, v in section.items() if k in names}
-        return cls(**given, trust_remote_code=bool(trust_remote_code))
+        given = option_values(cls, section)
+        return cls(**{**given, "trust_remote_code": bool(trust_remote_code)})
 
 
 def resolve_device(device: str = "auto") -> str:

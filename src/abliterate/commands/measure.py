@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from ..measure import POSITIONS, MeasureOptions, measure_to_file
-from ..model import DEVICES, DTYPES, LoadOptions
+from ..model import DEVICES, DTYPES, LoadOptions, option_values
 from ..prompts import PromptOptions
 
 HELP = "measure the refusal direction: class means at every layer (one forward pass per batch)"
@@ -25,14 +25,8 @@ def add_load_arguments(parser) -> None:
 
 
 def load_options(args) -> LoadOptions:
-    return LoadOptions(
-        device=args.device,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        load_in_4bit=args.load_in_4bit,
-        load_in_8bit=args.load_in_8bit,
-        trust_remote_code=args.trust_remote_code,
-    )
+    """`LoadOptions` from the flags `add_load_arguments` added (same names as the fields)."""
+    return LoadOptions(**option_values(LoadOptions, vars(args)))
 
 
 def add_arguments(parser) -> None:
@@ -73,19 +67,10 @@ def run(args) -> int:
 
         raise AbliterateError("no model given; pass the model directory (MODEL or -m MODEL).")
     options = MeasureOptions(
-        position=args.position,
-        batch_size=args.batch_size,
-        clip=args.clip,
+        **option_values(MeasureOptions, vars(args)),
         progress=not args.no_progress,
         load=load_options(args),
-        prompts=PromptOptions(
-            field=args.field,
-            split=args.split,
-            max_count=args.max_count,
-            seed=args.seed,
-            system=args.system,
-            fallback_template=args.fallback_template,
-        ),
+        prompts=PromptOptions(**option_values(PromptOptions, vars(args))),
     )
     meas = measure_to_file(model, args.target, args.benign, args.output, options)
     counts = meas.meta["counts"]
