@@ -507,20 +507,19 @@ class RefusalJudge:
         self.model, self.tokenizer, _ = load_model(model_dir, options)
         self.template = template
 
-    @torch.no_grad()
     def refuses(self, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
-        verdicts = []
-        for prompt, answer in zip(prompts, answers, strict=True):
-            text = self.template.format(prompt=prompt, answer=answer)
-            ids = self.tokenizer(text, return_tensors="pt").to(input_device(self.model))
-            out = self.model.generate(
-                **ids, max_new_tokens=4, do_sample=False, pad_token_id=pad_id(self.tokenizer)
-            )
-            reply = self.tokenizer.decode(
-                out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            verdicts.append(normalize_answer(reply).startswith("yes") or not answer.strip())
-        return verdicts
+        texts = [
+            self.template.format(prompt=prompt, answer=answer)
+            for prompt, answer in zip(prompts, answers, strict=True)
+        ]
+        ids = [self.tokenizer(text)["input_ids"] for text in texts]
+        replies = decode(
+            self.tokenizer, greedy_generate(self.model, self.tokenizer, ids, max_new_tokens=4)
+        )
+        return [
+            normalize_answer(reply).startswith("yes") or not answer.strip()
+            for reply, answer in zip(replies, answers, strict=True)
+        ]
 
 
 # --------------------------------------------------------------------------------------
