@@ -40,7 +40,7 @@ from .errors import AbliterateError
 from .files import write_text_atomic
 from .layout import config_int
 from .logs import logger
-from .measure import Measurements, unit_directions
+from .measure import Measurements, check_finite_means, unit_directions
 
 AUROC_TOLERANCE = 0.005
 ONSET_AUROC = 0.6
@@ -88,6 +88,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def layer_metrics(meas: Measurements) -> pd.DataFrame:
     """One row per measurement index with the metrics described in the module docstring."""
+    check_finite_means(meas, meas.meta.get("source_file", "the measurements"))
     target = meas.target_mean.to(torch.float64)
     benign = meas.benign_mean.to(torch.float64)
     units = unit_directions(target, benign)
