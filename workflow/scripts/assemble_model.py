@@ -13,4 +13,6 @@ with open(snakemake.log[0], "w") as log:
         snakemake.params.edited_dir,
         metrics=sweep_metrics(snakemake.input.get("sweep")),
         digests=read_digests(snakemake.input.digests),
+        link_mode=snakemake.params.link,
+        allow_external_links=snakemake.params.allow_external_links,
     )

@@ -6,5 +6,9 @@ from abliterate.recipe import Plan
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
-    write_json(plan_shards(Plan.load(snakemake.input.plan), snakemake.params.model),
-               snakemake.output.shards)  # fmt: skip
+    jobs = plan_shards(
+        Plan.load(snakemake.input.plan),
+        snakemake.params.model,
+        allow_external_links=snakemake.params.allow_external_links,
+    )
+    write_json(jobs, snakemake.output.shards)

@@ -1,0 +1,200 @@
+"""Never lose or corrupt data: links in the source, one writer per output, stale staging."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import fake_measurements
+
+from abliterate.errors import AbliterateError
+from abliterate.export import export_model, plan_shards
+from abliterate.files import exclusive_lock
+from abliterate.layout import inspect_checkpoint
+from abliterate.recipe import resolve
+from abliterate.verify import verify
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under `root` (links followed) -> SHA-256, to prove nothing changed."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    from tiny_models import build_tiny
+
+    root = tmp_path_factory.mktemp("glm-reliability")
+    model = build_tiny(root / "model", "glm4_moe", dtype=torch.bfloat16, max_shard_size="20KB")
+    return model, inspect_checkpoint(model), fake_measurements(3, 32)
+
+
+def plan_for(model: Path, layout, meas):
+    plan = resolve({"ablate": [{"layer": 1, "measurement": 2}]}, layout, meas)
+    plan.model_dir = str(model)
+    return plan
+
+
+def hf_cache_copy(model: Path, root: Path) -> Path:
+    """`model` laid out like the Hugging Face cache: snapshot files are relative links
+    into the repository's blobs/ (named by content hash)."""
+    repo = root / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(model.iterdir()):
+        if path.is_file():
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            shutil.copyfile(path, blob)
+            (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def test_hugging_face_cache_snapshot_exports_real_files_and_verifies(glm, tmp_path):
+    model, _, meas = glm
+    snapshot = hf_cache_copy(model, tmp_path)
+    before = tree_digest(tmp_path / "models--org--tiny")
+    layout = inspect_checkpoint(snapshot)
+    plan = plan_for(snapshot, layout, meas)
+    jobs = plan_shards(plan, snapshot)
+    assert jobs["link"], "the fixture needs unedited shards"
+    output = export_model(plan, tmp_path / "out")
+    for path in output.iterdir():
+        assert not path.is_symlink(), f"{path.name} is a link in the output"
+    for shard in jobs["link"]:
+        assert (output / shard).read_bytes() == (snapshot / shard).read_bytes()
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == {p.name for p in output.iterdir()} - {"manifest.json"}
+    assert "config.json" in manifest["copied_files"]
+    report = verify(snapshot, output, plan)
+    assert report["ok"], report["failures"]
+    assert tree_digest(tmp_path / "models--org--tiny") == before  # the cache is untouched
+
+
+def test_a_link_leaving_the_model_is_refused_unless_allowed(glm, tmp_path):
+    model, layout, meas = glm
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shard = sorted(plan_shards(plan_for(copy, layout, meas), copy)["link"])[0]
+    (copy / shard).rename(outside / shard)
+    (copy / shard).symlink_to(outside / shard)
+    plan = plan_for(copy, layout, meas)
+    with pytest.raises(AbliterateError, match=f"{shard}: a link to .*outside the model"):
+        export_model(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    output = export_model(plan, tmp_path / "out2", allow_external_links=True)
+    assert not (output / shard).is_symlink()
+    assert (output / shard).read_bytes() == (outside / shard).read_bytes()
+
+
+def test_writing_an_output_shard_in_place_never_changes_the_source(glm, tmp_path):
+    model, layout, meas = glm
+    plan = plan_for(model, layout, meas)
+    before = tree_digest(model)
+    output = export_model(plan, tmp_path / "out")
+    for path in output.glob("*.safetensors"):
+        with open(path, "r+b") as handle:
+            handle.seek(path.stat().st_size - 4)
+            handle.write(b"\xff\xff\xff\xff")
+        os.truncate(path, 16)
+    assert tree_digest(model) == before
+
+
+def test_hardlink_mode_is_explicit_and_warned_in_the_card(glm, tmp_path):
+    model, layout, meas = glm
+    plan = plan_for(model, layout, meas)
+    output = export_model(plan, tmp_path / "out", link_mode="hardlink")
+    manifest = json.loads((output / "manifest.json").read_text())
+    linked = [s for s, how in manifest["shards"].items() if how == "hardlinked"]
+    assert linked and all(os.path.samefile(output / s, model / s) for s in linked)
+    assert "changes the base model" in (output / "README.md").read_text()
+    with pytest.raises(AbliterateError, match="export.link is 'symlink'; expected one of"):
+        export_model(plan, tmp_path / "out3", link_mode="symlink")
+
+
+HOLDER = """
+import sys, time
+from abliterate.files import exclusive_lock
+with exclusive_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken(glm, tmp_path):
+    model, layout, meas = glm
+    plan = plan_for(model, layout, meas)
+    output = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            AbliterateError, match=rf"another abliterate run \(pid {holder.pid} on "
+        ):
+            export_model(plan, output)
+        assert not output.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:  # the kernel drops a dead holder's flock at once; the file itself stays
+        try:
+            with exclusive_lock(output):
+                break
+        except AbliterateError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    output = export_model(plan, output)
+    assert verify(model, output, plan)["ok"]
+
+
+def test_stale_files_in_staging_never_reach_the_output(glm, tmp_path):
+    model, layout, meas = glm
+    plan = plan_for(model, layout, meas)
+    staging = tmp_path / "out.partial"
+    staging.mkdir()
+    (staging / "modeling_evil.py").write_text("raise SystemExit\n")
+    (staging / "tokenizer.model").write_bytes(b"stale")
+    (staging / "model-99999-of-99999.safetensors").write_bytes(b"\0" * 10)
+    output = export_model(plan, tmp_path / "out")
+    names = {p.name for p in output.iterdir()}
+    assert not {"modeling_evil.py", "tokenizer.model", "model-99999-of-99999.safetensors"} & names
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert "modeling_evil.py" not in manifest["sha256"]
+    assert verify(model, output, plan)["ok"]
+
+
+def test_a_staging_link_to_the_source_is_removed_not_followed(glm, tmp_path):
+    model, layout, meas = glm
+    plan = plan_for(model, layout, meas)
+    before = tree_digest(model)
+    (tmp_path / "out.partial").symlink_to(model, target_is_directory=True)
+    output = export_model(plan, tmp_path / "out")
+    assert tree_digest(model) == before
+    assert not output.is_symlink() and verify(model, output, plan)["ok"]
+
+
+def test_force_onto_a_file_is_one_sentence(glm, tmp_path):
+    model, layout, meas = glm
+    (tmp_path / "out").write_text("not a model")
+    with pytest.raises(AbliterateError, match="exists and is not a directory"):
+        export_model(plan_for(model, layout, meas), tmp_path / "out", force=True)
+    assert not (tmp_path / "out.partial").exists()
