@@ -198,3 +198,39 @@ def test_force_onto_a_file_is_one_sentence(glm, tmp_path):
     with pytest.raises(AbliterateError, match="exists and is not a directory"):
         export_model(plan_for(model, layout, meas), tmp_path / "out", force=True)
     assert not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_workflow_error_is_one_sentence_in_the_log_and_on_the_console(tmp_path, demo_dense):
+    from snakemake_runner import demo_model_config, snakemake
+
+    config = demo_model_config(demo_dense, "bad")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"how do i \xff\xfe\n")
+    config["prompts"]["target"]["train"] = str(binary)
+    config["measure"] = {"device": "cpu"}
+    result = snakemake(tmp_path, "--cores", "1", "results/bad/measurements.safetensors",
+                       config=config)  # fmt: skip
+    assert result.returncode != 0
+    log = (tmp_path / "results/bad/logs/measure.log").read_text()
+    sentence = f"error: prompt file {binary} is not UTF-8 text (byte 9 is 0xff)"
+    assert sentence in log and "Traceback" not in log
+    assert sentence in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "results/bad/measurements.safetensors").exists()
+
+
+def test_a_broken_config_json_is_one_sentence_when_the_workflow_starts(tmp_path):
+    from snakemake_runner import snakemake
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    prompts = {"train": str(tmp_path / "p.txt"), "test": str(tmp_path / "p.txt")}
+    config = {
+        "model": {"name": "x", "path": str(model)},
+        "prompts": {"target": prompts, "benign": prompts},
+    }
+    result = snakemake(tmp_path, "-n", config=config)
+    assert result.returncode == 1
+    assert f"error: {model}/config.json: malformed JSON" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -38,7 +38,7 @@ import yaml
 
 from .errors import AbliterateError
 from .files import write_text_atomic
-from .layout import config_int
+from .layout import config_int, read_config
 from .logs import logger
 from .measure import Measurements, check_finite_means, unit_directions
 
@@ -292,13 +292,7 @@ def expert_rate_difference(meas: Measurements) -> torch.Tensor:
 
 def checkpoint_is_moe(model_dir: str | Path) -> bool:
     """Whether a model directory's config.json describes routed experts."""
-    import json
-
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise AbliterateError(f"model directory {model_dir} has no config.json.")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    return (config_int(config, "num_experts") or 0) > 1
+    return (config_int(read_config(model_dir), "num_experts") or 0) > 1
 
 
 def format_table(metrics: pd.DataFrame) -> str:

@@ -82,8 +82,12 @@ def model_is_moe():
     if DEMO:
         return config["model"]["demo"]["arch"] == "glm4_moe"
     from abliterate.analyze import checkpoint_is_moe
+    from abliterate.errors import AbliterateError
 
-    return checkpoint_is_moe(config["model"]["path"])
+    try:
+        return checkpoint_is_moe(config["model"]["path"])
+    except AbliterateError as error:  # at parse time: the sentence, not a traceback
+        raise SystemExit(f"error: {error}")
 
 
 def analysis_outputs(wildcards=None):

@@ -2,11 +2,10 @@
 
 from abliterate.export import ablate_shard
 from abliterate.files import write_text_atomic
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     digest = ablate_shard(
         snakemake.params.model,
         snakemake.wildcards.shard,

@@ -1,11 +1,10 @@
 """Snakemake adapter: edited shards + linked shards + metadata -> the output directory."""
 
 from abliterate.export import assemble, read_digests, sweep_metrics
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     assemble(
         snakemake.params.model,
         snakemake.output.model,

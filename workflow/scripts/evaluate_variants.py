@@ -1,10 +1,9 @@
 """Snakemake adapter: evaluate one chunk of sweep variants (abliterate.sweep.evaluate_chunk)."""
 
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.sweep import evaluate_chunk, find_variants, variants
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     evaluate_chunk(
         snakemake.params.model,
         find_variants(variants(snakemake.params.sweep), snakemake.params.variants),

@@ -1,13 +1,12 @@
 """Snakemake adapter: measure class means (abliterate.measure.measure_to_file)."""
 
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.measure import measure_to_file
 
 prompts = snakemake.params.prompts
 options = snakemake.params.measure
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     measure_to_file(
         snakemake.params.model,
         snakemake.params.target,

@@ -1,11 +1,10 @@
 """Snakemake adapter: which shards hold a target (edited) and which are linked."""
 
 from abliterate.export import plan_shards, write_json
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     jobs = plan_shards(
         Plan.load(snakemake.input.plan),
         snakemake.params.model,
