@@ -234,3 +234,17 @@ def test_a_broken_config_json_is_one_sentence_when_the_workflow_starts(tmp_path)
     assert result.returncode == 1
     assert f"error: {model}/config.json: malformed JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_non_finite_config_number_names_the_key(tmp_path):
+    from snakemake_runner import snakemake
+
+    (tmp_path / "config.yaml").write_text(
+        "recipe:\n  ablate:\n    - {layer: 1, measurement: 2, scale: .nan}\n"
+    )
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode == 1
+    assert (
+        "error: config key recipe.ablate[0].scale is nan; expected a finite number."
+        in result.stderr
+    )

@@ -1,6 +1,25 @@
 # Shared helpers: paths and input functions. No logic beyond wiring lives here.
 from pathlib import Path
 
+
+def check_finite(node, key="config"):
+    """JSON schema lets `.nan` and `.inf` through every number bound; refuse them here."""
+    import math
+
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_finite(value, f"{key}.{name}" if key != "config" else name)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise SystemExit(
+            f"error: config key {key} is {node}; expected a finite number."
+        )
+
+
+check_finite(config)
+
 MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
 DEMO = config["model"]["path"] is None
