@@ -248,3 +248,106 @@ def test_a_non_finite_config_number_names_the_key(tmp_path):
         "error: config key recipe.ablate[0].scale is nan; expected a finite number."
         in result.stderr
     )
+
+
+def test_stale_snakemake_locks_are_cleared_only_when_no_run_is_alive(tmp_path):
+    from abliterate.files import claim_workdir
+
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.output.lock").write_text("results/x\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder_code = (
+        "import sys, time\nfrom abliterate.files import claim_workdir\n"
+        "claim = claim_workdir(sys.argv[1])\nprint(claim is not None, flush=True)\ntime.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"  # it found the lock stale
+        assert not (locks / "0.output.lock").exists()
+        (locks / "0.output.lock").write_text("results/x\n")  # the live run's own lock
+        assert claim_workdir(tmp_path) is None  # another run is alive: nothing is touched
+        assert (locks / "0.output.lock").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the run dies without cleaning up
+        holder.wait()
+    claim = claim_workdir(tmp_path)
+    assert claim is not None and not (locks / "0.output.lock").exists()
+    claim.close()
+
+
+# ---- SIGKILL at every stage of `abliterate ablate`, then the same command again
+
+KILLER = """
+import os, signal, sys
+import abliterate.export as export
+import abliterate.files as files
+import abliterate.verify as verify_module
+from abliterate.cli import main
+
+point, calls = sys.argv[1], {"n": 0}
+
+def die_after(module, name, when):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if when(calls["n"], args):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+        return result
+    setattr(module, name, wrapper)
+
+if point == "shard":  # the first edited shard is complete, the others are not
+    die_after(export, "ablate_shard", lambda n, a: n == 1)
+elif point == "assemble":  # the first unedited shard is in the staging directory
+    die_after(export, "place_copy", lambda n, a: n == 1)
+elif point == "manifest":  # everything written, the staging directory not yet renamed
+    die_after(export, "write_json", lambda n, a: str(a[1]).endswith("manifest.json"))
+elif point == "verify":  # the output is in place, verification has begun
+    die_after(verify_module, "tolerance", lambda n, a: n == 1)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def shard_bytes(output: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(output.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("point", ["shard", "assemble", "manifest", "verify"])
+def test_the_cli_converges_after_sigkill_at_every_stage(glm, tmp_path, point):
+    from abliterate.measure import save_measurements
+
+    model, _, meas = glm
+    save_measurements(meas, tmp_path / "m.safetensors")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        "model: " + str(model) + "\nmeasurements: " + str(tmp_path / "m.safetensors")
+        + "\noutput: " + str(tmp_path / "out")
+        + "\nablate:\n  - {layer: 1, measurement: 2}\n  - {layer: 2, measurement: 3, scale: 0.8}\n"
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    command = ["ablate", str(recipe)]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, point, *command], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "out").exists() == (point == "verify")  # nothing half-done looks done
+    rerun = subprocess.run(
+        [sys.executable, "-m", "abliterate.cli", *command], env=env, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "PASSED" in rerun.stdout
+    from abliterate.cli import main
+
+    assert main([*command, "--output", str(tmp_path / "ref")]) == 0  # never interrupted
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out", "ref")]
+    for manifest in manifests:  # the card names the output directory, which differs
+        manifest["sha256"].pop("README.md")
+    assert manifests[0]["sha256"] == manifests[1]["sha256"]
+    assert not (tmp_path / "out.partial").exists()

@@ -479,6 +479,9 @@ def export_model(
             f"{output}: exists and is not a directory; expected an output directory."
         )
     if output.exists() and not force:
+        if _holds_export_of(output, plan):
+            logger.info("%s already holds the export of this plan; keeping it", output)
+            return output
         raise AbliterateError(
             f"{output}: output directory already exists; remove it or pass --force."
         )
@@ -494,6 +497,17 @@ def export_model(
             link_mode,
             allow_external_links,
         )
+
+
+def _holds_export_of(output: Path, plan: Plan) -> bool:
+    """Whether `output` is a finished export of this very plan (a rerun after a kill that
+    came once the output was in place, e.g. during verification, converges instead of
+    failing). An output only ever appears by renaming a complete staging directory."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("plan_sha256") == plan.sha256()
 
 
 def _export_locked(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import AbliterateError
@@ -163,3 +164,42 @@ def exclusive_lock(target: str | Path):
         yield lock_path
     finally:
         handle.close()
+
+
+# --------------------------------------------------------------------------------------
+# Snakemake's lock after a kill
+# --------------------------------------------------------------------------------------
+
+
+def claim_workdir(workdir: str | Path = "."):
+    """Hold `.snakemake/abliterate.lock` while this Snakemake process lives, and clear
+    Snakemake's own locks when they are provably stale.
+
+    Why: Snakemake locks the working directory with plain files, so after `kill -9` or a
+    power loss every rerun fails with `LockException` until `--unlock`. This `flock` is
+    held by each running workflow's main process (the kernel drops it when that process
+    dies, however it dies); a process that gets it therefore knows no other run of this
+    workflow is alive here, and any Snakemake lock files left are stale. Returns the open
+    handle (keep it referenced for the life of the process) or None when another run holds
+    it (then nothing is touched and Snakemake's own check applies).
+    """
+    import fcntl
+
+    state = Path(workdir) / ".snakemake"
+    state.mkdir(parents=True, exist_ok=True)
+    handle = open(state / "abliterate.lock", "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    stale = sorted((state / "locks").glob("*.lock")) if (state / "locks").is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(
+            f"Removed {len(stale)} stale Snakemake lock file(s) of a run that was killed; "
+            "its unfinished jobs are redone (rerun-incomplete).",
+            file=sys.stderr,
+        )
+    return handle

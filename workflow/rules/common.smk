@@ -1,4 +1,5 @@
 # Shared helpers: paths and input functions. No logic beyond wiring lives here.
+import sys
 from pathlib import Path
 
 
@@ -19,6 +20,12 @@ def check_finite(node, key="config"):
 
 
 check_finite(config)
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from abliterate.files import claim_workdir
+
+# held for the life of this process: a later run after a kill clears the stale locks
+WORKDIR_CLAIM = claim_workdir()
 
 MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
@@ -49,9 +56,6 @@ def model_input(wildcards=None):
 
 
 # ---- sweep (evaluate.smk): the variant grid is static, so the DAG is known up front ----
-import sys
-
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
 
 
