@@ -131,10 +131,13 @@ def test_output_directory_is_complete_and_manifested(glm_bf16, tmp_path):
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((output / name).read_bytes()).hexdigest() == digest
     assert manifest["recipe"]["expert_subset"] == [1]
-    for shard in jobs["link"]:  # shards without targets are hard links of the source
-        assert os.path.samefile(output / shard, model / shard)
+    for shard in jobs["link"]:  # shards without targets: the source's bytes, not its inode
+        assert (output / shard).read_bytes() == (model / shard).read_bytes()
+        assert not os.path.samefile(output / shard, model / shard)
+        assert manifest["shards"][shard] in ("copied", "reflinked")
     for shard in jobs["edit"]:
         assert not os.path.samefile(output / shard, model / shard)
+    assert manifest["link_mode"] == "auto" and manifest["base_model"] == "model"
     card = (output / "README.md").read_text()
     assert "base_model: model" in card and "layer: 1" in card
 

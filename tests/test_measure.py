@@ -13,6 +13,7 @@ from abliterate.analyze import auroc, layer_metrics, suggest_recipe
 from abliterate.directions import direction
 from abliterate.errors import AbliterateError
 from abliterate.measure import (
+    Measurements,
     MeasureOptions,
     RunningMean,
     load_measurements,
@@ -264,9 +265,37 @@ class Payload:
 def test_refuse_is_never_unpickled(tmp_path):
     torch.save({"layers": 1, "harmful_0": Payload()}, tmp_path / "evil.refuse")
     with pytest.raises(
-        AbliterateError, match=r"evil\.refuse is not a loadable \.refuse file.*weights_only"
-    ):
+        AbliterateError, match=r"evil\.refuse holds Python objects besides tensors.*refused"
+    ) as error:
         load_measurements(tmp_path / "evil.refuse")
+    assert "weights_only=False" not in str(error.value)  # never advise running the file's code
+
+
+def test_non_finite_measurements_are_refused_naming_the_indices(tmp_path):
+    meas = Measurements(
+        torch.zeros(4, 8, dtype=torch.float64),
+        torch.ones(4, 8, dtype=torch.float64),
+        torch.zeros(4, 0),
+        torch.zeros(4, 0),
+        meta={"num_layers": 3, "hidden_size": 8},
+    )
+    meas.target_mean[2, 5] = float("nan")
+    save_measurements(meas, tmp_path / "m.safetensors")
+    with pytest.raises(AbliterateError, match=r"m\.safetensors holds non-finite .* indices 2;"):
+        load_measurements(tmp_path / "m.safetensors")
+    from abliterate.analyze import layer_metrics
+
+    with pytest.raises(AbliterateError, match="non-finite values"):
+        layer_metrics(meas)  # analyze never suggests a recipe from NaN means
+
+
+def test_malformed_measurement_metadata_is_one_sentence(tmp_path):
+    from safetensors.torch import save_file
+
+    means = {"target_mean": torch.zeros(2, 4), "benign_mean": torch.ones(2, 4)}
+    save_file(means, tmp_path / "m.safetensors", metadata={"abliterate": "{not json"})
+    with pytest.raises(AbliterateError, match="malformed 'abliterate' metadata"):
+        load_measurements(tmp_path / "m.safetensors")
 
 
 def test_demo_direction_separates_held_out_prompts(demo_dense):

@@ -292,3 +292,20 @@ def test_embedding_is_edited_once_with_the_lowest_layers_direction(glm):
     assert plan.entries[0].hidden_axis == 1 and plan.entries[0].layer is None
     expected = meas.target_mean[1] - meas.benign_mean[1]
     torch.testing.assert_close(plan.entries[0].direction, (expected / expected.norm()).float())
+
+
+def test_non_finite_scale_is_refused(glm):
+    _, layout, meas = glm
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(AbliterateError, match="'ablate\\[0\\].scale' must be a finite"):
+            resolve({"ablate": [{"layer": 1, "measurement": 2, "scale": value}]}, layout, meas)
+
+
+def test_measurements_of_a_model_with_another_depth_are_refused(glm):
+    _, layout, _ = glm
+    deeper = fake_measurements(9, 32)  # same width, 10 indices: another model
+    with pytest.raises(AbliterateError, match="measured on a model with 9 decoder layers"):
+        resolve({"ablate": [{"layer": 1, "measurement": 2}]}, layout, deeper)
+    deeper.meta.clear()
+    with pytest.raises(AbliterateError, match="holds 10 measurement indices"):
+        resolve({"ablate": [{"layer": 1, "measurement": 2}]}, layout, deeper)

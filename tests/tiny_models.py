@@ -83,6 +83,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Every source model a test builds; conftest hashes them all again when the session ends.
+SOURCE_MODELS: list[Path] = []
+
+
 def build_tiny(
     outdir: str | Path,
     model_type: str = "llama",
@@ -100,4 +104,5 @@ def build_tiny(
     outdir = Path(outdir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(outdir, **kwargs)
+    SOURCE_MODELS.append(outdir)
     return outdir

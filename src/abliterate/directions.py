@@ -81,6 +81,12 @@ def direction(
     Sparsity is applied last, so the returned vector is exactly what gets ablated.
     """
     r = raw_direction(meas, m)
+    if not torch.isfinite(r).all():
+        source = getattr(meas, "meta", {}).get("source_file", "the measurements")
+        raise AbliterateError(
+            f"{source}: measurement index {m} holds non-finite values (NaN or inf) in its "
+            "target or benign mean, so it defines no direction; re-run the measurement."
+        )
     try:
         r = normalize(r)
     except AbliterateError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -549,7 +550,15 @@ def load_measurements(path: str | Path) -> Measurements:
     for name in ("target_mean", "benign_mean"):
         if name not in tensors:
             raise AbliterateError(f"measurements file {path} has no tensor {name!r}.")
-    meta = json.loads(metadata.get(METADATA_KEY, "{}"))
+    try:
+        meta = json.loads(metadata.get(METADATA_KEY, "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise AbliterateError(
+            f"measurements file {path} has malformed '{METADATA_KEY}' metadata (expected a "
+            f"JSON object: {error})."
+        ) from None
     meta["source_file"] = str(path)
     empty = torch.zeros(tensors["target_mean"].shape[0], 0)
     meas = Measurements(
@@ -567,7 +576,27 @@ def load_measurements(path: str | Path) -> Measurements:
         raise AbliterateError(
             f"measurements file {path} has target and benign means of different shapes."
         )
+    check_finite_means(meas, f"measurements file {path}")
     return meas
+
+
+def check_finite_means(meas: Measurements, source: str) -> None:
+    """NaN or inf in a class mean (a diverged bf16 run, a damaged file) poisons every
+    direction derived from it, so it is refused at load and analysis time, naming the
+    indices (`source` names the file or run in the sentence)."""
+    bad = sorted(
+        {
+            int(i)
+            for mean in (meas.target_mean, meas.benign_mean)
+            for i in (~torch.isfinite(mean)).any(dim=-1).nonzero().flatten()
+        }
+    )
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise AbliterateError(
+            f"{source} holds non-finite values (NaN or inf) in the class means "
+            f"at measurement indices {shown}; expected finite means, re-run the measurement."
+        )
 
 
 def measure_to_file(
@@ -624,15 +653,35 @@ def save_refuse(meas: Measurements, path: str | Path) -> Path:
     return path
 
 
+def _check_finite_refuse(data, path: Path) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not torch.isfinite(value).all():
+                    raise AbliterateError(
+                        f"{path}: tensor {key!r} holds non-finite values (NaN or inf); "
+                        "expected finite measurements."
+                    )
+
+
 def load_refuse(path: str | Path) -> Measurements:
     """Read a legacy `.refuse` file (never unpickled: `weights_only=True`)."""
     path = Path(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code.
+        raise AbliterateError(
+            f"{path} holds Python objects besides tensors, and loading those would run code "
+            "from the file, so it is refused; expected a .refuse file of plain tensors "
+            "(harmful_i, harmless_i, ...) saved from a trusted source."
+        ) from None
     except Exception as error:
         raise AbliterateError(
-            f"{path} is not a loadable .refuse file (read with weights_only=True: {error})."
+            f"{path} is not a loadable .refuse file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'})."
         ) from None
+    _check_finite_refuse(data, path)
     if not isinstance(data, dict):
         raise AbliterateError(
             f"{path} does not hold a dict; expected a legacy .refuse measurement dict."

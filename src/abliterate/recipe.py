@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def _number(source, key, value, *, integer=False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool):
         raise _fail(source, key, "must be an integer" if integer else "must be a number", value)
+    if not math.isfinite(value):
+        raise _fail(source, key, "must be a finite number", value)
     return int(value) if integer else float(value)
 
 
@@ -457,6 +460,7 @@ def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
             "another model?"
         )
     indices = target.shape[0]
+    _check_measured_depth(recipe, measurements, num_layers, indices)
     for i, entry in enumerate(recipe.ablate):
         if entry.layer >= num_layers:
             raise AbliterateError(
@@ -469,6 +473,25 @@ def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
                 f"but the measurements have indices 0-{indices - 1}."
             )
     return num_layers, hidden
+
+
+def _check_measured_depth(recipe: Recipe, measurements, num_layers: int, indices: int) -> None:
+    """Measurements of a model with another depth but the same width would pass the width
+    check and put every direction at the wrong depth, so the layer counts must agree."""
+    meta = getattr(measurements, "meta", None) or {}
+    measured = meta.get("num_layers")
+    source = recipe.measurements or meta.get("source_file") or "measurements"
+    if isinstance(measured, int) and measured != num_layers:
+        raise AbliterateError(
+            f"{source}: measured on a model with {measured} decoder layers, but the model has "
+            f"{num_layers}; were they measured on another model?"
+        )
+    if indices > num_layers + 2:
+        raise AbliterateError(
+            f"{source}: holds {indices} measurement indices, but a model with {num_layers} "
+            f"decoder layers has at most {num_layers + 2} (0-{num_layers}, and the final norm's "
+            "output); were they measured on another model?"
+        )
 
 
 def _check_experts(recipe: Recipe, layout) -> None:

@@ -1,5 +1,31 @@
 # Shared helpers: paths and input functions. No logic beyond wiring lives here.
+import sys
 from pathlib import Path
+
+
+def check_finite(node, key="config"):
+    """JSON schema lets `.nan` and `.inf` through every number bound; refuse them here."""
+    import math
+
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_finite(value, f"{key}.{name}" if key != "config" else name)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise SystemExit(
+            f"error: config key {key} is {node}; expected a finite number."
+        )
+
+
+check_finite(config)
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from abliterate.files import claim_workdir
+
+# held for the life of this process: a later run after a kill clears the stale locks
+WORKDIR_CLAIM = claim_workdir()
 
 MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
@@ -30,9 +56,6 @@ def model_input(wildcards=None):
 
 
 # ---- sweep (evaluate.smk): the variant grid is static, so the DAG is known up front ----
-import sys
-
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
 
 
@@ -82,8 +105,12 @@ def model_is_moe():
     if DEMO:
         return config["model"]["demo"]["arch"] == "glm4_moe"
     from abliterate.analyze import checkpoint_is_moe
+    from abliterate.errors import AbliterateError
 
-    return checkpoint_is_moe(config["model"]["path"])
+    try:
+        return checkpoint_is_moe(config["model"]["path"])
+    except AbliterateError as error:  # at parse time: the sentence, not a traceback
+        raise SystemExit(f"error: {error}")
 
 
 def analysis_outputs(wildcards=None):

@@ -5,11 +5,10 @@ settings themselves come from the validated config in one call.
 """
 
 from abliterate.evaluate import EvalSettings
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.sweep import evaluate_chunk, find_variants, variants
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     evaluate_chunk(
         snakemake.params.model,
         find_variants(variants(snakemake.params.sweep), snakemake.params.variants),

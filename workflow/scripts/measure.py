@@ -4,11 +4,10 @@ The rule's params name the config sections this job depends on (a change reruns 
 options themselves come from the validated config in one call.
 """
 
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.measure import MeasureOptions, measure_to_file
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     measure_to_file(
         snakemake.params.model,
         snakemake.params.target,
