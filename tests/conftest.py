@@ -47,6 +47,18 @@ def _demo(arch: str, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def demo_dense() -> Path:
+    """The trained dense (llama) demo organism; read-only, shared by the session."""
+    return _demo("llama")
+
+
+@pytest.fixture(scope="session")
+def demo_moe() -> Path:
+    """The trained GLM-4.5-Air-style MoE demo organism; read-only, shared by the session."""
+    return _demo("glm4_moe")
+
+
 def _digest_tree(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
