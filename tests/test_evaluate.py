@@ -23,6 +23,8 @@ from abliterate.evaluate import (
     locate,
     normalize_answer,
 )
+from abliterate.layout import inspect_checkpoint
+from abliterate.recipe import Plan, PlanEntry
 
 
 def _disk_tensors(model_dir) -> dict[str, torch.Tensor]:
@@ -136,27 +138,24 @@ def test_unknown_key_and_wrong_shape_fail_clearly(tiny_llama):
 # ---- exact restore and KL --------------------------------------------------------------
 
 
-def _plan(model_dir, keys_like: tuple[str, ...], seed=1, scale=1.0, norm_preserve=True):
-    """A hand-made plan: every tensor whose key contains one of `keys_like`."""
-    tensors = _disk_tensors(model_dir)
+def _plan(model_dir, keys_like: tuple[str, ...], seed=1, scale=1.0, norm_preserve=True) -> Plan:
+    """A hand-made plan: every layout target whose key contains one of `keys_like`."""
     torch.manual_seed(seed)
     direction = torch.randn(COMMON["hidden_size"])
-    entries = []
-    for key, tensor in sorted(tensors.items()):
-        if not any(k in key for k in keys_like):
-            continue
-        reader = key.endswith(("mlp.gate.weight", "gate_proj.weight", "up_proj.weight"))
-        entries.append(
-            {
-                "key": key,
-                "direction": direction,
-                "scale": scale,
-                "hidden_axis": 1 if reader else 0,
-                "norm_preserve": norm_preserve,
-                "shape": list(tensor.shape),
-            }
+    layout = inspect_checkpoint(model_dir)
+    entries = [
+        PlanEntry.for_target(
+            target,
+            layer=None,
+            direction_id="r",
+            direction=direction,
+            scale=scale,
+            norm_preserve=norm_preserve,
         )
-    return {"entries": entries}
+        for target in sorted(layout.targets(), key=lambda t: t.key)
+        if any(k in target.key for k in keys_like)
+    ]
+    return Plan(entries=entries, model_dir=str(model_dir), recipe={})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -191,11 +190,11 @@ def test_in_memory_edit_equals_editing_the_disk_tensor(tmp_path):
     tensors = _disk_tensors(model_dir)
     editor = InMemoryEditor(model, model_dir)
     with editor.applied(plan):
-        for entry in plan["entries"]:
+        for entry in plan.entries:
             expected = ablate_tensor(
-                tensors[entry["key"]], entry["direction"], 1.0, hidden_axis=entry["hidden_axis"]
+                tensors[entry.key], entry.direction, 1.0, hidden_axis=entry.hidden_axis
             )
-            assert torch.equal(locate(model, entry["key"]).view(model), expected)
+            assert torch.equal(locate(model, entry.key).view(model), expected)
 
 
 def test_kl_is_zero_unedited_and_positive_edited(tiny_llama):

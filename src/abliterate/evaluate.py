@@ -2,7 +2,7 @@
 
 Why in memory: a sweep compares many variants of one model. Loading a large model once
 per job and switching variants by editing (then restoring) a few weight tensors costs a
-fraction of a reload, and it uses `abliterate.edit.ablate_tensor`, the very function the
+fraction of a reload, and it uses `abliterate.recipe.edit_tensor`, the very function the
 exporter calls, on the checkpoint's own dtype — so what is measured here is, bit for bit,
 what the export writes.
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .edit import apply_edit
 from .errors import AbliterateError
 from .logs import logger
+from .recipe import Plan, edit_tensor
 
 # --------------------------------------------------------------------------------------
 # Refusal markers
@@ -238,69 +238,6 @@ def check_against_disk(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One tensor edit, as a plan entry describes it (on-disk key, direction, mode)."""
-
-    key: str
-    direction: torch.Tensor
-    scale: float
-    hidden_axis: int
-    norm_preserve: bool = True
-    preserve: str = "hidden"
-    is_bias: bool = False
-    shape: tuple[int, ...] | None = None
-
-
-def _field(entry, name, default=None):
-    if isinstance(entry, dict):
-        return entry.get(name, default)
-    return getattr(entry, name, default)
-
-
-def plan_edits(plan) -> list[Edit]:
-    """The plan's entries as `Edit`s, plus one plain edit per writer bias it names.
-
-    Accepts an `abliterate.recipe.Plan` (entries as objects or dicts, a list or a
-    key -> entry mapping) so the evaluator reads exactly what the exporter reads.
-    """
-    entries = _field(plan, "entries", plan)
-    if isinstance(entries, dict):
-        entries = [
-            {**e, "key": k} if isinstance(e, dict) and "key" not in e else e
-            for k, e in entries.items()
-        ]
-    edits: list[Edit] = []
-    for entry in entries:
-        direction = _field(entry, "direction")
-        if direction is None:
-            raise AbliterateError(f"plan entry {_field(entry, 'key')!r} has no direction.")
-        direction = torch.as_tensor(direction)
-        scale = float(_field(entry, "scale", 1.0))
-        norm_preserve = _field(entry, "norm_preserve", None)
-        preserve = _field(entry, "preserve", None)
-        mode = _field(entry, "mode", None)  # plan.json spelling: hidden | other | plain
-        if norm_preserve is None and isinstance(mode, str):
-            norm_preserve = mode != "plain"
-            preserve = preserve or (mode if mode != "plain" else None)
-        shape = _field(entry, "shape", None)
-        edits.append(
-            Edit(
-                key=_field(entry, "key"),
-                direction=direction,
-                scale=scale,
-                hidden_axis=int(_field(entry, "hidden_axis")),
-                norm_preserve=True if norm_preserve is None else bool(norm_preserve),
-                preserve=preserve or "hidden",
-                shape=tuple(shape) if shape is not None else None,
-            )
-        )
-        bias = _field(entry, "bias", None)
-        if bias:
-            edits.append(Edit(bias, direction, scale, -1, False, "hidden", is_bias=True))
-    return edits
-
-
 class InMemoryEditor:
     """Applies plans to a loaded model and restores the original tensors exactly.
 
@@ -316,10 +253,10 @@ class InMemoryEditor:
         self._refs: dict[str, TensorRef] = {}
         self._checked: set[str] = set()
 
-    def ref(self, edit: Edit) -> TensorRef:
-        if edit.key not in self._refs:
-            self._refs[edit.key] = locate(self.model, edit.key, edit.shape)
-        return self._refs[edit.key]
+    def ref(self, key: str, shape: Sequence[int] | None = None) -> TensorRef:
+        if key not in self._refs:
+            self._refs[key] = locate(self.model, key, shape)
+        return self._refs[key]
 
     def _check(self, refs: list[TensorRef]) -> None:
         new = [r for r in refs if r.key not in self._checked]
@@ -328,29 +265,29 @@ class InMemoryEditor:
         self._checked.update(r.key for r in new)
 
     @contextlib.contextmanager
-    def applied(self, plan) -> Iterator[list[Edit]]:
-        """Edit the model for the duration of the `with` block, then restore it."""
-        edits = plan_edits(plan)
-        refs = [self.ref(edit) for edit in edits]
-        self._check([r for r, e in zip(refs, edits, strict=True) if not e.is_bias])
+    def applied(self, plan: Plan) -> Iterator[Plan]:
+        """Edit the model for the duration of the `with` block, then restore it.
+
+        Each key gets `recipe.edit_tensor` of its `Plan.edits`, as in the exporter.
+        """
+        edits = plan.edits()
+        refs = {}
+        for key, items in edits.items():
+            weights = [entry for entry, is_bias in items if not is_bias]
+            refs[key] = self.ref(key, weights[0].shape if weights else None)
+        self._check([refs[k] for k, items in edits.items() if not items[0][1]])
         originals: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
-                for edit, ref in zip(edits, refs, strict=True):
-                    view = ref.view(self.model)
-                    if edit.key not in originals:
-                        originals[edit.key] = view.detach().to("cpu", copy=True)
-                    view.copy_(apply_edit(view, edit, is_bias=edit.is_bias))
-            yield edits
+                for key, items in edits.items():
+                    view = refs[key].view(self.model)
+                    originals[key] = view.detach().to("cpu", copy=True)
+                    view.copy_(edit_tensor(view, items))
+            yield plan
         finally:
             with torch.no_grad():
                 for key, original in originals.items():
                     self._refs[key].view(self.model).copy_(original)
-
-
-def apply_plan(model: torch.nn.Module, plan, model_dir: str | Path | None = None):
-    """Context manager: `with apply_plan(model, plan): ...` evaluates the edited model."""
-    return InMemoryEditor(model, model_dir).applied(plan)
 
 
 # --------------------------------------------------------------------------------------
@@ -711,7 +648,7 @@ class Evaluator:
             )
         return self.base
 
-    def evaluate(self, name: str, plan) -> VariantResult:
+    def evaluate(self, name: str, plan: Plan) -> VariantResult:
         """One variant: edit in memory, measure, restore exactly."""
         self.evaluate_base()
         with self.editor.applied(plan):

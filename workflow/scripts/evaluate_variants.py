@@ -1,7 +1,8 @@
 """Snakemake adapter: evaluate one chunk of sweep variants (abliterate.sweep.evaluate_chunk)."""
 
+from abliterate.grid import find_variants, variants
 from abliterate.logs import setup_logging
-from abliterate.sweep import evaluate_chunk, find_variants, variants
+from abliterate.sweep import evaluate_chunk
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
