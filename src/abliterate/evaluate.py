@@ -4,7 +4,8 @@ Why in memory: a sweep compares many variants of one model. Loading a large mode
 per job and switching variants by editing (then restoring) a few weight tensors costs a
 fraction of a reload, and it uses `abliterate.recipe.edit_tensor`, the very function the
 exporter calls, on the checkpoint's own dtype — so what is measured here is, bit for bit,
-what the export writes.
+what the export writes (and, for parameters transformers keeps in float32, what loading
+the export gives).
 
 Plans name tensors by their ON-DISK keys. Transformers 5 fuses the routed experts of most
 MoE models in memory (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
@@ -28,7 +29,7 @@ import torch
 
 from .errors import AbliterateError
 from .logs import logger
-from .recipe import Plan, edit_tensor
+from .recipe import Plan, PlanEntry, edit_tensor
 
 # --------------------------------------------------------------------------------------
 # Refusal markers
@@ -199,13 +200,34 @@ def locate(model: torch.nn.Module, key: str, shape: Sequence[int] | None = None)
     return ref
 
 
+def kept_in_float32(model: torch.nn.Module) -> tuple[str, ...]:
+    """Module-name patterns transformers keeps in float32 whatever the checkpoint dtype.
+
+    Read from the model (`_keep_in_fp32_modules`: upcast for float16 checkpoints;
+    `_keep_in_fp32_modules_strict`: for float16 and bfloat16, e.g. the routers
+    `mlp.gate.weight` of GLM-4.5 and DeepSeek-V3), never hard-coded: such a parameter holds
+    the checkpoint's values upcast, so its in-memory dtype may differ from the disk's.
+    """
+    names: set[str] = set()
+    for attribute in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names.update(getattr(model, attribute, None) or ())
+    return tuple(sorted(names))
+
+
+def _matches_module(param_name: str, patterns: Iterable[str]) -> bool:
+    """Whether a dotted parameter name contains one of the dotted module patterns."""
+    return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", param_name) for p in patterns)
+
+
 def check_against_disk(
     model: torch.nn.Module, model_dir: str | Path, refs: Sequence[TensorRef], sample: int = 4
 ) -> None:
     """Compare a few mapped in-memory views with the tensors on disk, bit for bit.
 
     Why: a mapping that silently picks the wrong expert or half would make every sweep
-    number meaningless; reading a handful of tensors is cheap insurance.
+    number meaningless; reading a handful of tensors is cheap insurance. The dtypes must
+    agree, except for parameters the model class keeps in float32 (`kept_in_float32`);
+    those are compared after the same upcast transformers applied when loading.
     """
     from safetensors import safe_open
 
@@ -214,6 +236,7 @@ def check_against_disk(
     if not refs:
         return
     weight_map = read_weight_map(model_dir)
+    float32_modules = kept_in_float32(model)
     chosen: dict[str, TensorRef] = {}
     for ref in refs:  # one per in-memory parameter kind, then the last expert of each
         chosen.setdefault(re.sub(r"\d+", "N", ref.key), ref)
@@ -225,7 +248,11 @@ def check_against_disk(
         with safe_open(str(Path(model_dir) / shard), framework="pt") as handle:
             on_disk = handle.get_tensor(ref.key)
         in_memory = ref.view(model).detach().cpu()
-        if on_disk.dtype != in_memory.dtype or not torch.equal(on_disk, in_memory):
+        upcast = in_memory.dtype == torch.float32 and _matches_module(
+            ref.param_name, float32_modules
+        )
+        same_dtype = on_disk.dtype == in_memory.dtype or upcast
+        if not same_dtype or not torch.equal(on_disk.to(in_memory.dtype), in_memory):
             raise AbliterateError(
                 f"{ref.key}: the in-memory parameter {ref.param_name} does not equal the "
                 f"checkpoint tensor (dtype {in_memory.dtype} vs {on_disk.dtype}); load the "
@@ -236,6 +263,17 @@ def check_against_disk(
 # --------------------------------------------------------------------------------------
 # Applying a plan in memory, restorably
 # --------------------------------------------------------------------------------------
+
+
+def _checkpoint_dtype(entry: PlanEntry, fallback: torch.dtype) -> torch.dtype:
+    """The torch dtype the plan says the checkpoint stores `entry`'s tensor in.
+
+    A writer's bias is taken to be stored like its weight (as in every supported family).
+    """
+    from .shards import DTYPES
+
+    known = DTYPES.get(entry.dtype)
+    return known[0] if known and known[0].is_floating_point else fallback
 
 
 class InMemoryEditor:
@@ -268,7 +306,11 @@ class InMemoryEditor:
     def applied(self, plan: Plan) -> Iterator[Plan]:
         """Edit the model for the duration of the `with` block, then restore it.
 
-        Each key gets `recipe.edit_tensor` of its `Plan.edits`, as in the exporter.
+        Each key gets `recipe.edit_tensor` of its `Plan.edits`, as in the exporter, on the
+        checkpoint tensor in the checkpoint's dtype; the result is then placed into the
+        parameter in the parameter's dtype. For a parameter transformers keeps in float32
+        (a bf16 checkpoint's GLM-4.5 router) that is the bf16 edit upcast: exactly what
+        loading the export gives, not a float32 edit the export could never hold.
         """
         edits = plan.edits()
         refs = {}
@@ -282,7 +324,8 @@ class InMemoryEditor:
                 for key, items in edits.items():
                     view = refs[key].view(self.model)
                     originals[key] = view.detach().to("cpu", copy=True)
-                    view.copy_(edit_tensor(view, items))
+                    stored = view.detach().to(_checkpoint_dtype(items[0][0], view.dtype))
+                    view.copy_(edit_tensor(stored, items))
             yield plan
         finally:
             with torch.no_grad():
