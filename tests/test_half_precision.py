@@ -153,5 +153,7 @@ def test_in_memory_edit_equals_the_reloaded_export_in_bf16(tmp_path, family):
 def test_in_memory_edit_equals_the_reloaded_export_in_fp16(tmp_path, family):
     """fp16 also upcasts `_keep_in_fp32_modules` (gpt-oss' norms) besides the strict list."""
     model_dir = build_tiny(tmp_path / family, family, dtype=torch.float16)
+    acts = collect(_load(model_dir), [EncodedPrompt(ids, 1) for ids in PROMPTS], progress=False)
+    assert acts.rows.dtype == torch.float16 and torch.isfinite(acts.mean).all()
     _, _, edited, exported = _edited_and_exported(model_dir, tmp_path)
     _assert_same(edited, exported)

@@ -30,6 +30,7 @@ import torch
 from .errors import AbliterateError
 from .logs import logger
 from .recipe import Plan, PlanEntry, edit_tensor
+from .shards import DTYPES, read_weight_map
 
 # --------------------------------------------------------------------------------------
 # Refusal markers
@@ -231,8 +232,6 @@ def check_against_disk(
     """
     from safetensors import safe_open
 
-    from .shards import read_weight_map
-
     if not refs:
         return
     weight_map = read_weight_map(model_dir)
@@ -270,8 +269,6 @@ def _checkpoint_dtype(entry: PlanEntry, fallback: torch.dtype) -> torch.dtype:
 
     A writer's bias is taken to be stored like its weight (as in every supported family).
     """
-    from .shards import DTYPES
-
     known = DTYPES.get(entry.dtype)
     return known[0] if known and known[0].is_floating_point else fallback
 

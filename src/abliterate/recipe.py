@@ -33,11 +33,14 @@ import torch
 import yaml
 
 from .components import COMPONENTS, EXPERT_COMPONENTS
+from .directions import direction, normalize, sparsify
 from .edit import apply_edit
 from .errors import AbliterateError
 from .files import write_text_atomic
-from .layout import Layout, Target
+from .layout import Layout, Target, inspect_checkpoint
 from .logs import logger
+from .measure import load_measurements
+from .shards import read_weight_map
 
 DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
@@ -478,8 +481,6 @@ def entry_direction(
     (clipped to the measured range) and renormalizes before sparsifying, so neighbouring
     layers' estimates smooth out one noisy index.
     """
-    from .directions import direction, normalize, sparsify
-
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
@@ -670,10 +671,6 @@ def build_plan(
     `model`/`measurements` override the recipe's own paths (the workflow passes its own);
     `layout` may be a `Layout`, a layout.json path, or None to inspect the model's headers.
     """
-    from .layout import inspect_checkpoint
-    from .measure import load_measurements
-    from .shards import read_weight_map
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     model = model or recipe.model
