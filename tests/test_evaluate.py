@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import COMMON, build_tiny
+from tiny_models import COMMON, StubTokenizer, build_tiny
 
 from abliterate.errors import AbliterateError
 from abliterate.evaluate import (
@@ -34,17 +34,6 @@ def _disk_tensors(model_dir) -> dict[str, torch.Tensor]:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     return tensors
-
-
-class _Tokenizer:
-    """Just what generation and KL need from a tokenizer (tiny models ship none)."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = None
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(str(t) for t in tokens)
 
 
 # ---- refusal markers -------------------------------------------------------------------
@@ -199,7 +188,7 @@ def test_in_memory_edit_equals_editing_the_disk_tensor(tmp_path):
 
 def test_kl_is_zero_unedited_and_positive_edited(tiny_llama):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    tokenizer = _Tokenizer()
+    tokenizer = StubTokenizer()
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     settings = EvalSettings(max_new_tokens=4, kl_tokens=4, batch_size=2)
     continuations = generate(model, tokenizer, prompts, settings)
@@ -218,7 +207,7 @@ def test_kl_is_zero_unedited_and_positive_edited(tiny_llama):
 def test_left_padding_does_not_change_logprobs(tiny_llama):
     """Batched (left-padded) scoring equals scoring each prompt alone, so KL is not padding noise."""
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    tokenizer = _Tokenizer()
+    tokenizer = StubTokenizer()
     prompts = [[5, 6, 7, 8, 9, 10], [9, 10]]
     continuations = [[3, 4, 5], [6, 7, 8]]
     batched, _ = continuation_logprobs(model, tokenizer, prompts, continuations, 3, 2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import COMMON, build_tiny
+from tiny_models import COMMON, StubTokenizer, build_tiny
 
 from abliterate.evaluate import (
     EvalSettings,
@@ -33,17 +33,6 @@ from abliterate.recipe import Plan, resolve
 from abliterate.verify import verify
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
-
-
-class _Tokenizer:
-    """Just what generation needs from a tokenizer (tiny models ship none)."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = None
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(str(t) for t in tokens)
 
 
 def _measurements(num_layers: int, hidden: int) -> Measurements:
@@ -121,7 +110,7 @@ def test_glm4_moe_bf16_with_its_float32_router_measures_evaluates_and_exports(tm
     ids = [list(p) for p in PROMPTS]
     evaluator = Evaluator(
         model,
-        _Tokenizer(),
+        StubTokenizer(),
         PromptSet(["t"] * 3, ids),
         PromptSet(["b"] * 3, ids),
         EvalSettings(max_new_tokens=3, kl_tokens=2, batch_size=2),

@@ -101,3 +101,14 @@ def build_tiny(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(outdir, **kwargs)
     return outdir
+
+
+class StubTokenizer:
+    """Just what generation and KL need from a tokenizer (tiny models ship none)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    unk_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(str(t) for t in tokens)
