@@ -29,22 +29,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def writer_plan(layout, directions: dict[int, torch.Tensor], scale: float, norm_preserve: bool):
     """Every write-side tensor of every layer, edited with the direction of its index."""
-    entries = []
-    for target in layout.targets():
-        if target.side != "write" or target.component == "embed":
-            continue
-        m = min(directions)
-        entries.append(
-            {
-                "key": target.key,
-                "direction": directions[m],
-                "scale": scale,
-                "hidden_axis": target.hidden_axis,
-                "norm_preserve": norm_preserve,
-                "shape": list(target.shape),
-            }
+    from abliterate.recipe import Plan, PlanEntry
+
+    m = min(directions)
+    entries = [
+        PlanEntry.for_target(
+            target,
+            layer=None,
+            direction_id=f"m{m}",
+            direction=directions[m],
+            scale=scale,
+            norm_preserve=norm_preserve,
         )
-    return {"entries": entries}
+        for target in layout.targets(side="write")
+        if target.component != "embed"
+    ]
+    return Plan(entries=entries, model_dir=layout.model_dir, recipe={})
 
 
 def demo_part(model_dir: Path, n_variants: int) -> dict:
@@ -179,7 +179,7 @@ def big_part(hidden: int, layers: int, device: str = "cpu", repeats: int = 5) ->
     median = statistics.median
     return {
         "size_gb": size_gb,
-        "tensors": len(plan["entries"]),
+        "tensors": len(plan.entries),
         "load_s": median(loads),
         "apply_s": median(applies),
         "switch_s": median(switches),

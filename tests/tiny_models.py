@@ -106,3 +106,14 @@ def build_tiny(
     model.save_pretrained(outdir, **kwargs)
     SOURCE_MODELS.append(outdir)
     return outdir
+
+
+class StubTokenizer:
+    """Just what generation and KL need from a tokenizer (tiny models ship none)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    unk_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(str(t) for t in tokens)

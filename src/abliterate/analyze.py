@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import yaml
 
+from .directions import EPS
 from .errors import AbliterateError
 from .files import write_text_atomic
 from .layout import config_int, read_config
@@ -46,7 +47,6 @@ AUROC_TOLERANCE = 0.005
 ONSET_AUROC = 0.6
 ONSET_SIGMAS = 4.0
 ONSET_QUALITY = 0.1
-EPS = 1e-12
 
 COLUMNS = [
     "measurement",
@@ -170,7 +170,10 @@ def suggest_recipe(
     if candidates.empty:
         candidates = metrics[metrics.quality.notna()]
     if candidates.empty:
-        raise ValueError("no measurement index has distinct class means; nothing to suggest")
+        raise AbliterateError(
+            "the measurements have no index with distinct class means (target and benign "
+            "means coincide everywhere); expected measurements of two different prompt sets."
+        )
     use_auroc = candidates.auroc.notna().any()
     if use_auroc:
         best_auroc = candidates.auroc.max()

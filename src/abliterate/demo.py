@@ -3,7 +3,7 @@
 Why: the workflow needs a model it can run end to end with no downloads, and the tests need
 one on which abliteration *should* work, so that "it worked" means something. A tiny model
 trained to refuse is only a fair test if refusal is a single gate layered on top of normal
-behaviour (see docs/demo-organism.md and the "Demo organism" section of DESIGN.md):
+behaviour (see docs/demo-organism.md):
 
 - both classes use the same request shapes; only the requested object differs, so the
   difference of class means isolates "the object is forbidden", not "this is a request";

@@ -20,6 +20,7 @@ import torch
 
 from .errors import AbliterateError
 
+# Below this a norm counts as zero: the one threshold of every module that normalizes.
 EPS = 1e-12
 
 

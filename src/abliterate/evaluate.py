@@ -2,9 +2,10 @@
 
 Why in memory: a sweep compares many variants of one model. Loading a large model once
 per job and switching variants by editing (then restoring) a few weight tensors costs a
-fraction of a reload, and it uses `abliterate.edit.ablate_tensor`, the very function the
+fraction of a reload, and it uses `abliterate.recipe.edit_tensor`, the very function the
 exporter calls, on the checkpoint's own dtype — so what is measured here is, bit for bit,
-what the export writes.
+what the export writes (and, for parameters transformers keeps in float32, what loading
+the export gives).
 
 Plans name tensors by their ON-DISK keys. Transformers 5 fuses the routed experts of most
 MoE models in memory (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from .edit import apply_edit
 from .errors import AbliterateError
 from .logs import logger
 from .model import (
@@ -43,6 +43,8 @@ from .model import (
     quantization_of,
 )
 from .prompts import PromptOptions
+from .recipe import Plan, PlanEntry, edit_tensor
+from .shards import DTYPES, read_weight_map
 
 # --------------------------------------------------------------------------------------
 # Refusal markers
@@ -213,21 +215,41 @@ def locate(model: torch.nn.Module, key: str, shape: Sequence[int] | None = None)
     return ref
 
 
+def kept_in_float32(model: torch.nn.Module) -> tuple[str, ...]:
+    """Module-name patterns transformers keeps in float32 whatever the checkpoint dtype.
+
+    Read from the model (`_keep_in_fp32_modules`: upcast for float16 checkpoints;
+    `_keep_in_fp32_modules_strict`: for float16 and bfloat16, e.g. the routers
+    `mlp.gate.weight` of GLM-4.5 and DeepSeek-V3), never hard-coded: such a parameter holds
+    the checkpoint's values upcast, so its in-memory dtype may differ from the disk's.
+    """
+    names: set[str] = set()
+    for attribute in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names.update(getattr(model, attribute, None) or ())
+    return tuple(sorted(names))
+
+
+def _matches_module(param_name: str, patterns: Iterable[str]) -> bool:
+    """Whether a dotted parameter name contains one of the dotted module patterns."""
+    return any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", param_name) for p in patterns)
+
+
 def check_against_disk(
     model: torch.nn.Module, model_dir: str | Path, refs: Sequence[TensorRef], sample: int = 4
 ) -> None:
     """Compare a few mapped in-memory views with the tensors on disk, bit for bit.
 
     Why: a mapping that silently picks the wrong expert or half would make every sweep
-    number meaningless; reading a handful of tensors is cheap insurance.
+    number meaningless; reading a handful of tensors is cheap insurance. The dtypes must
+    agree, except for parameters the model class keeps in float32 (`kept_in_float32`);
+    those are compared after the same upcast transformers applied when loading.
     """
     from safetensors import safe_open
-
-    from .shards import read_weight_map
 
     if not refs:
         return
     weight_map = read_weight_map(model_dir)
+    float32_modules = kept_in_float32(model)
     chosen: dict[str, TensorRef] = {}
     for ref in refs:  # one per in-memory parameter kind, then the last expert of each
         chosen.setdefault(re.sub(r"\d+", "N", ref.key), ref)
@@ -239,7 +261,11 @@ def check_against_disk(
         with safe_open(str(Path(model_dir) / shard), framework="pt") as handle:
             on_disk = handle.get_tensor(ref.key)
         in_memory = ref.view(model).detach().cpu()
-        if on_disk.dtype != in_memory.dtype or not torch.equal(on_disk, in_memory):
+        upcast = in_memory.dtype == torch.float32 and _matches_module(
+            ref.param_name, float32_modules
+        )
+        same_dtype = on_disk.dtype == in_memory.dtype or upcast
+        if not same_dtype or not torch.equal(on_disk.to(in_memory.dtype), in_memory):
             raise AbliterateError(
                 f"{ref.key}: the in-memory parameter {ref.param_name} does not equal the "
                 f"checkpoint tensor (dtype {in_memory.dtype} vs {on_disk.dtype}); load the "
@@ -252,67 +278,13 @@ def check_against_disk(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One tensor edit, as a plan entry describes it (on-disk key, direction, mode)."""
+def _checkpoint_dtype(entry: PlanEntry, fallback: torch.dtype) -> torch.dtype:
+    """The torch dtype the plan says the checkpoint stores `entry`'s tensor in.
 
-    key: str
-    direction: torch.Tensor
-    scale: float
-    hidden_axis: int
-    norm_preserve: bool = True
-    preserve: str = "hidden"
-    is_bias: bool = False
-    shape: tuple[int, ...] | None = None
-
-
-def _field(entry, name, default=None):
-    if isinstance(entry, dict):
-        return entry.get(name, default)
-    return getattr(entry, name, default)
-
-
-def plan_edits(plan) -> list[Edit]:
-    """The plan's entries as `Edit`s, plus one plain edit per writer bias it names.
-
-    Accepts an `abliterate.recipe.Plan` (entries as objects or dicts, a list or a
-    key -> entry mapping) so the evaluator reads exactly what the exporter reads.
+    A writer's bias is taken to be stored like its weight (as in every supported family).
     """
-    entries = _field(plan, "entries", plan)
-    if isinstance(entries, dict):
-        entries = [
-            {**e, "key": k} if isinstance(e, dict) and "key" not in e else e
-            for k, e in entries.items()
-        ]
-    edits: list[Edit] = []
-    for entry in entries:
-        direction = _field(entry, "direction")
-        if direction is None:
-            raise AbliterateError(f"plan entry {_field(entry, 'key')!r} has no direction.")
-        direction = torch.as_tensor(direction)
-        scale = float(_field(entry, "scale", 1.0))
-        norm_preserve = _field(entry, "norm_preserve", None)
-        preserve = _field(entry, "preserve", None)
-        mode = _field(entry, "mode", None)  # plan.json spelling: hidden | other | plain
-        if norm_preserve is None and isinstance(mode, str):
-            norm_preserve = mode != "plain"
-            preserve = preserve or (mode if mode != "plain" else None)
-        shape = _field(entry, "shape", None)
-        edits.append(
-            Edit(
-                key=_field(entry, "key"),
-                direction=direction,
-                scale=scale,
-                hidden_axis=int(_field(entry, "hidden_axis")),
-                norm_preserve=True if norm_preserve is None else bool(norm_preserve),
-                preserve=preserve or "hidden",
-                shape=tuple(shape) if shape is not None else None,
-            )
-        )
-        bias = _field(entry, "bias", None)
-        if bias:
-            edits.append(Edit(bias, direction, scale, -1, False, "hidden", is_bias=True))
-    return edits
+    known = DTYPES.get(entry.dtype)
+    return known[0] if known and known[0].is_floating_point else fallback
 
 
 class InMemoryEditor:
@@ -330,10 +302,10 @@ class InMemoryEditor:
         self._refs: dict[str, TensorRef] = {}
         self._checked: set[str] = set()
 
-    def ref(self, edit: Edit) -> TensorRef:
-        if edit.key not in self._refs:
-            self._refs[edit.key] = locate(self.model, edit.key, edit.shape)
-        return self._refs[edit.key]
+    def ref(self, key: str, shape: Sequence[int] | None = None) -> TensorRef:
+        if key not in self._refs:
+            self._refs[key] = locate(self.model, key, shape)
+        return self._refs[key]
 
     def _check(self, refs: list[TensorRef]) -> None:
         new = [r for r in refs if r.key not in self._checked]
@@ -342,29 +314,34 @@ class InMemoryEditor:
         self._checked.update(r.key for r in new)
 
     @contextlib.contextmanager
-    def applied(self, plan) -> Iterator[list[Edit]]:
-        """Edit the model for the duration of the `with` block, then restore it."""
-        edits = plan_edits(plan)
-        refs = [self.ref(edit) for edit in edits]
-        self._check([r for r, e in zip(refs, edits, strict=True) if not e.is_bias])
+    def applied(self, plan: Plan) -> Iterator[Plan]:
+        """Edit the model for the duration of the `with` block, then restore it.
+
+        Each key gets `recipe.edit_tensor` of its `Plan.edits`, as in the exporter, on the
+        checkpoint tensor in the checkpoint's dtype; the result is then placed into the
+        parameter in the parameter's dtype. For a parameter transformers keeps in float32
+        (a bf16 checkpoint's GLM-4.5 router) that is the bf16 edit upcast: exactly what
+        loading the export gives, not a float32 edit the export could never hold.
+        """
+        edits = plan.edits()
+        refs = {}
+        for key, items in edits.items():
+            weights = [entry for entry, is_bias in items if not is_bias]
+            refs[key] = self.ref(key, weights[0].shape if weights else None)
+        self._check([refs[k] for k, items in edits.items() if not items[0][1]])
         originals: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
-                for edit, ref in zip(edits, refs, strict=True):
-                    view = ref.view(self.model)
-                    if edit.key not in originals:
-                        originals[edit.key] = view.detach().to("cpu", copy=True)
-                    view.copy_(apply_edit(view, edit, is_bias=edit.is_bias))
-            yield edits
+                for key, items in edits.items():
+                    view = refs[key].view(self.model)
+                    originals[key] = view.detach().to("cpu", copy=True)
+                    stored = view.detach().to(_checkpoint_dtype(items[0][0], view.dtype))
+                    view.copy_(edit_tensor(stored, items))
+            yield plan
         finally:
             with torch.no_grad():
                 for key, original in originals.items():
                     self._refs[key].view(self.model).copy_(original)
-
-
-def apply_plan(model: torch.nn.Module, plan, model_dir: str | Path | None = None):
-    """Context manager: `with apply_plan(model, plan): ...` evaluates the edited model."""
-    return InMemoryEditor(model, model_dir).applied(plan)
 
 
 # --------------------------------------------------------------------------------------
@@ -676,7 +653,7 @@ class Evaluator:
             )
         return self.base
 
-    def evaluate(self, name: str, plan) -> VariantResult:
+    def evaluate(self, name: str, plan: Plan) -> VariantResult:
         """One variant: edit in memory, measure, restore exactly."""
         quantized = quantization_of(self.model)
         if quantized:

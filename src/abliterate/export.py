@@ -17,14 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
-from .edit import apply_edit
 from .errors import AbliterateError
-from .files import exclusive_lock, place_copy, resolve_source, write_text_atomic
+from .files import exclusive_lock, place_copy, resolve_source, write_json, write_text_atomic
 from .logs import logger
-from .recipe import Plan, PlanEntry, file_sha256
+from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import (
     INDEX_NAME,
     ShardHeader,
@@ -119,45 +117,9 @@ def plan_shards(
     return {"model_dir": str(model_dir), "edit": edit, "link": link}
 
 
-def write_json(data, path: str | Path) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 # --------------------------------------------------------------------------------------
 # One shard job
 # --------------------------------------------------------------------------------------
-
-
-def entries_by_key(plan: Plan, shard: str) -> dict[str, list[tuple[PlanEntry, bool]]]:
-    """key -> [(entry, is_bias)] for one shard, in plan order."""
-    edits: dict[str, list[tuple[PlanEntry, bool]]] = {}
-    for key, entry in plan.by_shard().get(shard, []):
-        edits.setdefault(key, []).append((entry, key != entry.key))
-    return edits
-
-
-def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
-    """Apply a key's plan entries in order (the same calls the in-memory evaluator makes)."""
-    for entry, is_bias in edits:
-        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
-    return weight
-
-
-def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
-    """(byte offset, shape, edits) pieces to stream a target in: per expert when fused.
-
-    `ablate_tensor` itself edits a 3-D tensor one leading slice at a time when the hidden
-    axis is not the leading one, so slice-wise streaming gives the same bits while holding
-    one expert instead of all of them.
-    """
-    from dataclasses import replace
-
-    ndim = len(info.shape)
-    if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
-        return [(info.begin, tuple(info.shape), edits)]
-    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
-    step = info.nbytes // info.shape[0]
-    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
 
 
 def ablate_shard(
@@ -184,7 +146,7 @@ def ablate_shard(
     output = Path(output)
     check_output_location(model_dir, output.parent)
     header: ShardHeader = read_header(source)
-    edits = entries_by_key(plan, shard)
+    edits = plan.edits(shard)
     missing = [k for k in edits if k not in header.tensors]
     if missing:
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
@@ -207,7 +169,11 @@ def ablate_shard(
                     weight = read_tensor(src, info, begin=begin, shape=shape)
                     edited = edit_tensor(weight, chunk_edits, device)
                     if edited.dtype != weight.dtype or edited.shape != weight.shape:
-                        raise AssertionError(f"edit changed {info.name}'s dtype or shape")
+                        raise AbliterateError(
+                            f"{source}: editing {info.name} changed its dtype or shape "
+                            f"({weight.dtype} {list(weight.shape)} -> {edited.dtype} "
+                            f"{list(edited.shape)}); expected both kept."
+                        )
                     write_at(dst.fileno(), tensor_bytes(edited), begin)
 
             with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:

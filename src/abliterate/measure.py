@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .directions import EPS
 from .errors import AbliterateError
 from .files import write_text_atomic
 from .layout import config_int
@@ -49,7 +50,6 @@ from .prompts import EncodedPrompt, PromptOptions, prompt_sha256
 POSITIONS = ("last", "post_instruction")
 CLASSES = ("target", "benign")
 METADATA_KEY = "abliterate"
-EPS = 1e-12
 
 
 # --------------------------------------------------------------------------- options

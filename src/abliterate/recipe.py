@@ -26,21 +26,23 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from .components import COMPONENTS, EXPERT_COMPONENTS
+from .directions import direction, normalize, sparsify
+from .edit import apply_edit
 from .errors import AbliterateError
 from .files import write_text_atomic
+from .layout import Layout, Target, inspect_checkpoint
 from .logs import logger
+from .measure import load_measurements
+from .shards import read_weight_map
 
-WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
-READ_COMPONENTS = ("router", "expert_gate", "expert_up", "expert_gate_up")
-COMPONENTS = WRITE_COMPONENTS + READ_COMPONENTS
-EXPERT_COMPONENTS = ("expert_down", "expert_gate", "expert_up", "expert_gate_up")
 DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
@@ -247,6 +249,33 @@ class PlanEntry:
     direction_id: str  # tensor name in plan.safetensors
     direction: torch.Tensor = field(repr=False)
 
+    @classmethod
+    def for_target(
+        cls, target: Target, *, layer: int | None, direction_id: str, direction: torch.Tensor,
+        scale: float, norm_preserve: bool = True, preserve: str = "hidden",
+        bias_shard: str | None = None, with_bias: bool = False,
+    ) -> PlanEntry:  # fmt: skip
+        """The edit of one layout target (its key, axis, shape, dtype and shard)."""
+        bias = target.bias if with_bias and target.side == "write" else None
+        return cls(
+            key=target.key,
+            component=target.component,
+            side=target.side,
+            layer=layer,
+            expert=target.expert,
+            hidden_axis=target.hidden_axis,
+            shape=tuple(target.shape),
+            dtype=target.dtype,
+            shard=target.shard,
+            scale=scale,
+            norm_preserve=norm_preserve,
+            preserve=preserve,
+            bias=bias,
+            bias_shard=(bias_shard or target.shard) if bias else None,
+            direction_id=direction_id,
+            direction=direction,
+        )
+
     @property
     def mode(self) -> str:
         """'hidden' / 'other' (norm-preserving, which norms) or 'plain' (projection only)."""
@@ -282,6 +311,19 @@ class Plan:
             if entry.bias:
                 shards.setdefault(entry.bias_shard, []).append((entry.bias, entry))
         return shards
+
+    def edits(self, shard: str | None = None) -> dict[str, list[tuple[PlanEntry, bool]]]:
+        """key -> [(entry, is_bias)] in plan order, for one shard or the whole plan.
+
+        This is what every consumer applies: the exporter per shard, the verifier and the
+        in-memory evaluator for the whole plan, each through `edit_tensor`.
+        """
+        shards = self.by_shard()
+        edits: dict[str, list[tuple[PlanEntry, bool]]] = {}
+        for name in [shard] if shard is not None else list(shards):
+            for key, entry in shards.get(name, []):
+                edits.setdefault(key, []).append((entry, key != entry.key))
+        return edits
 
     def sha256(self) -> str:
         """Identity of what the plan does (entries and directions), for resume checks."""
@@ -367,30 +409,35 @@ class Plan:
         return "\n".join(lines)
 
 
+def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
+    """Apply one key's plan edits `[(entry, is_bias)]` in order (`Plan.edits`).
+
+    The exporter, the verifier and the in-memory evaluator all call this, so they can only
+    disagree if their input tensors differ.
+    """
+    for entry, is_bias in edits:
+        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
+    return weight
+
+
+def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
+    """(byte offset, shape, edits) pieces to stream a target in: per expert when fused.
+
+    `ablate_tensor` itself edits a 3-D tensor one leading slice at a time when the hidden
+    axis is not the leading one, so slice-wise streaming gives the same bits while holding
+    one expert instead of all of them. `info` is the tensor's `shards.TensorInfo`.
+    """
+    ndim = len(info.shape)
+    if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
+        return [(info.begin, tuple(info.shape), edits)]
+    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
+    step = info.nbytes // info.shape[0]
+    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
+
+
 # --------------------------------------------------------------------------------------
 # Resolution: recipe + layout + measurements -> plan
 # --------------------------------------------------------------------------------------
-
-
-def _get(obj, name, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _layout_targets(layout) -> dict[int, list[dict]]:
-    """layer index -> its targets as plain dicts (accepts a Layout or layout.json data)."""
-    by_layer: dict[int, list[dict]] = {}
-    for layer in _get(layout, "layers", []) or []:
-        index = int(_get(layer, "index"))
-        by_layer[index] = [
-            t if isinstance(t, dict) else asdict(t) for t in (_get(layer, "targets") or [])
-        ]
-    return by_layer
-
-
-def _global_targets(layout) -> list[dict]:
-    return [t if isinstance(t, dict) else asdict(t) for t in (_get(layout, "globals") or [])]
 
 
 def default_components(recipe: Recipe, is_moe: bool) -> tuple[str, ...]:
@@ -409,8 +456,8 @@ def default_components(recipe: Recipe, is_moe: bool) -> tuple[str, ...]:
 
 
 def _measurement_arrays(measurements) -> tuple[torch.Tensor, torch.Tensor]:
-    target = _get(measurements, "target_mean")
-    benign = _get(measurements, "benign_mean")
+    target = getattr(measurements, "target_mean", None)
+    benign = getattr(measurements, "benign_mean", None)
     if target is None or benign is None:
         raise AbliterateError("measurements lack target_mean/benign_mean tensors.")
     return torch.as_tensor(target), torch.as_tensor(benign)
@@ -427,8 +474,6 @@ def entry_direction(
     (clipped to the measured range) and renormalizes before sparsifying, so neighbouring
     layers' estimates smooth out one noisy index.
     """
-    from .directions import direction, normalize, sparsify
-
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
@@ -444,9 +489,9 @@ def entry_direction(
     return r.to(torch.float32)
 
 
-def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
-    num_layers = int(_get(layout, "num_layers"))
-    hidden = int(_get(layout, "hidden_size"))
+def _check_ranges(recipe: Recipe, layout: Layout, measurements) -> None:
+    """Entries name existing layers and measurement indices of the model's width."""
+    num_layers, hidden = layout.num_layers, layout.hidden_size
     target, benign = _measurement_arrays(measurements)
     if target.ndim != 2 or target.shape != benign.shape:
         raise AbliterateError(
@@ -472,7 +517,6 @@ def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
                 f"{recipe.source}: recipe key 'ablate[{i}].measurement' is {entry.measurement}, "
                 f"but the measurements have indices 0-{indices - 1}."
             )
-    return num_layers, hidden
 
 
 def _check_measured_depth(recipe: Recipe, measurements, num_layers: int, indices: int) -> None:
@@ -494,15 +538,15 @@ def _check_measured_depth(recipe: Recipe, measurements, num_layers: int, indices
         )
 
 
-def _check_experts(recipe: Recipe, layout) -> None:
+def _check_experts(recipe: Recipe, layout: Layout) -> None:
     if recipe.expert_subset is None:
         return
-    if not _get(layout, "is_moe"):
+    if not layout.is_moe:
         raise AbliterateError(
             f"{recipe.source}: recipe key 'expert_subset' is set, but the model has no routed "
             "experts."
         )
-    count = int(_get(layout, "num_experts") or 0)
+    count = layout.num_experts
     for expert in recipe.expert_subset:
         if expert >= count:
             raise AbliterateError(
@@ -511,9 +555,51 @@ def _check_experts(recipe: Recipe, layout) -> None:
             )
 
 
+def _warn_about(recipe: Recipe, layout: Layout, components: tuple[str, ...]) -> None:
+    """Say when the chosen components leave writers unedited or also edit the lm_head."""
+    if layout.is_moe and not layout.num_shared_experts and "expert_down" not in components:
+        logger.warning(
+            "This MoE model has no shared experts: without ablate_individual_experts its "
+            "MLP writes into the residual stream are left unedited."
+        )
+    if "embed" in components and layout.tie_word_embeddings:
+        logger.warning(
+            "The embedding is tied to the output head: editing it also edits the lm_head."
+        )
+
+
+def _selected_targets(
+    recipe: Recipe, layout: Layout, components: tuple[str, ...], index: int
+) -> list[Target]:
+    """The layout targets ablate entry `index` edits: its layer's tensors of the chosen
+    components (routed experts restricted to `expert_subset`), plus the embedding for the
+    entry of the lowest layer (it writes into the residual before any layer, so it is
+    edited once)."""
+    item = recipe.ablate[index]
+    candidates = list(layout.layer(item.layer).targets)
+    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
+    if "embed" in components and index == embed_owner:
+        candidates += list(layout.globals)
+    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
+    chosen = []
+    for target in candidates:
+        if target.component not in components:
+            continue
+        if target.component in EXPERT_COMPONENTS and subset is not None:
+            if target.fused:
+                raise AbliterateError(
+                    f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
+                    f"the fused tensor {target.key}; edit all experts or none."
+                )
+            if target.expert not in subset:
+                continue
+        chosen.append(target)
+    return chosen
+
+
 def resolve(
     recipe: Recipe | dict,
-    layout,
+    layout: Layout,
     measurements,
     *,
     weight_map: dict[str, str] | None = None,
@@ -521,73 +607,37 @@ def resolve(
 ) -> Plan:
     """Turn a recipe into the explicit per-tensor plan.
 
-    `layout` is an `abliterate.layout.Layout` (or layout.json data); `measurements` an
-    `abliterate.measure.Measurements` (anything with `target_mean`/`benign_mean`).
-    `weight_map` (key -> shard) locates writers' biases; without it a bias is assumed to
-    live in its weight's shard.
+    Steps: check the entries against the layout and measurements, choose the components,
+    then per ablate entry derive its direction and make one `PlanEntry` per selected
+    target (effective scale: entry scale x `scale`, x `gate_scale` for the router).
+    `measurements` is an `abliterate.measure.Measurements` (anything with
+    `target_mean`/`benign_mean`). `weight_map` (key -> shard) locates writers' biases;
+    without it a bias is assumed to live in its weight's shard.
     """
     if isinstance(recipe, dict):
         recipe = load_recipe(recipe)
-    num_layers, _ = _check_ranges(recipe, layout, measurements)
+    _check_ranges(recipe, layout, measurements)
     _check_experts(recipe, layout)
-    is_moe = bool(_get(layout, "is_moe"))
-    components = default_components(recipe, is_moe)
-    if is_moe and not _get(layout, "num_shared_experts") and "expert_down" not in components:
-        logger.warning(
-            "This MoE model has no shared experts: without ablate_individual_experts its "
-            "MLP writes into the residual stream are left unedited."
-        )
-    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
-    targets = _layout_targets(layout)
-    # The embedding writes into the residual before any layer: it is edited once, with
-    # the direction of the entry for the lowest layer.
-    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
-    if "embed" in components and _get(layout, "tie_word_embeddings"):
-        logger.warning(
-            "The embedding is tied to the output head: editing it also edits the lm_head."
-        )
+    components = default_components(recipe, layout.is_moe)
+    _warn_about(recipe, layout, components)
     entries: list[PlanEntry] = []
     for index, item in enumerate(recipe.ablate):
-        r = entry_direction(recipe, item, measurements, num_layers)
-        direction_id = f"entry{index}"
-        candidates = list(targets.get(item.layer, []))
-        if "embed" in components and index == embed_owner:
-            candidates += _global_targets(layout)
-        for target in candidates:
-            component = target["component"]
-            if component not in components:
-                continue
-            expert = target.get("expert")
-            if component in EXPERT_COMPONENTS and subset is not None:
-                if target.get("fused"):
-                    raise AbliterateError(
-                        f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
-                        f"the fused tensor {target['key']}; edit all experts or none."
-                    )
-                if expert not in subset:
-                    continue
+        r = entry_direction(recipe, item, measurements, layout.num_layers)
+        for target in _selected_targets(recipe, layout, components, index):
             scale = item.scale * recipe.scale
-            if component == "router":
+            if target.component == "router":
                 scale *= recipe.gate_scale
-            bias = target.get("bias") if recipe.biases and target["side"] == "write" else None
             entries.append(
-                PlanEntry(
-                    key=target["key"],
-                    component=component,
-                    side=target["side"],
-                    layer=item.layer if component != "embed" else None,
-                    expert=expert,
-                    hidden_axis=int(target["hidden_axis"]),
-                    shape=tuple(target["shape"]),
-                    dtype=target["dtype"],
-                    shard=target["shard"],
+                PlanEntry.for_target(
+                    target,
+                    layer=item.layer if target.component != "embed" else None,
+                    direction_id=f"entry{index}",
+                    direction=r,
                     scale=scale,
                     norm_preserve=recipe.norm_preserve,
                     preserve=recipe.preserve,
-                    bias=bias,
-                    bias_shard=(weight_map or {}).get(bias, target["shard"]) if bias else None,
-                    direction_id=direction_id,
-                    direction=r,
+                    with_bias=recipe.biases,
+                    bias_shard=(weight_map or {}).get(target.bias) if target.bias else None,
                 )
             )
     if not entries:
@@ -597,17 +647,17 @@ def resolve(
         )
     return Plan(
         entries=entries,
-        model_dir=str(_get(layout, "model_dir") or recipe.model or ""),
+        model_dir=str(layout.model_dir or recipe.model or ""),
         recipe=recipe.to_dict(),
         measurements=str(measurements_path or recipe.measurements or "") or None,
         measurements_sha256=file_sha256(measurements_path) if measurements_path else None,
         info={
-            "layer_prefix": _get(layout, "layer_prefix"),
-            "is_moe": is_moe,
-            "num_layers": num_layers,
-            "hidden_size": int(_get(layout, "hidden_size")),
-            "num_experts": _get(layout, "num_experts"),
-            "model_type": _get(layout, "model_type"),
+            "layer_prefix": layout.layer_prefix,
+            "is_moe": layout.is_moe,
+            "num_layers": layout.num_layers,
+            "hidden_size": layout.hidden_size,
+            "num_experts": layout.num_experts,
+            "model_type": layout.model_type,
             "components": list(components),
         },
     )
@@ -634,10 +684,6 @@ def build_plan(
     `model`/`measurements` override the recipe's own paths (the workflow passes its own);
     `layout` may be a `Layout`, a layout.json path, or None to inspect the model's headers.
     """
-    from .layout import Layout, inspect_checkpoint
-    from .measure import load_measurements
-    from .shards import read_weight_map
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     model = model or recipe.model

@@ -22,6 +22,12 @@ def check_finite(node, key="config"):
 check_finite(config)
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from abliterate.errors import AbliterateError
+from abliterate.grid import (
+    check_base_recipe as _check_base_recipe,
+    chunks as _sweep_chunks,
+    variants as _sweep_variants,
+)
 from abliterate.files import claim_workdir
 
 # held for the life of this process: a later run after a kill clears the stale locks
@@ -45,7 +51,7 @@ def prompt_file(cls, split):
         return configured
     if DEMO:
         return f"{DEMO_DIR}/prompts/{cls}_{split}.txt"
-    raise ValueError(
+    raise AbliterateError(
         f"config key prompts.{cls}.{split} is required when model.path names a model."
     )
 
@@ -56,11 +62,12 @@ def model_input(wildcards=None):
 
 
 # ---- sweep (evaluate.smk): the variant grid is static, so the DAG is known up front ----
-from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
-
-
 def sweep_chunks():
     """The grid's variants in groups of sweep.chunk_size (dense models: experts "none")."""
+    if not config["recipe"][
+        "ablate"
+    ]:  # sweeping: recipe keys the grid sets stay default
+        _check_base_recipe(config["recipe"])
     variants = _sweep_variants(config["sweep"], moe=model_is_moe())
     return _sweep_chunks(variants, config["sweep"]["chunk_size"])
 

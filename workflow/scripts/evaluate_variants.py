@@ -5,8 +5,9 @@ settings themselves come from the validated config in one call.
 """
 
 from abliterate.evaluate import EvalSettings
+from abliterate.grid import find_variants, variants
 from abliterate.logs import rule_log
-from abliterate.sweep import evaluate_chunk, find_variants, variants
+from abliterate.sweep import evaluate_chunk
 
 with rule_log(snakemake):
     evaluate_chunk(

@@ -1,6 +1,7 @@
 """Snakemake adapter: which shards hold a target (edited) and which are linked."""
 
-from abliterate.export import plan_shards, write_json
+from abliterate.export import plan_shards
+from abliterate.files import write_json
 from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
