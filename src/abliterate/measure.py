@@ -4,7 +4,9 @@ Why hooks and one forward pass: a direction needs one vector per prompt and inde
 residual at the measured position), not the hidden states of every token, and no
 generated tokens. Pre-hooks on each decoder layer keep exactly the measured position(s)
 of the residual entering it (measurement index m), a hook on the last layer keeps its
-output before the final norm (index L), and the language-model head never runs. Prompts
+output before the final norm (index L), and the language-model head never runs. A hook
+on the final norm keeps the same position(s) after it (`*_final_norm_mean`, the residual
+as the head reads it; recipes address it as index L + 1). Prompts
 are batched by length (little padding), left-padded, with position ids taken from the
 attention mask so padding changes nothing. Means are accumulated in float64.
 
@@ -47,6 +49,9 @@ class Measurements:
     M = num_layers + 1 measurement indices; index m is the residual entering decoder layer
     m, index num_layers the last layer's output before the final norm. Projections are
     [M, N_class] (empty for legacy `.refuse` files); expert counts are [L, E] or None.
+    `*_final_norm_mean` ([d] or None for older files) are the class means after the final
+    norm; they are kept apart from the indexed means so every per-index consumer (analysis,
+    `.refuse` export) is unchanged, and recipes address them as index num_layers + 1.
     """
 
     target_mean: torch.Tensor
@@ -58,6 +63,8 @@ class Measurements:
     benign_expert_counts: torch.Tensor | None = None
     target_router_tokens: torch.Tensor | None = None
     benign_router_tokens: torch.Tensor | None = None
+    target_final_norm_mean: torch.Tensor | None = None
+    benign_final_norm_mean: torch.Tensor | None = None
 
     @property
     def num_indices(self) -> int:
@@ -209,8 +216,10 @@ class _Capture:
     read `rows` ([B, M, d] in the model's dtype) and `expert_counts` after it.
     """
 
-    def __init__(self, layers, router_modules, num_experts, top_k):
+    def __init__(self, layers, router_modules, num_experts, top_k, final_norm=None):
         self.layers = layers
+        self.final_norm = final_norm
+        self.final_slot: torch.Tensor | None = None
         self.num_indices = len(layers) + 1
         self.router_modules = router_modules
         self.num_experts = num_experts
@@ -229,6 +238,8 @@ class _Capture:
             )
         last = len(self.layers) - 1
         self.handles.append(self.layers[last].register_forward_hook(self._post_hook(last + 1)))
+        if self.final_norm is not None:
+            self.handles.append(self.final_norm.register_forward_hook(self._final_hook))
         for index, router in self.router_modules.items():
             self.handles.append(router.register_forward_hook(self._router_hook(index)))
         return self
@@ -244,6 +255,7 @@ class _Capture:
         self.weights, self.token_mask = weights, token_mask
         self.single_position = single_position
         self.slots = [None] * self.num_indices
+        self.final_slot = None
 
     def rows(self) -> torch.Tensor:
         missing = [m for m, slot in enumerate(self.slots) if slot is None]
@@ -253,14 +265,20 @@ class _Capture:
             )
         return torch.stack(self.slots, dim=1)
 
-    def _keep(self, m: int, hidden: torch.Tensor) -> None:
+    def _keep(self, m: int | None, hidden: torch.Tensor) -> None:
         weights = self.weights.to(hidden.device)
         if self.single_position:  # one token per row: a gather, not a weighted sum
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             kept = hidden[rows, weights.argmax(-1)].to(torch.float32)
         else:
             kept = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
-        self.slots[m] = kept.to("cpu")
+        if m is None:
+            self.final_slot = kept.to("cpu")
+        else:
+            self.slots[m] = kept.to("cpu")
+
+    def _final_hook(self, module, args, output):
+        self._keep(None, output[0] if isinstance(output, (tuple, list)) else output)
 
     def _pre_hook(self, m):
         def hook(module, args, kwargs):
@@ -317,6 +335,7 @@ class ClassActivations:
     mean: torch.Tensor
     expert_counts: torch.Tensor
     router_tokens: torch.Tensor
+    final_norm_mean: torch.Tensor | None = None
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -366,10 +385,15 @@ def collect(
     layers = decoder_layers(model)
     router_modules = routers(layers)
     num_experts = _num_experts(model.config) if router_modules else None
-    capture = _Capture(layers, router_modules, num_experts, _experts_per_token(model.config))
-    device = _input_device(model)
     runner = base_model(model)
+    final_norm = getattr(runner, "norm", None)
+    final_norm = final_norm if isinstance(final_norm, torch.nn.Module) else None
+    capture = _Capture(
+        layers, router_modules, num_experts, _experts_per_token(model.config), final_norm
+    )
+    device = _input_device(model)
     running = RunningMean()
+    final_running = RunningMean()
     out_rows: list[torch.Tensor | None] = [None] * len(encoded)
     batches = length_batches([len(e.ids) for e in encoded], batch_size)
     with capture, tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not progress) as bar:
@@ -389,6 +413,8 @@ def collect(
             )
             rows = capture.rows()  # float32 [B, M, d]
             running.add(rows)
+            if capture.final_slot is not None:
+                final_running.add(capture.final_slot)
             for slot, i in enumerate(batch):
                 out_rows[i] = rows[slot].to(_storage_dtype(model))
             bar.update(len(batch))
@@ -397,6 +423,7 @@ def collect(
         mean=running.mean(),
         expert_counts=capture.expert_counts,
         router_tokens=capture.router_tokens,
+        final_norm_mean=final_running.mean() if final_running.count else None,
     )
 
 
@@ -506,6 +533,8 @@ def measure(
         target_proj=projections["target"],
         benign_proj=projections["benign"],
         meta=meta,
+        target_final_norm_mean=collected["target"].final_norm_mean,
+        benign_final_norm_mean=collected["benign"].final_norm_mean,
     )
     if router_modules and _num_experts(model.config):
         result.target_expert_counts = collected["target"].expert_counts
@@ -626,6 +655,9 @@ def _tensors(meas: Measurements) -> dict[str, torch.Tensor]:
         tensors["benign_expert_counts"] = meas.benign_expert_counts.to(torch.int64)
         tensors["target_router_tokens"] = meas.target_router_tokens.to(torch.int64)
         tensors["benign_router_tokens"] = meas.benign_router_tokens.to(torch.int64)
+    if meas.target_final_norm_mean is not None and meas.benign_final_norm_mean is not None:
+        tensors["target_final_norm_mean"] = meas.target_final_norm_mean.to(torch.float64)
+        tensors["benign_final_norm_mean"] = meas.benign_final_norm_mean.to(torch.float64)
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
@@ -678,6 +710,8 @@ def load_measurements(path: str | Path) -> Measurements:
         benign_expert_counts=tensors.get("benign_expert_counts"),
         target_router_tokens=tensors.get("target_router_tokens"),
         benign_router_tokens=tensors.get("benign_router_tokens"),
+        target_final_norm_mean=tensors.get("target_final_norm_mean"),
+        benign_final_norm_mean=tensors.get("benign_final_norm_mean"),
     )
     if meas.target_mean.shape != meas.benign_mean.shape:
         raise AbliterateError(
