@@ -93,3 +93,65 @@ def direction(
     if biprojected_at is not None:
         r = orthogonalize(r, meas.benign_mean[meas.check_index(biprojected_at)])
     return sparsify(r, sparsity)
+
+
+# --------------------------------------------------------------------------------------
+# Directions between indices, and after the final norm
+# --------------------------------------------------------------------------------------
+
+
+class IndexedMeans:
+    """Class means addressed by measurement index, with the final norm as index L + 1.
+
+    Why a view: the stored means hold indices 0..L (the residual stream); the means after
+    the final norm (what the head reads) are stored under their own names. Recipes address
+    them as the next index, so one number picks any direction a search may try.
+    """
+
+    def __init__(self, meas):
+        target, benign = meas.target_mean, meas.benign_mean
+        final_t = getattr(meas, "target_final_norm_mean", None)
+        final_b = getattr(meas, "benign_final_norm_mean", None)
+        if final_t is not None and final_b is not None:
+            target = torch.cat([target, final_t.reshape(1, -1).to(target.dtype)])
+            benign = torch.cat([benign, final_b.reshape(1, -1).to(benign.dtype)])
+        self.target_mean, self.benign_mean = target, benign
+        self.num_indices = target.shape[0]
+
+    def check_index(self, m: int) -> int:
+        if not 0 <= m < self.num_indices:
+            raise AbliterateError(
+                f"measurement index {m} is out of range; these measurements have indices "
+                f"0..{self.num_indices - 1}."
+            )
+        return m
+
+
+def direction_at(
+    meas,
+    position: float,
+    *,
+    sparsity: float = 0.0,
+    projected: bool = False,
+    biprojected_at: int | None = None,
+) -> torch.Tensor:
+    """The unit direction at a possibly fractional measurement index (float64 [d]).
+
+    Between two indices i < position < i + 1 the unit directions of i and i + 1 (each
+    projected as asked) are mixed linearly by the fraction and renormalized, so a search
+    can move smoothly between layers. Index L + 1 is the stream after the final norm
+    (`IndexedMeans`). Sparsity is applied last, as in `direction`.
+    """
+    view = meas if isinstance(meas, IndexedMeans) else IndexedMeans(meas)
+    if not math.isfinite(position) or not 0 <= position <= view.num_indices - 1:
+        raise AbliterateError(
+            f"measurement index {position} is out of range; these measurements have indices "
+            f"0..{view.num_indices - 1}."
+        )
+    options = dict(projected=projected, biprojected_at=biprojected_at)
+    low = math.floor(position)
+    fraction = position - low
+    r = direction(view, low, **options)
+    if fraction > 1e-9:
+        r = normalize((1 - fraction) * r + fraction * direction(view, low + 1, **options))
+    return sparsify(r, sparsity)

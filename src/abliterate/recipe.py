@@ -43,7 +43,7 @@ EXPERT_COMPONENTS = ("expert_down", "expert_gate", "expert_up", "expert_gate_up"
 DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
-ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
+ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity", "components"}
 # recipe key -> default; paths are None until given
 OPTIONS: dict[str, Any] = {
     "model": None,
@@ -70,10 +70,24 @@ OPTIONS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class AblateEntry:
+    """One edited layer. `measurement` may be fractional (the directions of the two
+    neighbouring indices, mixed) and num_layers + 1 (after the final norm); `components`,
+    when set, replaces the recipe's component set for this entry alone, so one layer's
+    attention and MLP writers can be edited at different strengths (two entries)."""
+
     layer: int
-    measurement: int
+    measurement: int | float
     scale: float = 1.0
     sparsity: float = 0.0
+    components: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.components is None:
+            del data["components"]
+        else:
+            data["components"] = list(self.components)
+        return data
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,7 @@ class Recipe:
         data = {k: getattr(self, k) for k in ("model", "measurements", "output")}
         data["ablate_individual_experts"] = self.ablate_individual_experts
         data["expert_subset"] = list(self.expert_subset) if self.expert_subset else None
-        data["ablate"] = [asdict(e) for e in self.ablate]
+        data["ablate"] = [e.to_dict() for e in self.ablate]
         for key in OPTIONS:
             if key not in data:
                 value = getattr(self, key)
@@ -179,16 +193,19 @@ def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) 
         extra = sorted(set(raw) - ENTRY_KEYS)
         if extra:
             raise _fail(source, f"{where}.{extra[0]}", "is not an entry key "
-                        "(expected layer, measurement, scale, sparsity)", raw[extra[0]])  # fmt: skip
+                        "(expected layer, measurement, scale, sparsity, components)",
+                        raw[extra[0]])  # fmt: skip
         layer = _number(source, f"{where}.layer", raw["layer"], integer=True)
-        measurement = _number(source, f"{where}.measurement", raw["measurement"], integer=True)
+        measurement = _number(source, f"{where}.measurement", raw["measurement"])
+        measurement = int(measurement) if measurement.is_integer() else measurement
         scale = _number(source, f"{where}.scale", raw.get("scale", 1.0))
         sparsity = _number(source, f"{where}.sparsity", raw.get("sparsity", 0.0))
         if layer < 0 or measurement < 0:
             raise _fail(source, where, "must have layer and measurement >= 0", raw)
         if not 0.0 <= sparsity < 1.0:
             raise _fail(source, f"{where}.sparsity", "must be in [0, 1)", sparsity)
-        entries.append(AblateEntry(layer, measurement, scale, sparsity))
+        components = _parse_components(source, raw.get("components"))
+        entries.append(AblateEntry(layer, measurement, scale, sparsity, components))
 
     options = {k: data.get(k, default) for k, default in OPTIONS.items()}
     for key in ("ablate_individual_experts", "norm_preserve", "projected", "biprojected", "biases"):
@@ -434,19 +451,20 @@ def entry_direction(
     (clipped to the measured range) and renormalizes before sparsifying, so neighbouring
     layers' estimates smooth out one noisy index.
     """
-    from .directions import direction, normalize, sparsify
+    from .directions import IndexedMeans, direction_at, normalize, sparsify
 
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
     )
+    means = IndexedMeans(measurements)
     m, k = entry.measurement, recipe.ensemble
     if k == 0:
-        r = direction(measurements, m, sparsity=entry.sparsity, **options)
+        r = direction_at(means, m, sparsity=entry.sparsity, **options)
     else:
-        last = _measurement_arrays(measurements)[0].shape[0] - 1
-        window = range(max(0, m - k), min(last, m + k) + 1)
-        r = normalize(sum(direction(measurements, i, **options) for i in window))
+        last = means.num_indices - 1
+        window = [m + offset for offset in range(-k, k + 1) if 0 <= m + offset <= last]
+        r = normalize(sum(direction_at(means, i, **options) for i in window))
         r = sparsify(r, entry.sparsity)
     return r.to(torch.float32)
 
@@ -466,14 +484,16 @@ def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
             f"components but the model's hidden_size is {hidden}; were they measured on "
             "another model?"
         )
-    indices = target.shape[0]
+    from .directions import IndexedMeans
+
+    indices = IndexedMeans(measurements).num_indices  # + 1 when the final norm was measured
     for i, entry in enumerate(recipe.ablate):
         if entry.layer >= num_layers:
             raise AbliterateError(
                 f"{recipe.source}: recipe key 'ablate[{i}].layer' is {entry.layer}, but the "
                 f"model has {num_layers} decoder layers (0-{num_layers - 1})."
             )
-        if entry.measurement >= indices:
+        if entry.measurement > indices - 1:
             raise AbliterateError(
                 f"{recipe.source}: recipe key 'ablate[{i}].measurement' is {entry.measurement}, "
                 f"but the measurements have indices 0-{indices - 1}."
@@ -526,10 +546,20 @@ def resolve(
         )
     subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
     targets = _layout_targets(layout)
+    base = MOE_DEFAULT if is_moe else DENSE_DEFAULT
+    per_entry = [
+        components
+        if item.components is None
+        else tuple(
+            dict.fromkeys(c for n in item.components for c in (base if n == "default" else [n]))
+        )
+        for item in recipe.ablate
+    ]
     # The embedding writes into the residual before any layer: it is edited once, with
-    # the direction of the entry for the lowest layer.
-    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
-    if "embed" in components and _get(layout, "tie_word_embeddings"):
+    # the direction of the lowest-layer entry that edits it.
+    with_embed = [i for i, chosen in enumerate(per_entry) if "embed" in chosen]
+    embed_owner = min(with_embed, key=lambda i: (recipe.ablate[i].layer, i), default=None)
+    if embed_owner is not None and _get(layout, "tie_word_embeddings"):
         logger.warning(
             "The embedding is tied to the output head: editing it also edits the lm_head."
         )
@@ -538,11 +568,11 @@ def resolve(
         r = entry_direction(recipe, item, measurements, num_layers)
         direction_id = f"entry{index}"
         candidates = list(targets.get(item.layer, []))
-        if "embed" in components and index == embed_owner:
+        if index == embed_owner:
             candidates += _global_targets(layout)
         for target in candidates:
             component = target["component"]
-            if component not in components:
+            if component not in per_entry[index]:
                 continue
             expert = target.get("expert")
             if component in EXPERT_COMPONENTS and subset is not None:
