@@ -2,23 +2,6 @@
 # sweep.workers jobs filling it (one model load each, validation prompts only), then the
 # chosen recipe scored once on the test prompts (abliterate.search, docs/evaluation.md).
 
-from abliterate.search import parse_settings as _search_settings
-
-_search_settings(config["sweep"])  # bad search keys fail before any job runs
-SEARCH = f"{RESULTS}/search"
-
-
-def search_inputs(wildcards):
-    """Model, layout, measurements, suggestion and the validation prompts of both classes."""
-    return {
-        "layout": f"{RESULTS}/layout.json",
-        "measurements": f"{RESULTS}/measurements.safetensors",
-        "suggested": f"{RESULTS}/analysis/suggested.yaml",
-        "validation_target": split_file("target", "validation"),
-        "validation_benign": split_file("benign", "validation"),
-        "model": model_input(),
-    }
-
 
 rule search_init:
     input:
