@@ -338,3 +338,20 @@ def test_entry_components_edit_one_layer_per_component_at_its_own_scale(glm):
         "components"
         not in load_recipe({"ablate": [{"layer": 1, "measurement": 2}]}).to_dict()["ablate"][0]
     )
+
+
+def test_norm_scaled_direction_is_seen_through_the_reading_norm(glm):
+    from abliterate.directions import direction, normalize
+
+    _, layout, meas = glm
+    recipe = {"norm_scaled": True, "ablate": [{"layer": 1, "measurement": 2}]}
+    with pytest.raises(AbliterateError, match="holds no norm weights"):
+        resolve(recipe, layout, meas)
+    weights = torch.rand(4, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    scaled = Measurements(
+        meas.target_mean, meas.benign_mean, meas.target_proj, meas.benign_proj, meas.meta,
+        norm_weights=weights,
+    )  # fmt: skip
+    plan = resolve(recipe, layout, scaled)
+    expected = normalize(direction(meas, 2) * weights[2])
+    assert torch.allclose(plan.entries[0].direction.double(), expected, atol=1e-6)

@@ -117,14 +117,17 @@ class IndexedMeans:
             benign = torch.cat([benign, final_b.reshape(1, -1).to(benign.dtype)])
         self.target_mean, self.benign_mean = target, benign
         self.num_indices = target.shape[0]
+        weights = getattr(meas, "norm_weights", None)
+        if weights is not None and weights.shape[0] < self.num_indices:  # the head reads L + 1
+            ones = torch.ones(self.num_indices - weights.shape[0], weights.shape[1])
+            weights = torch.cat([weights.to(torch.float64), ones.to(torch.float64)])
+        self.norm_weights = weights
+        self.source = getattr(meas, "meta", {}).get("source_file", "the measurements")
 
     def check_index(self, m: int) -> int:
-        if not 0 <= m < self.num_indices:
-            raise AbliterateError(
-                f"measurement index {m} is out of range; these measurements have indices "
-                f"0..{self.num_indices - 1}."
-            )
-        return m
+        from .measure import Measurements
+
+        return Measurements.check_index(self, m)  # the same range check and message
 
 
 def direction_at(
@@ -134,13 +137,17 @@ def direction_at(
     sparsity: float = 0.0,
     projected: bool = False,
     biprojected_at: int | None = None,
+    norm_scaled: bool = False,
 ) -> torch.Tensor:
     """The unit direction at a possibly fractional measurement index (float64 [d]).
 
     Between two indices i < position < i + 1 the unit directions of i and i + 1 (each
     projected as asked) are mixed linearly by the fraction and renormalized, so a search
     can move smoothly between layers. Index L + 1 is the stream after the final norm
-    (`IndexedMeans`). Sparsity is applied last, as in `direction`.
+    (`IndexedMeans`). `norm_scaled` multiplies the direction by the weight of the norm that
+    reads that index (mixed the same way; ones after the final norm) and renormalizes: the
+    direction as the next layer's reader sees it. Sparsity is applied last, as in
+    `direction`.
     """
     view = meas if isinstance(meas, IndexedMeans) else IndexedMeans(meas)
     if not math.isfinite(position) or not 0 <= position <= view.num_indices - 1:
@@ -154,4 +161,14 @@ def direction_at(
     r = direction(view, low, **options)
     if fraction > 1e-9:
         r = normalize((1 - fraction) * r + fraction * direction(view, low + 1, **options))
+    if norm_scaled:
+        if view.norm_weights is None:
+            raise AbliterateError(
+                f"{view.source} holds no norm weights (measured before they were recorded); "
+                "measure again to use norm_scaled directions."
+            )
+        weights = view.norm_weights[low]
+        if fraction > 1e-9:
+            weights = (1 - fraction) * weights + fraction * view.norm_weights[low + 1]
+        r = normalize(r * weights)
     return sparsify(r, sparsity)

@@ -65,6 +65,9 @@ class Measurements:
     benign_router_tokens: torch.Tensor | None = None
     target_final_norm_mean: torch.Tensor | None = None
     benign_final_norm_mean: torch.Tensor | None = None
+    # [M, d]: row m is the weight of the norm that reads index m (layer m's input norm,
+    # the final norm for m = L); None for older files and norms without a weight
+    norm_weights: torch.Tensor | None = None
 
     @property
     def num_indices(self) -> int:
@@ -535,6 +538,7 @@ def measure(
         meta=meta,
         target_final_norm_mean=collected["target"].final_norm_mean,
         benign_final_norm_mean=collected["benign"].final_norm_mean,
+        norm_weights=reading_norm_weights(model, layers),
     )
     if router_modules and _num_experts(model.config):
         result.target_expert_counts = collected["target"].expert_counts
@@ -542,6 +546,23 @@ def measure(
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
     return result
+
+
+def reading_norm_weights(model, layers) -> torch.Tensor | None:
+    """[L + 1, d] float64: the weight of the norm that reads each measurement index (layer
+    m's `input_layernorm`, then the final norm), so a direction can be seen as the next
+    reader sees it. None when a norm has no weight of the hidden size."""
+    norms = [getattr(layer, "input_layernorm", None) for layer in layers]
+    norms.append(getattr(base_model(model), "norm", None))
+    weights = []
+    for norm in norms:
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            return None
+        weights.append(weight.detach().to("cpu", torch.float64))
+    if len({w.shape for w in weights}) != 1:
+        return None
+    return torch.stack(weights)
 
 
 def _quantization_of(model) -> str | None:
@@ -658,6 +679,8 @@ def _tensors(meas: Measurements) -> dict[str, torch.Tensor]:
     if meas.target_final_norm_mean is not None and meas.benign_final_norm_mean is not None:
         tensors["target_final_norm_mean"] = meas.target_final_norm_mean.to(torch.float64)
         tensors["benign_final_norm_mean"] = meas.benign_final_norm_mean.to(torch.float64)
+    if meas.norm_weights is not None:
+        tensors["norm_weights"] = meas.norm_weights.to(torch.float64)
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
@@ -712,6 +735,7 @@ def load_measurements(path: str | Path) -> Measurements:
         benign_router_tokens=tensors.get("benign_router_tokens"),
         target_final_norm_mean=tensors.get("target_final_norm_mean"),
         benign_final_norm_mean=tensors.get("benign_final_norm_mean"),
+        norm_weights=tensors.get("norm_weights"),
     )
     if meas.target_mean.shape != meas.benign_mean.shape:
         raise AbliterateError(

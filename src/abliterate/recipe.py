@@ -56,6 +56,7 @@ OPTIONS: dict[str, Any] = {
     "preserve": "hidden",
     "projected": False,
     "biprojected": False,
+    "norm_scaled": False,
     "gate_scale": 0.5,
     "scale": 1.0,
     "ensemble": 0,
@@ -105,6 +106,7 @@ class Recipe:
     preserve: str = "hidden"
     projected: bool = False
     biprojected: bool = False
+    norm_scaled: bool = False
     gate_scale: float = 0.5
     scale: float = 1.0
     ensemble: int = 0
@@ -208,7 +210,14 @@ def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) 
         entries.append(AblateEntry(layer, measurement, scale, sparsity, components))
 
     options = {k: data.get(k, default) for k, default in OPTIONS.items()}
-    for key in ("ablate_individual_experts", "norm_preserve", "projected", "biprojected", "biases"):
+    for key in (
+        "ablate_individual_experts",
+        "norm_preserve",
+        "projected",
+        "biprojected",
+        "norm_scaled",
+        "biases",
+    ):
         if not isinstance(options[key], bool):
             raise _fail(source, key, "must be true or false", options[key])
     for key in ("gate_scale", "scale"):
@@ -456,6 +465,7 @@ def entry_direction(
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
+        norm_scaled=recipe.norm_scaled,
     )
     means = IndexedMeans(measurements)
     m, k = entry.measurement, recipe.ensemble
