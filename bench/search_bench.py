@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,75 +23,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from search_fixtures import search_inputs, start_study, worker_process  # noqa: E402
+
 EVALUATE = {"device": "cpu", "max_new_tokens": 16, "kl_tokens": 8}
-PROMPTS = {"field": None, "seed": 0, "system": None, "fallback_template": False}
-
-
-def setup(model_dir: Path, work: Path, n_prompts: int) -> dict:
-    from abliterate.layout import inspect_checkpoint
-    from abliterate.measure import measure_to_file
-
-    inspect_checkpoint(model_dir).save(work / "layout.json")
-    prompts = model_dir / "prompts"
-    measure_to_file(
-        model_dir,
-        str(prompts / "target_train.txt"),
-        str(prompts / "benign_train.txt"),
-        work / "measurements.safetensors",
-        device="cpu",
-        progress=False,
-    )
-    validation = {}
-    for cls in ("target", "benign"):
-        lines = (prompts / f"{cls}_test.txt").read_text().splitlines()[:n_prompts]
-        validation[cls] = str(work / f"{cls}_validation.txt")
-        Path(validation[cls]).write_text("\n".join(lines) + "\n")
-    return {
-        "model_dir": str(model_dir),
-        "layout_path": str(work / "layout.json"),
-        "measurements_path": str(work / "measurements.safetensors"),
-        "validation": validation,
-        "recipe_config": {},
-        "evaluate_config": EVALUATE,
-        "prompts_config": PROMPTS,
-    }
 
 
 def run(common: dict, work: Path, workers: int, trials: int) -> dict:
     from abliterate.search import open_study, parse_settings
-    from abliterate.search_steps import init_study
 
     sweep = {"n_trials": trials, "n_startup_trials": 4, "workers": workers}
     directory = work / f"workers-{workers}"
     directory.mkdir()
-    study_json = directory / "study.json"
-    init_study(
-        journal=directory / "study.journal",
-        study_json=study_json,
-        suggested_path=None,
-        sweep_config=sweep,
-        **common,
-    )
-    code = (
-        "import json, sys; from abliterate.search_steps import worker; "
-        "worker(**json.loads(sys.argv[1]))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    study_json = start_study(common, directory, sweep)
     start = time.perf_counter()
-    processes = []
-    for index in range(workers):
-        args = dict(common, study_json=str(study_json), worker_index=index, sweep_config=sweep)
-        args["output"] = None
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, json.dumps(args)],
-                env=env,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+    processes = [
+        worker_process(common, study_json, sweep, index, output=False) for index in range(workers)
+    ]
     for process in processes:
-        if process.wait() != 0:
-            raise SystemExit(f"a worker failed (exit {process.returncode})")
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"a worker failed (exit {process.returncode}): {err[-2000:]}")
     wall = time.perf_counter() - start
     data = json.loads(study_json.read_text())
     study = open_study(data["journal"], data["fingerprint"], parse_settings(sweep))
@@ -122,7 +72,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; demo {args.model.name}; {args.prompts} prompts per class")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        common = setup(args.model, work, args.prompts)
+        common = search_inputs(args.model, work, args.prompts, EVALUATE)
         for workers in (1, 2):
             print(json.dumps(run(common, work, workers, args.trials)))
 

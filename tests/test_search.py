@@ -8,17 +8,15 @@ search through Snakemake and check the numbers a user reads on the test split.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from snakemake_runner import ROOT, demo_model_config, snakemake
+from search_fixtures import search_inputs, start_study, worker_process
+from snakemake_runner import demo_model_config, snakemake
 
 from abliterate.errors import AbliterateError
 from abliterate.recipe import load_recipe
@@ -33,7 +31,6 @@ from abliterate.search import (
 from abliterate.splits import split_list, split_prompt_sets
 
 EVALUATE = {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4}
-PROMPTS = {"field": None, "seed": 0, "system": None, "fallback_template": False}
 
 
 # ---------------------------------------------------------------- space and configuration
@@ -130,67 +127,8 @@ def test_splits_are_seeded_disjoint_and_sized(tmp_path):
 
 @pytest.fixture(scope="module")
 def search_setup(tmp_path_factory, demo_dense):
-    """Layout, measurements and validation prompts of the dense demo, via the library."""
-    from abliterate.layout import inspect_checkpoint
-    from abliterate.measure import measure_to_file
-
-    work = tmp_path_factory.mktemp("search")
-    inspect_checkpoint(demo_dense).save(work / "layout.json")
-    prompts = demo_dense / "prompts"
-    measure_to_file(
-        demo_dense,
-        str(prompts / "target_train.txt"),
-        str(prompts / "benign_train.txt"),
-        work / "measurements.safetensors",
-        device="cpu",
-        progress=False,
-    )
-    validation = {}
-    for cls in ("target", "benign"):
-        lines = (prompts / f"{cls}_test.txt").read_text().splitlines()[:24]
-        validation[cls] = str(work / f"{cls}_validation.txt")
-        Path(validation[cls]).write_text("\n".join(lines) + "\n")
-    return {
-        "model_dir": str(demo_dense),
-        "layout_path": str(work / "layout.json"),
-        "measurements_path": str(work / "measurements.safetensors"),
-        "validation": validation,
-        "recipe_config": {},
-        "evaluate_config": EVALUATE,
-        "prompts_config": PROMPTS,
-    }
-
-
-def start_study(setup: dict, directory: Path, sweep: dict) -> Path:
-    from abliterate.search_steps import init_study
-
-    study_json = directory / "study.json"
-    init_study(
-        journal=directory / "study.journal",
-        study_json=study_json,
-        suggested_path=None,
-        sweep_config=sweep,
-        **setup,
-    )
-    return study_json
-
-
-def worker_process(setup: dict, study_json: Path, sweep: dict, index: int) -> subprocess.Popen:
-    """A search worker in its own process, as a search_worker job runs it."""
-    args = dict(setup, study_json=str(study_json), worker_index=index, sweep_config=sweep)
-    args["output"] = str(study_json.parent / f"worker-{index}.json")
-    code = (
-        "import json, sys; from abliterate.search_steps import worker; "
-        "worker(**json.loads(sys.argv[1]))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Layout, measurements and 16 validation prompts per class of the dense demo."""
+    return search_inputs(demo_dense, tmp_path_factory.mktemp("search"), 16, EVALUATE)
 
 
 def study_trials(study_json: Path, sweep: dict):
@@ -200,7 +138,7 @@ def study_trials(study_json: Path, sweep: dict):
     return open_study(data["journal"], data["fingerprint"], parse_settings(sweep)).get_trials()
 
 
-SWEEP = {"n_trials": 6, "n_startup_trials": 3, "search": {"projection": ["biprojected", "none"]}}
+SWEEP = {"n_trials": 5, "n_startup_trials": 2, "search": {"projection": ["biprojected", "none"]}}
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ A trial picks (parameter names as stored in the study, documented in docs/evalua
   over the layers, `strength * (floor + (1 - floor) * max(0, 1 - |layer - peak| / width))`
   (the embedding, edited once, has a strength only); on MoE models the `experts` group is
   switched by the expert strategy (`none` or `all`);
-- `projection` (none, projected, biprojected), `norm_preserve`, `sparsity`.
+- `projection` (none, projected, biprojected), `norm_preserve`, `sparsity`, and
+  `norm_scaled` (the direction multiplied by the weight of the norm that reads it).
 
 Workers are processes that share one journal file (`optuna.storages.JournalStorage`, safe
 for concurrent processes on one file system); each loads the model once and asks the study
@@ -63,6 +64,7 @@ SPACE_KEYS = (
     "floor",
     "projection",
     "norm_preserve",
+    "norm_scaled",
     "sparsity",
     "experts",
 )
@@ -167,6 +169,7 @@ class SearchSpace:
     floor: tuple[float, float]
     projection: tuple[str, ...]
     norm_preserve: tuple[bool, ...]
+    norm_scaled: tuple[bool, ...]
     sparsity: tuple[float, float]
     experts: tuple[str, ...]
     num_layers: int
@@ -200,16 +203,27 @@ def _parse_space(search: dict) -> dict:
         "floor": _range(search, "floor", [0.0, 1.0], lowest=0),
         "projection": _choices(search, "projection", PROJECTIONS, PROJECTIONS),
         "norm_preserve": _choices(search, "norm_preserve", (True, False), (True, False)),
+        "norm_scaled": _choices(search, "norm_scaled", (False, True), (True, False))
+        if "norm_scaled" in search
+        else None,
         "sparsity": _range(search, "sparsity", [0.0, 0.0], lowest=0, below=1),
         "experts": _choices(search, "experts", EXPERT_STRATEGIES, EXPERT_STRATEGIES),
     }
 
 
-def resolve_space(search: dict, *, num_layers: int, num_indices: int, is_moe: bool) -> SearchSpace:
+def resolve_space(
+    search: dict,
+    *,
+    num_layers: int,
+    num_indices: int,
+    is_moe: bool,
+    has_norm_weights: bool = False,
+) -> SearchSpace:
     """The space for one model: defaults filled in, every range checked against the model.
 
     `num_indices` counts the directions a recipe can address (num_layers + 2 when the final
-    norm was measured).
+    norm was measured); `has_norm_weights` whether the measurements hold the norm weights
+    a norm-scaled direction needs (then the default tries both).
     """
     raw = _parse_space(search)
     last_index, last_layer = num_indices - 1, num_layers - 1
@@ -233,6 +247,12 @@ def resolve_space(search: dict, *, num_layers: int, num_indices: int, is_moe: bo
             f"sweep.search.floor: expected fractions of the peak strength in [0, 1], got "
             f"{list(raw['floor'])!r}."
         )
+    norm_scaled = raw["norm_scaled"] or ((False, True) if has_norm_weights else (False,))
+    if True in norm_scaled and not has_norm_weights:
+        raise AbliterateError(
+            "sweep.search.norm_scaled: the measurements hold no norm weights (measured "
+            "before they were recorded); measure again or set it to [false]."
+        )
     groups = raw["groups"] or (MOE_GROUPS if is_moe else DENSE_GROUPS)
     if not is_moe and any(g in ("experts", "router") for g in groups):
         raise AbliterateError(
@@ -248,6 +268,7 @@ def resolve_space(search: dict, *, num_layers: int, num_indices: int, is_moe: bo
         floor=raw["floor"],
         projection=raw["projection"],
         norm_preserve=raw["norm_preserve"],
+        norm_scaled=norm_scaled,
         sparsity=raw["sparsity"],
         experts=raw["experts"] if "experts" in groups else ("none",),
         num_layers=num_layers,
@@ -289,6 +310,7 @@ def suggest_params(trial, space: SearchSpace) -> dict:
         "direction": _number(trial, "direction", space.direction),
         "projection": _choice(trial, "projection", space.projection),
         "norm_preserve": _choice(trial, "norm_preserve", space.norm_preserve),
+        "norm_scaled": _choice(trial, "norm_scaled", space.norm_scaled),
         "sparsity": _number(trial, "sparsity", space.sparsity),
     }
     for group in space.groups:
@@ -352,6 +374,7 @@ def params_recipe(params: dict, space: SearchSpace, base: dict | None = None) ->
         projected=params["projection"] == "projected",
         biprojected=params["projection"] == "biprojected",
         norm_preserve=bool(params["norm_preserve"]),
+        norm_scaled=bool(params.get("norm_scaled", False)),
         components=None,
         ablate_individual_experts=False,
         expert_subset=None,
@@ -379,6 +402,7 @@ def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
         "direction": direction,
         "projection": pick(space.projection, "biprojected"),
         "norm_preserve": pick(space.norm_preserve, True),
+        "norm_scaled": pick(space.norm_scaled, False),
         "sparsity": space.sparsity[0],
     }
     for group in space.groups:

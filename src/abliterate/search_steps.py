@@ -90,6 +90,7 @@ def init_study(
         num_layers=layout.num_layers,
         num_indices=IndexedMeans(meas).num_indices,
         is_moe=bool(layout.is_moe),
+        has_norm_weights=meas.norm_weights is not None,
     )
     suggested = load_suggested(suggested_path) if suggested_path else None
     measurement = (
@@ -364,3 +365,24 @@ def run_logged(log_path: str | Path, step, **kwargs):
             print(error, file=log)
             print(error, file=sys.stderr)
             sys.exit(1)
+
+
+def rule_arguments(snakemake, *, validation: bool = True) -> dict:
+    """The keyword arguments every search step takes from its rule (inputs and params of
+    `search_inputs` and the config sections), so the adapters list only what differs."""
+    arguments = {
+        "model_dir": snakemake.params.model,
+        "layout_path": snakemake.input.layout,
+        "measurements_path": snakemake.input.measurements,
+        "sweep_config": snakemake.params.sweep,
+        "recipe_config": snakemake.params.recipe,
+        "evaluate_config": snakemake.params.evaluate,
+        "prompts_config": snakemake.params.prompts,
+        "kl": snakemake.params.kl,
+    }
+    if validation:
+        arguments["validation"] = {
+            "target": snakemake.input.validation_target,
+            "benign": snakemake.input.validation_benign,
+        }
+    return arguments
