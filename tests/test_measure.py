@@ -125,6 +125,11 @@ def test_last_index_is_the_pre_norm_output_of_the_last_layer(tiny_llama_model):
     h = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
     assert torch.allclose(meas.target_mean[3].float(), h[0, -1], atol=1e-5)
     assert not torch.allclose(meas.target_mean[3].float(), hidden[3][0, -1], atol=1e-3)
+    # ... and the final norm's output (what the head reads) is kept beside the indices
+    assert torch.allclose(meas.target_final_norm_mean.float(), hidden[3][0, -1], atol=1e-5)
+    # the weights of the norms that read each index: layer m's input norm, then the final one
+    assert torch.equal(meas.norm_weights[1].float(), model.model.layers[1].input_layernorm.weight)
+    assert torch.equal(meas.norm_weights[3].float(), model.model.norm.weight)
 
 
 def test_post_instruction_averages_the_template_tail(tiny_llama_model):
@@ -206,6 +211,7 @@ def test_safetensors_round_trip_with_metadata(tiny_llama_model, tmp_path):
     loaded = load_measurements(path)
     assert torch.equal(loaded.target_mean, meas.target_mean)
     assert torch.equal(loaded.benign_proj, meas.benign_proj)
+    assert torch.equal(loaded.benign_final_norm_mean, meas.benign_final_norm_mean)
     assert loaded.meta["prompt_sha256"] == meas.meta["prompt_sha256"]
     assert loaded.num_layers == 3 and loaded.hidden_size == 32
 

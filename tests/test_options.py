@@ -21,8 +21,8 @@ from abliterate.model import LoadOptions
 from abliterate.prompts import PromptOptions
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-# Keys that only the workflow reads (job resources, prompt file paths).
-WORKFLOW_ONLY = {"gpu", "target", "benign"}
+# Keys that only the workflow reads (job resources, prompt file paths, how it splits them).
+WORKFLOW_ONLY = {"gpu", "target", "benign", "fractions"}
 # Schema keys whose null default means "the library's built-in value".
 BUILT_IN = {"refusal_markers": DEFAULT_REFUSAL_MARKERS, "judge_template": DEFAULT_JUDGE_TEMPLATE}
 # Schema spellings of dataclass fields.

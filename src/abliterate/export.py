@@ -554,5 +554,17 @@ def sweep_metrics(sweep_table: str | Path | None) -> dict | None:
     if chosen.empty:
         return None
     row = chosen.iloc[0]
-    columns = ["variant", "refusal_rate", "kl_first_token", "kl_multi_token", "benign_kept"]
-    return {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns if c in row}
+    columns = ["variant", "split", "refusal_rate", "kl_first_token", "kl_multi_token"]
+    columns += ["benign_kept", "benign_refusal_rate"]
+    # the search's table (sweep.method tpe) also has 95 % intervals and the base model's row
+    columns = [c for name in columns for c in (name, f"{name}_ci_low", f"{name}_ci_high")]
+    metrics = {c: _plain(row[c]) for c in columns if c in row}
+    base = table[table["variant"] == "base"]
+    if "split" in table and not base.empty:
+        for name in ("refusal_rate", "benign_refusal_rate"):
+            metrics[f"base_{name}"] = _plain(base.iloc[0][name])
+    return metrics
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value

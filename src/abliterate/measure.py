@@ -4,7 +4,9 @@ Why hooks and one forward pass: a direction needs one vector per prompt and inde
 residual at the measured position), not the hidden states of every token, and no
 generated tokens. Pre-hooks on each decoder layer keep exactly the measured position(s)
 of the residual entering it (measurement index m), a hook on the last layer keeps its
-output before the final norm (index L), and the language-model head never runs. Prompts
+output before the final norm (index L), and the language-model head never runs. A hook
+on the final norm keeps the same position(s) after it (`*_final_norm_mean`, the residual
+as the head reads it; recipes address it as index L + 1). Prompts
 are batched by length (little padding), left-padded, with position ids taken from the
 attention mask so padding changes nothing. Means are accumulated in float64.
 
@@ -112,6 +114,9 @@ class Measurements:
     M = num_layers + 1 measurement indices; index m is the residual entering decoder layer
     m, index num_layers the last layer's output before the final norm. Projections are
     [M, N_class] (empty for legacy `.refuse` files); expert counts are [L, E] or None.
+    `*_final_norm_mean` ([d] or None for older files) are the class means after the final
+    norm; they are kept apart from the indexed means so every per-index consumer (analysis,
+    `.refuse` export) is unchanged, and recipes address them as index num_layers + 1.
     """
 
     target_mean: torch.Tensor
@@ -123,6 +128,11 @@ class Measurements:
     benign_expert_counts: torch.Tensor | None = None
     target_router_tokens: torch.Tensor | None = None
     benign_router_tokens: torch.Tensor | None = None
+    target_final_norm_mean: torch.Tensor | None = None
+    benign_final_norm_mean: torch.Tensor | None = None
+    # [M, d]: row m is the weight of the norm that reads index m (layer m's input norm,
+    # the final norm for m = L); None for older files and norms without a weight
+    norm_weights: torch.Tensor | None = None
 
     @property
     def num_indices(self) -> int:
@@ -252,8 +262,10 @@ class _Capture:
     read `rows` ([B, M, d] in the model's dtype) and `expert_counts` after it.
     """
 
-    def __init__(self, layers, router_modules, num_experts, top_k):
+    def __init__(self, layers, router_modules, num_experts, top_k, final_norm=None):
         self.layers = layers
+        self.final_norm = final_norm
+        self.final_slot: torch.Tensor | None = None
         self.num_indices = len(layers) + 1
         self.router_modules = router_modules
         self.num_experts = num_experts
@@ -272,6 +284,8 @@ class _Capture:
             )
         last = len(self.layers) - 1
         self.handles.append(self.layers[last].register_forward_hook(self._post_hook(last + 1)))
+        if self.final_norm is not None:
+            self.handles.append(self.final_norm.register_forward_hook(self._final_hook))
         for index, router in self.router_modules.items():
             self.handles.append(router.register_forward_hook(self._router_hook(index)))
         return self
@@ -287,6 +301,7 @@ class _Capture:
         self.weights, self.token_mask = weights, token_mask
         self.single_position = single_position
         self.slots = [None] * self.num_indices
+        self.final_slot = None
 
     def rows(self) -> torch.Tensor:
         missing = [m for m, slot in enumerate(self.slots) if slot is None]
@@ -296,14 +311,20 @@ class _Capture:
             )
         return torch.stack(self.slots, dim=1)
 
-    def _keep(self, m: int, hidden: torch.Tensor) -> None:
+    def _keep(self, m: int | None, hidden: torch.Tensor) -> None:
         weights = self.weights.to(hidden.device)
         if self.single_position:  # one token per row: a gather, not a weighted sum
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             kept = hidden[rows, weights.argmax(-1)].to(torch.float32)
         else:
             kept = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
-        self.slots[m] = kept.to("cpu")
+        if m is None:
+            self.final_slot = kept.to("cpu")
+        else:
+            self.slots[m] = kept.to("cpu")
+
+    def _final_hook(self, module, args, output):
+        self._keep(None, output[0] if isinstance(output, (tuple, list)) else output)
 
     def _pre_hook(self, m):
         def hook(module, args, kwargs):
@@ -360,6 +381,7 @@ class ClassActivations:
     mean: torch.Tensor
     expert_counts: torch.Tensor
     router_tokens: torch.Tensor
+    final_norm_mean: torch.Tensor | None = None
 
 
 @torch.inference_mode()
@@ -377,10 +399,15 @@ def collect(
     layers = decoder_layers(model)
     router_modules = routers(layers)
     num_experts = _num_experts(model.config) if router_modules else None
-    capture = _Capture(layers, router_modules, num_experts, _experts_per_token(model.config))
-    device = input_device(model)
     runner = base_model(model)
+    final_norm = getattr(runner, "norm", None)
+    final_norm = final_norm if isinstance(final_norm, torch.nn.Module) else None
+    capture = _Capture(
+        layers, router_modules, num_experts, _experts_per_token(model.config), final_norm
+    )
+    device = input_device(model)
     running = RunningMean()
+    final_running = RunningMean()
     out_rows: list[torch.Tensor | None] = [None] * len(encoded)
     batches = length_batches([len(e.ids) for e in encoded], options.batch_size)
     progress = tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not options.progress)
@@ -403,6 +430,8 @@ def collect(
             )
             rows = capture.rows()  # float32 [B, M, d]
             running.add(rows)
+            if capture.final_slot is not None:
+                final_running.add(capture.final_slot)
             for slot, i in enumerate(batch):
                 out_rows[i] = rows[slot].to(_storage_dtype(model))
             bar.update(len(batch))
@@ -411,6 +440,7 @@ def collect(
         mean=running.mean(),
         expert_counts=capture.expert_counts,
         router_tokens=capture.router_tokens,
+        final_norm_mean=final_running.mean() if final_running.count else None,
     )
 
 
@@ -487,6 +517,9 @@ def measure(
         target_proj=projections["target"],
         benign_proj=projections["benign"],
         meta=meta,
+        target_final_norm_mean=collected["target"].final_norm_mean,
+        benign_final_norm_mean=collected["benign"].final_norm_mean,
+        norm_weights=reading_norm_weights(model, layers),
     )
     if router_modules and _num_experts(model.config):
         result.target_expert_counts = collected["target"].expert_counts
@@ -494,6 +527,23 @@ def measure(
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
     return result
+
+
+def reading_norm_weights(model, layers) -> torch.Tensor | None:
+    """[L + 1, d] float64: the weight of the norm that reads each measurement index (layer
+    m's `input_layernorm`, then the final norm), so a direction can be seen as the next
+    reader sees it. None when a norm has no weight of the hidden size."""
+    norms = [getattr(layer, "input_layernorm", None) for layer in layers]
+    norms.append(getattr(base_model(model), "norm", None))
+    weights = []
+    for norm in norms:
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            return None
+        weights.append(weight.detach().to("cpu", torch.float64))
+    if len({w.shape for w in weights}) != 1:
+        return None
+    return torch.stack(weights)
 
 
 # --------------------------------------------------------------------------- files
@@ -511,6 +561,11 @@ def _tensors(meas: Measurements) -> dict[str, torch.Tensor]:
         tensors["benign_expert_counts"] = meas.benign_expert_counts.to(torch.int64)
         tensors["target_router_tokens"] = meas.target_router_tokens.to(torch.int64)
         tensors["benign_router_tokens"] = meas.benign_router_tokens.to(torch.int64)
+    if meas.target_final_norm_mean is not None and meas.benign_final_norm_mean is not None:
+        tensors["target_final_norm_mean"] = meas.target_final_norm_mean.to(torch.float64)
+        tensors["benign_final_norm_mean"] = meas.benign_final_norm_mean.to(torch.float64)
+    if meas.norm_weights is not None:
+        tensors["norm_weights"] = meas.norm_weights.to(torch.float64)
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
@@ -571,6 +626,9 @@ def load_measurements(path: str | Path) -> Measurements:
         benign_expert_counts=tensors.get("benign_expert_counts"),
         target_router_tokens=tensors.get("target_router_tokens"),
         benign_router_tokens=tensors.get("benign_router_tokens"),
+        target_final_norm_mean=tensors.get("target_final_norm_mean"),
+        benign_final_norm_mean=tensors.get("benign_final_norm_mean"),
+        norm_weights=tensors.get("norm_weights"),
     )
     if meas.target_mean.shape != meas.benign_mean.shape:
         raise AbliterateError(

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .components import COMPONENTS, EXPERT_COMPONENTS
-from .directions import direction, normalize, sparsify
+from .directions import IndexedMeans, direction_at, normalize, sparsify
 from .edit import apply_edit
 from .errors import AbliterateError
 from .files import write_text_atomic
@@ -46,7 +46,7 @@ from .shards import read_weight_map
 DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
-ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
+ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity", "components"}
 
 
 # --------------------------------------------------------------------------------------
@@ -56,10 +56,24 @@ ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
 
 @dataclass(frozen=True)
 class AblateEntry:
+    """One edited layer. `measurement` may be fractional (the directions of the two
+    neighbouring indices, mixed) and num_layers + 1 (after the final norm); `components`,
+    when set, replaces the recipe's component set for this entry alone, so one layer's
+    attention and MLP writers can be edited at different strengths (two entries)."""
+
     layer: int
-    measurement: int
+    measurement: int | float
     scale: float = 1.0
     sparsity: float = 0.0
+    components: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.components is None:
+            del data["components"]
+        else:
+            data["components"] = list(self.components)
+        return data
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class Recipe:
     preserve: str = "hidden"
     projected: bool = False
     biprojected: bool = False
+    norm_scaled: bool = False
     gate_scale: float = 0.5
     scale: float = 1.0
     ensemble: int = 0
@@ -88,7 +103,7 @@ class Recipe:
         data = {k: getattr(self, k) for k in ("model", "measurements", "output")}
         data["ablate_individual_experts"] = self.ablate_individual_experts
         data["expert_subset"] = list(self.expert_subset) if self.expert_subset else None
-        data["ablate"] = [asdict(e) for e in self.ablate]
+        data["ablate"] = [e.to_dict() for e in self.ablate]
         for key in OPTIONS:
             if key not in data:
                 value = getattr(self, key)
@@ -174,19 +189,29 @@ def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) 
         extra = sorted(set(raw) - ENTRY_KEYS)
         if extra:
             raise _fail(source, f"{where}.{extra[0]}", "is not an entry key "
-                        "(expected layer, measurement, scale, sparsity)", raw[extra[0]])  # fmt: skip
+                        "(expected layer, measurement, scale, sparsity, components)",
+                        raw[extra[0]])  # fmt: skip
         layer = _number(source, f"{where}.layer", raw["layer"], integer=True)
-        measurement = _number(source, f"{where}.measurement", raw["measurement"], integer=True)
+        measurement = _number(source, f"{where}.measurement", raw["measurement"])
+        measurement = int(measurement) if measurement.is_integer() else measurement
         scale = _number(source, f"{where}.scale", raw.get("scale", 1.0))
         sparsity = _number(source, f"{where}.sparsity", raw.get("sparsity", 0.0))
         if layer < 0 or measurement < 0:
             raise _fail(source, where, "must have layer and measurement >= 0", raw)
         if not 0.0 <= sparsity < 1.0:
             raise _fail(source, f"{where}.sparsity", "must be in [0, 1)", sparsity)
-        entries.append(AblateEntry(layer, measurement, scale, sparsity))
+        components = _parse_components(source, raw.get("components"))
+        entries.append(AblateEntry(layer, measurement, scale, sparsity, components))
 
     options = {k: data.get(k, default) for k, default in OPTIONS.items()}
-    for key in ("ablate_individual_experts", "norm_preserve", "projected", "biprojected", "biases"):
+    for key in (
+        "ablate_individual_experts",
+        "norm_preserve",
+        "projected",
+        "biprojected",
+        "norm_scaled",
+        "biases",
+    ):
         if not isinstance(options[key], bool):
             raise _fail(source, key, "must be true or false", options[key])
     for key in ("gate_scale", "scale"):
@@ -477,14 +502,16 @@ def entry_direction(
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
+        norm_scaled=recipe.norm_scaled,
     )
+    means = IndexedMeans(measurements)
     m, k = entry.measurement, recipe.ensemble
     if k == 0:
-        r = direction(measurements, m, sparsity=entry.sparsity, **options)
+        r = direction_at(means, m, sparsity=entry.sparsity, **options)
     else:
-        last = _measurement_arrays(measurements)[0].shape[0] - 1
-        window = range(max(0, m - k), min(last, m + k) + 1)
-        r = normalize(sum(direction(measurements, i, **options) for i in window))
+        last = means.num_indices - 1
+        window = [m + offset for offset in range(-k, k + 1) if 0 <= m + offset <= last]
+        r = normalize(sum(direction_at(means, i, **options) for i in window))
         r = sparsify(r, entry.sparsity)
     return r.to(torch.float32)
 
@@ -504,7 +531,7 @@ def _check_ranges(recipe: Recipe, layout: Layout, measurements) -> None:
             f"components but the model's hidden_size is {hidden}; were they measured on "
             "another model?"
         )
-    indices = target.shape[0]
+    indices = IndexedMeans(measurements).num_indices  # + 1 when the final norm was measured
     _check_measured_depth(recipe, measurements, num_layers, indices)
     for i, entry in enumerate(recipe.ablate):
         if entry.layer >= num_layers:
@@ -512,7 +539,7 @@ def _check_ranges(recipe: Recipe, layout: Layout, measurements) -> None:
                 f"{recipe.source}: recipe key 'ablate[{i}].layer' is {entry.layer}, but the "
                 f"model has {num_layers} decoder layers (0-{num_layers - 1})."
             )
-        if entry.measurement >= indices:
+        if entry.measurement > indices - 1:
             raise AbliterateError(
                 f"{recipe.source}: recipe key 'ablate[{i}].measurement' is {entry.measurement}, "
                 f"but the measurements have indices 0-{indices - 1}."
@@ -568,17 +595,34 @@ def _warn_about(recipe: Recipe, layout: Layout, components: tuple[str, ...]) -> 
         )
 
 
+def _entry_components(
+    recipe: Recipe, layout: Layout, components: tuple[str, ...]
+) -> list[tuple[str, ...]]:
+    """Each ablate entry's components: its own `components` list when it has one (the
+    search gives every component its own strength per layer), else the recipe's."""
+    base = MOE_DEFAULT if layout.is_moe else DENSE_DEFAULT
+    return [
+        components
+        if item.components is None
+        else tuple(
+            dict.fromkeys(c for n in item.components for c in (base if n == "default" else [n]))
+        )
+        for item in recipe.ablate
+    ]
+
+
 def _selected_targets(
-    recipe: Recipe, layout: Layout, components: tuple[str, ...], index: int
+    recipe: Recipe, layout: Layout, per_entry: list[tuple[str, ...]], index: int
 ) -> list[Target]:
-    """The layout targets ablate entry `index` edits: its layer's tensors of the chosen
-    components (routed experts restricted to `expert_subset`), plus the embedding for the
-    entry of the lowest layer (it writes into the residual before any layer, so it is
+    """The layout targets ablate entry `index` edits: its layer's tensors of its components
+    (routed experts restricted to `expert_subset`), plus the embedding for the lowest-layer
+    entry among those that edit it (it writes into the residual before any layer, so it is
     edited once)."""
-    item = recipe.ablate[index]
+    item, components = recipe.ablate[index], per_entry[index]
     candidates = list(layout.layer(item.layer).targets)
-    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
-    if "embed" in components and index == embed_owner:
+    with_embed = [i for i, chosen in enumerate(per_entry) if "embed" in chosen]
+    embed_owner = min(with_embed, key=lambda i: (recipe.ablate[i].layer, i), default=None)
+    if index == embed_owner:
         candidates += list(layout.globals)
     subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
     chosen = []
@@ -619,11 +663,12 @@ def resolve(
     _check_ranges(recipe, layout, measurements)
     _check_experts(recipe, layout)
     components = default_components(recipe, layout.is_moe)
-    _warn_about(recipe, layout, components)
+    per_entry = _entry_components(recipe, layout, components)
+    _warn_about(recipe, layout, tuple(dict.fromkeys(c for chosen in per_entry for c in chosen)))
     entries: list[PlanEntry] = []
     for index, item in enumerate(recipe.ablate):
         r = entry_direction(recipe, item, measurements, layout.num_layers)
-        for target in _selected_targets(recipe, layout, components, index):
+        for target in _selected_targets(recipe, layout, per_entry, index):
             scale = item.scale * recipe.scale
             if target.component == "router":
                 scale *= recipe.gate_scale

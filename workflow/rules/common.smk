@@ -46,7 +46,11 @@ def model_dir(wildcards=None):
 
 def prompt_file(cls, split):
     """A prompt set path: the config's, or the demo organism's own."""
-    configured = config["prompts"][cls][split]
+    prompts = config["prompts"][cls]
+    if not DEMO and prompts["test"] is None and prompts["train"] is not None:
+        # one file per class: split_prompts (prompts.smk) splits it
+        return f"{RESULTS}/prompts/{cls}_{split}.json"
+    configured = prompts[split]
     if configured is not None:
         return configured
     if DEMO:
@@ -101,8 +105,10 @@ def measure_inputs(wildcards):
     """The model (demo: its directory) and a user's local prompt files (not hub dataset ids)."""
     inputs = {"model": model_input()}
     for cls in ("target", "benign"):
-        configured = config["prompts"][cls]["train"]
-        if configured is not None and Path(configured).is_file():
+        configured = prompt_file(cls, "train") if not DEMO else None
+        if configured is not None and (
+            Path(configured).is_file() or configured.startswith(RESULTS)
+        ):
             inputs[cls] = configured
     return inputs
 
