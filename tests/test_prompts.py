@@ -182,3 +182,19 @@ def test_token_limit_defaults_to_the_model_context_capped():
     assert prompt_token_limit(big) == DEFAULT_MAX_TOKENS
     assert prompt_token_limit(big, requested=300) == 300
     assert prompt_token_limit(SimpleNamespace()) == DEFAULT_MAX_TOKENS
+
+
+def test_prompt_options_carry_the_limit_and_the_model_context():
+    from types import SimpleNamespace
+
+    from abliterate.prompts import PromptOptions
+
+    tokenizer = chat_tokenizer()
+    prompt = " ".join(f"w{i % 50}" for i in range(40))
+    with pytest.raises(AbliterateError, match="more than prompts.max_tokens = 10"):
+        PromptOptions(max_tokens=10).encode(tokenizer, [prompt])
+    small_context = SimpleNamespace(max_position_embeddings=12)  # the model's own limit
+    with pytest.raises(AbliterateError, match="more than prompts.max_tokens = 12"):
+        PromptOptions().encode(tokenizer, [prompt], small_context)
+    (cut,) = PromptOptions(truncate=True).encode(tokenizer, [prompt], small_context)
+    assert len(cut.ids) == 12

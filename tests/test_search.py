@@ -157,35 +157,39 @@ def test_two_workers_fill_one_study_without_duplicate_trials(search_setup, tmp_p
     assert SWEEP["n_trials"] <= len(complete) <= SWEEP["n_trials"] + 1
 
 
+LONG = {**SWEEP, "n_trials": 4 * SWEEP["n_trials"]}
+
+
 @pytest.mark.slow
 def test_a_killed_worker_resumes_the_study(search_setup, tmp_path):
-    study_json = start_study(search_setup, tmp_path, SWEEP)
-    process = worker_process(search_setup, study_json, SWEEP, 0)
+    # enough trials that the kill lands mid-study however fast the machine is
+    study_json = start_study(search_setup, tmp_path, LONG)
+    process = worker_process(search_setup, study_json, LONG, 0)
     deadline = time.time() + 600
     while time.time() < deadline:
-        finished = [t for t in study_trials(study_json, SWEEP) if t.state.name == "COMPLETE"]
+        finished = [t for t in study_trials(study_json, LONG) if t.state.name == "COMPLETE"]
         if len(finished) >= 2:
             break
         assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.5)
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = {
         t.number: (t.values, t.params)
-        for t in study_trials(study_json, SWEEP)
+        for t in study_trials(study_json, LONG)
         if t.state.name == "COMPLETE"
     }
-    assert 2 <= len(before) < SWEEP["n_trials"]
+    assert 2 <= len(before) < LONG["n_trials"]
     # the rerun (what Snakemake does for the failed job) continues the same study
-    again = worker_process(search_setup, study_json, SWEEP, 0)
+    again = worker_process(search_setup, study_json, LONG, 0)
     _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err[-3000:]
-    trials = study_trials(study_json, SWEEP)
+    trials = study_trials(study_json, LONG)
     complete = {t.number: (t.values, t.params) for t in trials if t.state.name == "COMPLETE"}
-    assert len(complete) == SWEEP["n_trials"]
+    assert len(complete) == LONG["n_trials"]
     assert {n: complete[n] for n in before} == before  # completed trials were not redone
     redone = json.loads((tmp_path / "worker-0.json").read_text())["completed_trials"]
-    assert len(redone) == SWEEP["n_trials"] - len(before) and not set(redone) & set(before)
+    assert len(redone) == LONG["n_trials"] - len(before) and not set(redone) & set(before)
     assert not [t for t in trials if t.state.name == "RUNNING"]
 
 

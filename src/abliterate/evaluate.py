@@ -682,11 +682,11 @@ class Evaluator:
 
 
 def render_prompts(
-    tokenizer, prompts: Iterable[str], options: PromptOptions | None = None
+    tokenizer, prompts: Iterable[str], options: PromptOptions | None = None, model_config=None
 ) -> PromptSet:
     """Render held-out prompts exactly as the measurement did (`PromptOptions.encode`)."""
     texts = list(prompts)
-    encoded = (options or PromptOptions()).encode(tokenizer, texts)
+    encoded = (options or PromptOptions()).encode(tokenizer, texts, model_config)
     return PromptSet(texts, [e.ids for e in encoded])
 
 

@@ -449,7 +449,7 @@ def prompt_rows(
 ) -> torch.Tensor:
     """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
     options = options or MeasureOptions(progress=False)
-    encoded = options.prompts.encode(tokenizer, prompts)
+    encoded = options.prompts.encode(tokenizer, prompts, model.config)
     return collect(model, encoded, options, pad_value=pad_id(tokenizer)).rows
 
 
@@ -483,7 +483,7 @@ def measure(
     for cls, prompts in (("target", target), ("benign", benign)):
         if not prompts:
             raise AbliterateError(f"the {cls} prompt set is empty; expected at least one prompt.")
-        encoded = options.prompts.encode(tokenizer, prompts)
+        encoded = options.prompts.encode(tokenizer, prompts, model.config)
         collected[cls] = collect(
             model, encoded, options, pad_value=pad_value, desc=f"measure {cls}"
         )

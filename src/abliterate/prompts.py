@@ -57,6 +57,8 @@ class PromptOptions:
     seed: int = 0
     system: str | None = None
     fallback_template: bool = False
+    max_tokens: int | None = None  # None: the model's context, capped at DEFAULT_MAX_TOKENS
+    truncate: bool = False
 
     @classmethod
     def from_config(cls, section: dict) -> PromptOptions:
@@ -68,6 +70,8 @@ class PromptOptions:
             seed=section["seed"],
             system=section["system"],
             fallback_template=section["fallback_template"],
+            max_tokens=section["max_tokens"],
+            truncate=section["truncate"],
         )
 
     def load(self, source: str | Path) -> list[str]:
@@ -76,10 +80,16 @@ class PromptOptions:
             source, field=self.field, split=self.split, max_count=self.max_count, seed=self.seed
         )
 
-    def encode(self, tokenizer, prompts: list[str]) -> list[EncodedPrompt]:
-        """`encode(tokenizer, prompts)` with this system prompt and template fallback."""
+    def encode(self, tokenizer, prompts: list[str], model_config=None) -> list[EncodedPrompt]:
+        """`encode(tokenizer, prompts)` with this system prompt, template fallback and the
+        token limit (`max_tokens`, else `model_config`'s context length, capped)."""
         return encode(
-            tokenizer, prompts, system=self.system, fallback_template=self.fallback_template
+            tokenizer,
+            prompts,
+            system=self.system,
+            fallback_template=self.fallback_template,
+            max_tokens=prompt_token_limit(model_config, self.max_tokens),
+            truncate=self.truncate,
         )
 
 

@@ -152,7 +152,7 @@ def _open_evaluator(model_dir, target, benign, evaluate_config, prompts_config, 
 
     settings = eval_settings(evaluate_config, prompts_config, trust)
     model, tokenizer, _ = load_model(model_dir, settings.load)
-    target_set, benign_set = _prompt_sets(tokenizer, target, benign, settings)
+    target_set, benign_set = _prompt_sets(tokenizer, target, benign, settings, model.config)
     return Evaluator(model, tokenizer, target_set, benign_set, settings, model_dir=model_dir)
 
 

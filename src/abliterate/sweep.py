@@ -119,12 +119,12 @@ def read_chunk_details(paths: Iterable[str | Path]) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------
 
 
-def _prompt_sets(tokenizer, target_prompts, benign_prompts, settings: EvalSettings):
+def _prompt_sets(tokenizer, target_prompts, benign_prompts, settings: EvalSettings, config=None):
     """The held-out target and benign prompts, rendered as the measurement rendered them."""
     held_out = replace(settings.prompts, max_count=settings.max_prompts)
 
     def prompt_set(path):
-        return render_prompts(tokenizer, held_out.load(path), held_out)
+        return render_prompts(tokenizer, held_out.load(path), held_out, config)
 
     return prompt_set(target_prompts), prompt_set(benign_prompts)
 
@@ -183,7 +183,7 @@ def evaluate_recipes(
     settings = settings or EvalSettings()
     plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
     model, tokenizer, _ = load_model(model_dir, settings.load)
-    target, benign = _prompt_sets(tokenizer, target_prompts, benign_prompts, settings)
+    target, benign = _prompt_sets(tokenizer, target_prompts, benign_prompts, settings, model.config)
     evaluator = Evaluator(model, tokenizer, target, benign, settings, model_dir=model_dir)
     rows, samples = _evaluate_plans(evaluator, plans, recipes, columns or {})
     table = _table(rows)

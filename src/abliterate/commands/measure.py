@@ -53,6 +53,17 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="render 'User: ...\\nAssistant:' text when the tokenizer has no chat template",
     )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        help="most tokens one rendered prompt may have (default: the model's context, capped)",
+    )
+    parser.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        dest="truncate",
+        help="cut longer prompts to --max-tokens instead of refusing them",
+    )
     parser.add_argument("--position", choices=POSITIONS, default=MeasureOptions.position)
     parser.add_argument("--batch-size", type=int, default=MeasureOptions.batch_size)
     parser.add_argument("--clip", type=float, help="winsorize each dimension at this quantile")
