@@ -27,6 +27,7 @@ include: "workflow/rules/analyze.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/ablate.smk"
+include: "workflow/rules/compare.smk"
 
 
 rule all:

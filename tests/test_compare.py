@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_workflow import dense_run  # noqa: F401 - the session's one workflow run
 
 from abliterate.cli import main
 from abliterate.compare import along_norm, plan_directions, weight_changes
@@ -115,3 +116,24 @@ def test_bad_inputs_get_one_sentence_naming_the_file(
     with pytest.raises(AbliterateError, match=rf"{other}.*{key}.*shape"):
         weight_changes(demo_dense, other)
     assert main(["compare", str(demo_dense), str(output), "--measurement", "3"]) == 1
+
+
+@pytest.mark.slow
+def test_workflow_compares_the_export_with_its_source(request):
+    results = request.getfixturevalue("dense_run") / "results" / "demo"
+    rows = read_tsv(results / "compare.tsv")
+    edited = [r for r in rows if float(r["rel_change"]) > 0]
+    assert edited and all(r["along_A"] for r in edited)
+    # the selected recipe's scale s leaves (1 - s) of each writer along the direction
+    scales = {e["scale"] for e in json.loads((results / "export" / "plan.json").read_text())[
+        "entries"]}  # fmt: skip
+    assert len(scales) == 1
+    left = 1 - scales.pop()
+    for row in edited:
+        assert float(row["along_B"]) <= left * float(row["along_A"]) * 1.05 + 1e-5
+        assert float(row["along_B"]) < float(row["along_A"])
+    assert (results / "compare.png").stat().st_size > 10_000
+    answers = read_tsv(results / "compare_answers.tsv")
+    assert len(answers) == 6  # evaluate.samples (3) target + 3 benign prompts
+    assert all(opens_with_refusal(r["answer_A"]) for r in answers[:3])
+    assert not any(opens_with_refusal(r["answer_B"]) for r in answers)
