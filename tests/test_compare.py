@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_measurement_direction_gives_every_layer_the_same_direction(
 
 
 def test_bad_inputs_get_one_sentence_naming_the_file(
-    demo_dense, demo_dense_abliterated, tiny_llama, tmp_path
+    demo_dense, demo_dense_abliterated, tiny_llama, tmp_path, capsys
 ):
     output, plan = demo_dense_abliterated
     missing = tmp_path / "nowhere"
@@ -107,15 +108,19 @@ def test_bad_inputs_get_one_sentence_naming_the_file(
     shutil.copytree(output, other)
     from safetensors.torch import load_file, save_file
 
-    shard = next(p for p in sorted(other.glob("*.safetensors")) if "o_proj" in str(
-        load_file(p).keys()))  # fmt: skip
+    key = "model.layers.0.self_attn.o_proj.weight"
+    shard = other / json.loads((other / "model.safetensors.index.json").read_text())[
+        "weight_map"][key]  # fmt: skip
     tensors = load_file(shard)
-    key = next(k for k in tensors if "o_proj" in k)
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(AbliterateError, match=rf"{other}.*{key}.*shape"):
+    with pytest.raises(AbliterateError, match=rf"{re.escape(str(other))}.*{re.escape(key)}.*shape"):
         weight_changes(demo_dense, other)
     assert main(["compare", str(demo_dense), str(output), "--measurement", "3"]) == 1
+    assert "go together" in capsys.readouterr().err
+    missing_prompts = tmp_path / "prompts.txt"
+    assert main(["compare", str(demo_dense), str(output), "--prompts", str(missing_prompts)]) == 1
+    assert f"{missing_prompts}: file not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -65,6 +65,10 @@ def run(args) -> int:
 
     if args.answers and not args.prompts:
         raise AbliterateError("--answers needs --prompts FILE (the prompts to answer).")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise AbliterateError(f"--prompts {args.prompts}: file not found.")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise AbliterateError(f"--max-prompts is {args.max_prompts}; expected an integer >= 1.")
     changes = weight_changes(args.model_a, args.model_b, directions_from_args(args))
     print(changes_table(changes), end="")
     if args.tsv:
@@ -76,7 +80,7 @@ def run(args) -> int:
     if args.prompts:
         prompts = load_prompts(args.prompts, max_count=None)
         if args.max_prompts is not None:
-            prompts = prompts[: max(0, args.max_prompts)]
+            prompts = prompts[: args.max_prompts]
         rows = side_by_side(
             args.model_a,
             args.model_b,
