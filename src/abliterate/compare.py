@@ -55,7 +55,9 @@ class ComponentChange:
 # --------------------------------------------------------------------------- directions
 
 
-def plan_directions(plan_path: str | Path, model_dir: str | Path) -> dict[int | None, torch.Tensor]:
+def plan_directions(
+    plan_path: str | Path, model_dir: str | Path, layout=None
+) -> dict[int | None, torch.Tensor]:
     """layer -> the unit direction a plan edits that layer with (None: the embedding).
 
     The plan must belong to `model_dir`: every key it edits is a target there, with the
@@ -67,7 +69,7 @@ def plan_directions(plan_path: str | Path, model_dir: str | Path) -> dict[int | 
     if not Path(plan_path).is_file():
         raise AbliterateError(f"{plan_path}: plan file not found (CLI --plan).")
     plan = Plan.load(plan_path)
-    layout = inspect_checkpoint(model_dir)
+    layout = layout or inspect_checkpoint(model_dir)
     by_key = {t.key: t for t in layout.targets()}
     directions: dict[int | None, torch.Tensor] = {}
     for entry in plan.entries:
@@ -88,7 +90,7 @@ def plan_directions(plan_path: str | Path, model_dir: str | Path) -> dict[int | 
 
 
 def measurement_direction(
-    measurements_path: str | Path, index: int, model_dir: str | Path
+    measurements_path: str | Path, index: int, model_dir: str | Path, layout=None
 ) -> torch.Tensor:
     """The unit direction at measurement `index` of a measurements file (float32)."""
     from .directions import direction
@@ -97,7 +99,7 @@ def measurement_direction(
 
     if not Path(measurements_path).is_file():
         raise AbliterateError(f"{measurements_path}: measurements file not found.")
-    hidden_size = inspect_checkpoint(model_dir).hidden_size
+    hidden_size = (layout or inspect_checkpoint(model_dir)).hidden_size
     meas = load_measurements(measurements_path)
     if meas.hidden_size != hidden_size:
         raise AbliterateError(
@@ -141,12 +143,13 @@ def weight_changes(
     model_a: str | Path,
     model_b: str | Path,
     directions: dict[int | None, torch.Tensor] | torch.Tensor | None = None,
+    layout=None,
 ) -> list[ComponentChange]:
     """Per (layer, component): relative weight change and the part along the direction.
 
     `directions` is one direction for every layer, a dict layer -> direction (from a
     plan; layers it does not name get no `along` columns), or None. Tensors are read one
-    pair at a time from the two checkpoints' shards.
+    pair at a time from the two checkpoints' shards. `layout` is A's (inspected if None).
     """
     from .layout import inspect_checkpoint
     from .shards import read_checkpoint, read_tensor
@@ -155,7 +158,7 @@ def weight_changes(
     for path in (model_a, model_b):
         if not path.is_dir():
             raise AbliterateError(f"{path}: model directory not found.")
-    layout = inspect_checkpoint(model_a)
+    layout = layout or inspect_checkpoint(model_a)
     tensors_a = read_checkpoint(model_a)
     tensors_b = read_checkpoint(model_b)
     groups: dict[tuple, list] = {}

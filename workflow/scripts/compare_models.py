@@ -15,6 +15,7 @@ from abliterate.compare import (
     write_answers_tsv,
     write_changes_tsv,
 )
+from abliterate.layout import inspect_checkpoint
 from abliterate.logs import setup_logging
 from abliterate.model import LoadOptions
 from abliterate.prompts import PromptOptions
@@ -23,7 +24,9 @@ with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
     source, output = snakemake.params.model, snakemake.input.output
     evaluate = snakemake.params.evaluate
-    changes = weight_changes(source, output, plan_directions(snakemake.input.plan, source))
+    layout = inspect_checkpoint(source)
+    directions = plan_directions(snakemake.input.plan, source, layout)
+    changes = weight_changes(source, output, directions, layout=layout)
     log.write(changes_table(changes))
     write_changes_tsv(changes, snakemake.output.table)
     plot_changes(changes, snakemake.output.plot, title=f"{Path(source).name} vs its export")

@@ -36,18 +36,18 @@ def add_arguments(parser) -> None:
     add_load_arguments(parser)
 
 
-def directions_from_args(args):
+def directions_from_args(args, layout=None):
     """The direction(s) the flags name, or None; one sentence for half-given flags."""
     from ..compare import measurement_direction, plan_directions
 
     if args.plan and (args.measurements or args.measurement is not None):
         raise AbliterateError("give either --plan or --measurements with --measurement, not both.")
     if args.plan:
-        return plan_directions(args.plan, args.model_a)
+        return plan_directions(args.plan, args.model_a, layout)
     if (args.measurements is None) != (args.measurement is None):
         raise AbliterateError("--measurements and --measurement go together; give both.")
     if args.measurements:
-        return measurement_direction(args.measurements, args.measurement, args.model_a)
+        return measurement_direction(args.measurements, args.measurement, args.model_a, layout)
     return None
 
 
@@ -69,7 +69,15 @@ def run(args) -> int:
         raise AbliterateError(f"--prompts {args.prompts}: file not found.")
     if args.max_prompts is not None and args.max_prompts < 1:
         raise AbliterateError(f"--max-prompts is {args.max_prompts}; expected an integer >= 1.")
-    changes = weight_changes(args.model_a, args.model_b, directions_from_args(args))
+    from ..layout import inspect_checkpoint
+
+    for path in (args.model_a, args.model_b):
+        if not Path(path).is_dir():
+            raise AbliterateError(f"{path}: model directory not found.")
+    layout = inspect_checkpoint(args.model_a)
+    changes = weight_changes(
+        args.model_a, args.model_b, directions_from_args(args, layout), layout=layout
+    )
     print(changes_table(changes), end="")
     if args.tsv:
         write_changes_tsv(changes, args.tsv)
