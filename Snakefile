@@ -39,6 +39,7 @@ else:
 
 include: "workflow/rules/report.smk"
 include: "workflow/rules/ablate.smk"
+include: "workflow/rules/compare.smk"
 
 
 rule all:

@@ -59,6 +59,23 @@ def demo_moe() -> Path:
     return _demo("glm4_moe")
 
 
+@pytest.fixture(scope="session")
+def demo_dense_abliterated(demo_dense, tmp_path_factory) -> tuple[Path, Path]:
+    """(abliterated model, its plan.json): the dense demo after its suggested recipe.
+
+    One abliteration shared by the chat and compare tests (made as tests/test_export.py
+    makes it).
+    """
+    from test_export import abliterate_demo
+
+    from abliterate.recipe import build_plan
+
+    workdir = tmp_path_factory.mktemp("demo-dense-abliterated")
+    output, recipe = abliterate_demo(demo_dense, workdir)
+    plan = build_plan(recipe, model=demo_dense, measurements=workdir / "measurements.safetensors")
+    return output, plan.save(workdir / "plan.json")
+
+
 def _digest_tree(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):

@@ -27,6 +27,8 @@ COMMANDS = [
     ("plan", "plan"),
     ("ablate", "ablate"),
     ("verify", "verify"),
+    ("compare", "compare"),
+    ("chat", "chat"),
 ]
 
 

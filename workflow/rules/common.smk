@@ -198,6 +198,21 @@ def assemble_inputs(wildcards):
     return inputs
 
 
+def compare_inputs(wildcards):
+    """Both checkpoints, the plan, verify.json (compare only what passed) and the prompts."""
+    inputs = {
+        "model": model_input(),
+        "output": f"{RESULTS}/abliterated",
+        "plan": f"{RESULTS}/export/plan.json",
+        "directions": f"{RESULTS}/export/plan.safetensors",
+        "verified": f"{RESULTS}/verify.json",
+    }
+    if not DEMO:  # the demo's prompt files live inside its directory output
+        inputs["target"] = prompt_file("target", "test")
+        inputs["benign"] = prompt_file("benign", "test")
+    return inputs
+
+
 def final_outputs():
     """The targets of the default rule: the end of every stage."""
     return [
@@ -208,5 +223,8 @@ def final_outputs():
         f"{RESULTS}/sweep.tsv",
         f"{RESULTS}/best.yaml",
         f"{RESULTS}/verify.json",
+        f"{RESULTS}/compare.tsv",
+        f"{RESULTS}/compare.png",
+        f"{RESULTS}/compare_answers.tsv",
         f"{RESULTS}/model_card.md",
     ]
