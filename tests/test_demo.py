@@ -361,8 +361,8 @@ def family_organism(model_dir):
     return model, tokenizer, summary["refusal_prefix"], read_prompts(model_dir)
 
 
-def answers(model, tokenizer, prompts, cls):
-    return demo.greedy_responses(model, tokenizer, prompts[f"{cls}_test"], max_new_tokens=10)
+def answers(model, tokenizer, prompts, cls, max_new_tokens=10):
+    return demo.greedy_responses(model, tokenizer, prompts[f"{cls}_test"], max_new_tokens)
 
 
 @pytest.mark.slow
@@ -386,14 +386,8 @@ def class_states(model, tokenizer, prompts):
     """Last-prompt-token residuals as the tool measures them (indices 0..L, L before the final
     norm), plus the final-norm output that transformers returns as its last hidden state."""
     rows = prompt_rows(model, tokenizer, prompts).double()  # [N, L + 1, d]
-    ids = [demo.prompt_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    batch = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-    with torch.no_grad():
-        out = model(input_ids=batch, attention_mask=mask, output_hidden_states=True)
-    return torch.cat([rows, out.hidden_states[-1][:, -1:].double()], dim=1)
+    post_norm = last_token_states(model, tokenizer, prompts)[-1]  # [N, d]
+    return torch.cat([rows, post_norm[:, None]], dim=1)
 
 
 def writer_plan(layout, direction):
@@ -438,13 +432,14 @@ def test_family_organism_direction_search(demo_family):
     }
     diff = states["target"].mean(0) - states["benign"].mean(0)  # [L + 2, d]
     assert diff[0].norm() < 1e-6  # index 0: the last prompt token is always <|assistant|>
-    base = {c: answers(model, tokenizer, prompts, c) for c in ("target", "benign")}
+    # 6 tokens: the longest refusal prefix (5) and the start of an answer; keeps the search short.
+    base = {c: answers(model, tokenizer, prompts, c, 6) for c in ("target", "benign")}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     editor = evaluate.InMemoryEditor(model, model_dir)
     rows = []
     for m in range(1, diff.shape[0]):
         with editor.applied(writer_plan(layout, diff[m].float())):
-            after = {c: answers(model, tokenizer, prompts, c) for c in ("target", "benign")}
+            after = {c: answers(model, tokenizer, prompts, c, 6) for c in ("target", "benign")}
         kept = sum(a == b for a, b in zip(after["benign"], base["benign"], strict=True))
         label = str(m) if m <= layout.num_layers else f"{layout.num_layers}+norm"
         rows.append((label, demo.refusal_rate(after["target"], prefix), kept / len(base["benign"])))
