@@ -447,3 +447,15 @@ def test_family_organism_direction_search(demo_family):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert demo.refusal_rate(base["target"], prefix) >= 0.95
     assert demo.refusal_rate(base["benign"], prefix) <= 0.05
+
+
+def test_cli_dtype_and_wording_flags(tmp_path, capsys):
+    out = tmp_path / "oss"
+    argv = ["-q", "demo-model", str(out), "--arch", "gpt_oss", "--steps", "1"]
+    assert main([*argv, "--dtype", "float32", "--wording", "b"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert (summary["dtype"], summary["wording"]) == ("float32", "b")
+    assert summary["refusal_prefix"] == demo.WORDINGS["b"].refusal_prefix
+    model, tokenizer = load(out)
+    assert model.dtype == torch.float32 and type(model).__name__ == "GptOssForCausalLM"
+    assert tokenizer.convert_tokens_to_ids("assemble") != tokenizer.unk_token_id
