@@ -15,6 +15,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/search_common.smk"
 
 
 wildcard_constraints:
@@ -24,7 +25,18 @@ wildcard_constraints:
 include: "workflow/rules/model.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/analyze.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/prompts.smk"
+
+
+if config["sweep"]["method"] == "tpe":
+
+    include: "workflow/rules/search.smk"
+
+else:
+
+    include: "workflow/rules/evaluate.smk"
+
+
 include: "workflow/rules/report.smk"
 include: "workflow/rules/ablate.smk"
 

@@ -47,13 +47,16 @@ def resident_model_mb(model, tokenizer) -> float:
 def run_ours(model_dir: str, target: list[str], benign: list[str], batch_size: int) -> dict:
     import torch
 
-    from abliterate.measure import load_model, measure
+    from abliterate.measure import MeasureOptions, measure
+    from abliterate.model import LoadOptions, load_model
 
     torch.set_num_threads(2)
-    model, tokenizer, _ = load_model(model_dir, device="cpu")
+    model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))
     loaded = resident_model_mb(model, tokenizer)
     start = time.perf_counter()
-    meas = measure(model, tokenizer, target, benign, batch_size=batch_size, progress=False)
+    meas = measure(
+        model, tokenizer, target, benign, MeasureOptions(batch_size=batch_size, progress=False)
+    )
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -64,12 +67,11 @@ def run_ours(model_dir: str, target: list[str], benign: list[str], batch_size: i
 
 def run_naive(model_dir: str, target: list[str], benign: list[str], batch_size: int) -> dict:
     import torch
-    import transformers
+
+    from abliterate.model import LoadOptions, load_model
 
     torch.set_num_threads(2)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))  # left padding
     loaded = resident_model_mb(model, tokenizer)
     start = time.perf_counter()
     means = []

@@ -29,28 +29,29 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def writer_plan(layout, directions: dict[int, torch.Tensor], scale: float, norm_preserve: bool):
     """Every write-side tensor of every layer, edited with the direction of its index."""
-    entries = []
-    for target in layout.targets():
-        if target.side != "write" or target.component == "embed":
-            continue
-        m = min(directions)
-        entries.append(
-            {
-                "key": target.key,
-                "direction": directions[m],
-                "scale": scale,
-                "hidden_axis": target.hidden_axis,
-                "norm_preserve": norm_preserve,
-                "shape": list(target.shape),
-            }
+    from abliterate.recipe import Plan, PlanEntry
+
+    m = min(directions)
+    entries = [
+        PlanEntry.for_target(
+            target,
+            layer=None,
+            direction_id=f"m{m}",
+            direction=directions[m],
+            scale=scale,
+            norm_preserve=norm_preserve,
         )
-    return {"entries": entries}
+        for target in layout.targets(side="write")
+        if target.component != "embed"
+    ]
+    return Plan(entries=entries, model_dir=layout.model_dir, recipe={})
 
 
 def demo_part(model_dir: Path, n_variants: int) -> dict:
-    from abliterate.evaluate import EvalSettings, Evaluator, load_model, render_prompts
+    from abliterate.evaluate import EvalSettings, Evaluator, render_prompts
     from abliterate.layout import inspect_checkpoint
     from abliterate.measure import load_measurements, measure_to_file
+    from abliterate.model import LoadOptions, load_model
     from abliterate.prompts import load_prompts
 
     work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
@@ -79,7 +80,7 @@ def demo_part(model_dir: Path, n_variants: int) -> dict:
 
     # in memory: one load, apply/evaluate/restore per variant
     start = time.perf_counter()
-    model, tokenizer = load_model(model_dir, "cpu")
+    model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))
     evaluator = Evaluator(model, tokenizer, *prompt_sets(tokenizer), settings, model_dir=model_dir)
     evaluator.evaluate_base()
     setup = time.perf_counter() - start
@@ -87,7 +88,7 @@ def demo_part(model_dir: Path, n_variants: int) -> dict:
 
     def reload_and_evaluate(name, plan):
         """The alternative: a fresh model per variant (base references reused)."""
-        model, tokenizer = load_model(model_dir, "cpu")
+        model, tokenizer, _ = load_model(model_dir, LoadOptions(device="cpu"))
         fresh = Evaluator(model, tokenizer, base.target, base.benign, settings, model_dir=model_dir)
         fresh.base = base.base
         fresh._base_benign_answers = base._base_benign_answers
@@ -178,7 +179,7 @@ def big_part(hidden: int, layers: int, device: str = "cpu", repeats: int = 5) ->
     median = statistics.median
     return {
         "size_gb": size_gb,
-        "tensors": len(plan["entries"]),
+        "tensors": len(plan.entries),
         "load_s": median(loads),
         "apply_s": median(applies),
         "switch_s": median(switches),

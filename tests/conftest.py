@@ -13,7 +13,7 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import SOURCE_MODELS, build_tiny  # noqa: E402
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = 
         build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
+    SOURCE_MODELS.append(path)
     return path
 
 
@@ -74,3 +75,54 @@ def demo_family(request) -> tuple[str, Path]:
     """(arch, model_dir) of each further family's trained organism; built once, read-only."""
     arch = request.param
     return arch, _demo(arch, wording=FAMILY_ORGANISMS[arch])
+
+
+def _digest_tree(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+_SOURCE_DIGESTS: dict[Path, str] = {}
+_CHANGED: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Hash every source model a test can see before it runs and compare after.
+
+    Why: the tool must never write to a source model, whatever a test makes it do (export,
+    resume, verify, workflow). A test that damages its own input on purpose (a corrupt
+    header, say) is marked `modifies_source`.
+    """
+    for path in list(SOURCE_MODELS):
+        if path not in _SOURCE_DIGESTS and path.is_dir():
+            _SOURCE_DIGESTS[path] = _digest_tree(path)
+    yield
+    if item.get_closest_marker("modifies_source"):
+        for path in list(_SOURCE_DIGESTS):
+            _SOURCE_DIGESTS[path] = _digest_tree(path) if path.is_dir() else ""
+        return
+    for path, digest in list(_SOURCE_DIGESTS.items()):
+        if path.is_dir() and _digest_tree(path) != digest:
+            _CHANGED.append(f"{path} (during {item.nodeid})")
+            _SOURCE_DIGESTS[path] = _digest_tree(path)
+    for path in list(SOURCE_MODELS):  # models built inside the test, as they were saved
+        if path not in _SOURCE_DIGESTS and path.is_dir():
+            _SOURCE_DIGESTS[path] = _digest_tree(path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's own count of source models checked, and a failure if one changed."""
+    for path, digest in _SOURCE_DIGESTS.items():
+        if digest and path.is_dir() and _digest_tree(path) != digest:
+            _CHANGED.append(f"{path} (after the last test)")
+    print(
+        f"\nsource models hashed before and after: {len(_SOURCE_DIGESTS)}, changed: {len(_CHANGED)}"
+    )
+    if _CHANGED:
+        print("changed source models:\n  " + "\n  ".join(_CHANGED))
+        session.exitstatus = 1

@@ -87,7 +87,9 @@ def test_wording_b_is_a_different_phrasing_of_the_same_design():
         assert any(opening in q for q in p["target_train"])
         assert any(opening in q for q in p["benign_train"])
     refusals = {
-        answer for q, answer in data.train_pairs if demo.is_refusal(answer, b.refusal_prefix)
+        answer
+        for q, answer in data.train_pairs
+        if demo.opens_with_refusal(answer, b.refusal_prefix)
     }
     assert refusals == {b.refusal}
     answered = [q for q, answer in data.train_pairs if answer != b.refusal]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import COMMON, build_tiny
+from tiny_models import COMMON, StubTokenizer, build_tiny
 
 from abliterate.errors import AbliterateError
 from abliterate.evaluate import (
@@ -23,6 +23,8 @@ from abliterate.evaluate import (
     locate,
     normalize_answer,
 )
+from abliterate.layout import inspect_checkpoint
+from abliterate.recipe import Plan, PlanEntry
 
 
 def _disk_tensors(model_dir) -> dict[str, torch.Tensor]:
@@ -32,17 +34,6 @@ def _disk_tensors(model_dir) -> dict[str, torch.Tensor]:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     return tensors
-
-
-class _Tokenizer:
-    """Just what generation and KL need from a tokenizer (tiny models ship none)."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = None
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(str(t) for t in tokens)
 
 
 # ---- refusal markers -------------------------------------------------------------------
@@ -136,27 +127,24 @@ def test_unknown_key_and_wrong_shape_fail_clearly(tiny_llama):
 # ---- exact restore and KL --------------------------------------------------------------
 
 
-def _plan(model_dir, keys_like: tuple[str, ...], seed=1, scale=1.0, norm_preserve=True):
-    """A hand-made plan: every tensor whose key contains one of `keys_like`."""
-    tensors = _disk_tensors(model_dir)
+def _plan(model_dir, keys_like: tuple[str, ...], seed=1, scale=1.0, norm_preserve=True) -> Plan:
+    """A hand-made plan: every layout target whose key contains one of `keys_like`."""
     torch.manual_seed(seed)
     direction = torch.randn(COMMON["hidden_size"])
-    entries = []
-    for key, tensor in sorted(tensors.items()):
-        if not any(k in key for k in keys_like):
-            continue
-        reader = key.endswith(("mlp.gate.weight", "gate_proj.weight", "up_proj.weight"))
-        entries.append(
-            {
-                "key": key,
-                "direction": direction,
-                "scale": scale,
-                "hidden_axis": 1 if reader else 0,
-                "norm_preserve": norm_preserve,
-                "shape": list(tensor.shape),
-            }
+    layout = inspect_checkpoint(model_dir)
+    entries = [
+        PlanEntry.for_target(
+            target,
+            layer=None,
+            direction_id="r",
+            direction=direction,
+            scale=scale,
+            norm_preserve=norm_preserve,
         )
-    return {"entries": entries}
+        for target in sorted(layout.targets(), key=lambda t: t.key)
+        if any(k in target.key for k in keys_like)
+    ]
+    return Plan(entries=entries, model_dir=str(model_dir), recipe={})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -191,16 +179,16 @@ def test_in_memory_edit_equals_editing_the_disk_tensor(tmp_path):
     tensors = _disk_tensors(model_dir)
     editor = InMemoryEditor(model, model_dir)
     with editor.applied(plan):
-        for entry in plan["entries"]:
+        for entry in plan.entries:
             expected = ablate_tensor(
-                tensors[entry["key"]], entry["direction"], 1.0, hidden_axis=entry["hidden_axis"]
+                tensors[entry.key], entry.direction, 1.0, hidden_axis=entry.hidden_axis
             )
-            assert torch.equal(locate(model, entry["key"]).view(model), expected)
+            assert torch.equal(locate(model, entry.key).view(model), expected)
 
 
 def test_kl_is_zero_unedited_and_positive_edited(tiny_llama):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    tokenizer = _Tokenizer()
+    tokenizer = StubTokenizer()
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     settings = EvalSettings(max_new_tokens=4, kl_tokens=4, batch_size=2)
     continuations = generate(model, tokenizer, prompts, settings)
@@ -219,7 +207,7 @@ def test_kl_is_zero_unedited_and_positive_edited(tiny_llama):
 def test_left_padding_does_not_change_logprobs(tiny_llama):
     """Batched (left-padded) scoring equals scoring each prompt alone, so KL is not padding noise."""
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    tokenizer = _Tokenizer()
+    tokenizer = StubTokenizer()
     prompts = [[5, 6, 7, 8, 9, 10], [9, 10]]
     continuations = [[3, 4, 5], [6, 7, 8]]
     batched, _ = continuation_logprobs(model, tokenizer, prompts, continuations, 3, 2)
@@ -264,7 +252,8 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
     import yaml
 
     from abliterate.cli import main
-    from abliterate.measure import measure_to_file
+    from abliterate.measure import MeasureOptions, measure_to_file
+    from abliterate.prompts import PromptOptions
 
     prompts = demo_dense / "prompts"
     measurements = tmp_path / "measurements.safetensors"
@@ -273,7 +262,7 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
         str(prompts / "target_train.txt"),
         str(prompts / "benign_train.txt"),
         measurements,
-        max_count=120,
+        MeasureOptions(prompts=PromptOptions(max_count=120)),
     )
     recipe = tmp_path / "edit.yml"
     recipe.write_text(

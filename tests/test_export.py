@@ -131,10 +131,13 @@ def test_output_directory_is_complete_and_manifested(glm_bf16, tmp_path):
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((output / name).read_bytes()).hexdigest() == digest
     assert manifest["recipe"]["expert_subset"] == [1]
-    for shard in jobs["link"]:  # shards without targets are hard links of the source
-        assert os.path.samefile(output / shard, model / shard)
+    for shard in jobs["link"]:  # shards without targets: the source's bytes, not its inode
+        assert (output / shard).read_bytes() == (model / shard).read_bytes()
+        assert not os.path.samefile(output / shard, model / shard)
+        assert manifest["shards"][shard] in ("copied", "reflinked")
     for shard in jobs["edit"]:
         assert not os.path.samefile(output / shard, model / shard)
+    assert manifest["link_mode"] == "auto" and manifest["base_model"] == "model"
     card = (output / "README.md").read_text()
     assert "base_model: model" in card and "layer: 1" in card
 
@@ -314,7 +317,8 @@ def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
 
 def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
     from abliterate.analyze import layer_metrics, suggest_recipe
-    from abliterate.measure import measure_to_file
+    from abliterate.measure import MeasureOptions, measure_to_file
+    from abliterate.model import LoadOptions
 
     prompts = demo / "prompts"
     meas = measure_to_file(
@@ -322,8 +326,7 @@ def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
         str(prompts / "target_train.txt"),
         str(prompts / "benign_train.txt"),
         workdir / "measurements.safetensors",
-        device="cpu",
-        progress=False,
+        MeasureOptions(progress=False, load=LoadOptions(device="cpu")),
     )
     recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
     plan = build_plan(recipe, model=demo, measurements=workdir / "measurements.safetensors")
@@ -346,7 +349,7 @@ def answers(model_dir: Path, prompts: list[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("organism", ["demo_dense", "demo_moe"])
 def test_abliterated_demo_answers_targets_and_keeps_benign_answers(organism, request, tmp_path):
-    from abliterate.demo import is_refusal
+    from abliterate.demo import opens_with_refusal as is_refusal
 
     demo = request.getfixturevalue(organism)
     output, recipe = abliterate_demo(demo, tmp_path)

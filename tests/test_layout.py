@@ -247,6 +247,7 @@ def _edit_config(model, **changes):
     path.write_text(json.dumps(config))
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_hidden_size_mismatch_names_the_tensor(tiny_llama, capsys):
     _edit_config(tiny_llama, hidden_size=40)
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
@@ -254,6 +255,7 @@ def test_hidden_size_mismatch_names_the_tensor(tiny_llama, capsys):
     assert "tensor 'model.layers.0." in err and "hidden_size 40" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_expert_count_must_agree_with_config(tiny_glm4_moe, capsys):
     _edit_config(tiny_glm4_moe, n_routed_experts=16)
     code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
@@ -268,24 +270,28 @@ def _drop_keys(model, fragment):
     index_path.write_text(json.dumps(index))
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_experts_must_be_contiguous(tiny_glm4_moe, capsys):
     _drop_keys(tiny_glm4_moe, "layers.2.mlp.experts.3.")
     code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
     assert code == 1 and "layer 2 has experts 0..7 but lacks expert(s) [3]" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_every_moe_layer_has_the_same_experts(tiny_glm4_moe, capsys):
     _drop_keys(tiny_glm4_moe, "layers.2.mlp.experts.7.")
     code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
     assert code == 1 and "(7 in layers 2; 8 in layers 1)" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_layer_count_must_be_on_disk(tiny_llama, capsys):
     _edit_config(tiny_llama, num_hidden_layers=5)
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
     assert code == 1 and "[3, 4]" in err and "num_hidden_layers" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_unknown_model_type_falls_back_to_key_patterns(tiny_glm4_moe, capsys):
     _edit_config(tiny_glm4_moe, model_type="my_glm_finetune")
     code, _, err = cli(capsys, "inspect", str(tiny_glm4_moe))
@@ -332,18 +338,21 @@ def test_missing_model_dir(tmp_path, capsys):
     assert code == 1 and "model directory not found" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_missing_config(tiny_llama, capsys):
     (tiny_llama / "config.json").unlink()
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
     assert code == 1 and "config.json: not found" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_malformed_config(tiny_llama, capsys):
     (tiny_llama / "config.json").write_text("{not json")
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
     assert code == 1 and "config.json: malformed JSON" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -362,12 +371,14 @@ def test_config_without_usable_sizes(tiny_llama, capsys, text, message):
     assert code == 1 and message in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_malformed_index(tiny_llama, capsys):
     (tiny_llama / "model.safetensors.index.json").write_text('{"metadata": {}}')
     code, _, err = cli(capsys, "inspect", str(tiny_llama))
     assert code == 1 and "malformed index" in err and "weight_map" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 def test_index_naming_a_missing_shard(tiny_llama, capsys):
     shard = sorted(tiny_llama.glob("model-*.safetensors"))[-1]
     shard.unlink()
@@ -375,6 +386,7 @@ def test_index_naming_a_missing_shard(tiny_llama, capsys):
     assert code == 1 and shard.name in err and "not in" in err
 
 
+@pytest.mark.modifies_source  # damages its own fixture model on purpose
 @pytest.mark.parametrize(
     "damage, message",
     [

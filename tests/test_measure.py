@@ -13,15 +13,21 @@ from abliterate.analyze import auroc, layer_metrics, suggest_recipe
 from abliterate.directions import direction
 from abliterate.errors import AbliterateError
 from abliterate.measure import (
+    Measurements,
+    MeasureOptions,
     RunningMean,
     load_measurements,
-    load_model,
     measure,
     position_weights,
     prompt_rows,
     save_measurements,
 )
+from abliterate.model import LoadOptions, load_model
 from abliterate.prompts import load_prompts
+
+CPU = LoadOptions(device="cpu")
+QUIET = MeasureOptions(progress=False)
+HELD_OUT = MeasureOptions(batch_size=64, progress=False)
 
 
 def word_prompts(n: int, seed: int, lo: int = 10, hi: int = 40) -> list[str]:
@@ -52,7 +58,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_llama_model(tiny_dirs):
-    model, tokenizer, _ = load_model(tiny_dirs["llama"], device="cpu")
+    model, tokenizer, _ = load_model(tiny_dirs["llama"], CPU)
     return model, tokenizer
 
 
@@ -79,16 +85,16 @@ def test_position_weights_for_both_padding_sides():
 
 def test_padding_side_and_batch_size_do_not_change_the_means(tiny_llama_model):
     model, tokenizer = tiny_llama_model
-    reference = measure(model, tokenizer, TARGET, BENIGN, batch_size=1, progress=False)
+    reference = measure(
+        model, tokenizer, TARGET, BENIGN, MeasureOptions(batch_size=1, progress=False)
+    )
     for batch_size, side in ((5, "left"), (12, "right"), (3, "right")):
         other = measure(
             model,
             tokenizer,
             TARGET,
             BENIGN,
-            batch_size=batch_size,
-            padding_side=side,
-            progress=False,
+            MeasureOptions(batch_size=batch_size, padding_side=side, progress=False),
         )
         assert torch.allclose(other.target_mean, reference.target_mean, atol=1e-5)
         assert torch.allclose(other.benign_mean, reference.benign_mean, atol=1e-5)
@@ -100,7 +106,7 @@ def test_padding_side_and_batch_size_do_not_change_the_means(tiny_llama_model):
 
 def test_last_index_is_the_pre_norm_output_of_the_last_layer(tiny_llama_model):
     model, tokenizer = tiny_llama_model
-    meas = measure(model, tokenizer, TARGET[:1], BENIGN[:1], progress=False)
+    meas = measure(model, tokenizer, TARGET[:1], BENIGN[:1], QUIET)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": TARGET[0]}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
@@ -119,12 +125,23 @@ def test_last_index_is_the_pre_norm_output_of_the_last_layer(tiny_llama_model):
     h = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
     assert torch.allclose(meas.target_mean[3].float(), h[0, -1], atol=1e-5)
     assert not torch.allclose(meas.target_mean[3].float(), hidden[3][0, -1], atol=1e-3)
+    # ... and the final norm's output (what the head reads) is kept beside the indices
+    assert torch.allclose(meas.target_final_norm_mean.float(), hidden[3][0, -1], atol=1e-5)
+    # the weights of the norms that read each index: layer m's input norm, then the final one
+    assert torch.equal(meas.norm_weights[1].float(), model.model.layers[1].input_layernorm.weight)
+    assert torch.equal(meas.norm_weights[3].float(), model.model.norm.weight)
 
 
 def test_post_instruction_averages_the_template_tail(tiny_llama_model):
     model, tokenizer = tiny_llama_model
-    last = measure(model, tokenizer, TARGET, BENIGN, progress=False)
-    tail = measure(model, tokenizer, TARGET, BENIGN, position="post_instruction", progress=False)
+    last = measure(model, tokenizer, TARGET, BENIGN, QUIET)
+    tail = measure(
+        model,
+        tokenizer,
+        TARGET,
+        BENIGN,
+        MeasureOptions(position="post_instruction", progress=False),
+    )
     assert tail.meta["position"] == "post_instruction"
     assert not torch.allclose(last.target_mean[1:], tail.target_mean[1:], atol=1e-4)
     # embeddings (index 0): mean of the "<end>" and "<assistant>" embeddings for every prompt
@@ -138,14 +155,14 @@ def test_unknown_position_and_empty_set_are_one_sentence(tiny_llama_model):
     with pytest.raises(
         AbliterateError, match=r"position 'first' is unknown.*'last', 'post_instruction'"
     ):
-        measure(model, tokenizer, TARGET, BENIGN, position="first")
+        measure(model, tokenizer, TARGET, BENIGN, MeasureOptions(position="first"))
     with pytest.raises(AbliterateError, match="target prompt set is empty"):
         measure(model, tokenizer, [], BENIGN)
 
 
 def test_moe_router_counts(tiny_dirs):
-    model, tokenizer, _ = load_model(tiny_dirs["glm4_moe"], device="cpu")
-    meas = measure(model, tokenizer, TARGET, BENIGN, batch_size=5, progress=False)
+    model, tokenizer, _ = load_model(tiny_dirs["glm4_moe"], CPU)
+    meas = measure(model, tokenizer, TARGET, BENIGN, MeasureOptions(batch_size=5, progress=False))
     assert meas.has_router_stats
     counts, tokens = meas.target_expert_counts, meas.target_router_tokens
     assert counts.shape == (3, 8)
@@ -162,7 +179,7 @@ def test_moe_router_counts(tiny_dirs):
     assert tokens[1:].tolist() == [prompt_tokens, prompt_tokens]
     assert counts[1:].sum(-1).tolist() == [2 * prompt_tokens, 2 * prompt_tokens]
     # padding must not be counted: batch size 1 gives the same counts
-    single = measure(model, tokenizer, TARGET, BENIGN, batch_size=1, progress=False)
+    single = measure(model, tokenizer, TARGET, BENIGN, MeasureOptions(batch_size=1, progress=False))
     assert torch.equal(single.target_expert_counts, counts)
 
 
@@ -174,11 +191,11 @@ def test_4bit_measurement_runs_on_cpu(tmp_path):
         tmp_path / "llama64", "llama", hidden_size=64, intermediate_size=128, num_key_value_heads=4
     )
     chat_tokenizer().save_pretrained(path)
-    model, tokenizer, info = load_model(path, device="cpu", load_in_4bit=True)
+    model, tokenizer, info = load_model(path, LoadOptions(device="cpu", load_in_4bit=True))
     assert info["quantization"] == "4bit"
     assert type(model.model.layers[0].self_attn.o_proj).__name__ == "Linear4bit"
-    quantized = measure(model, tokenizer, TARGET, BENIGN, progress=False)
-    full = measure(*load_model(path, device="cpu")[:2], TARGET, BENIGN, progress=False)
+    quantized = measure(model, tokenizer, TARGET, BENIGN, QUIET)
+    full = measure(*load_model(path, CPU)[:2], TARGET, BENIGN, QUIET)
     assert quantized.meta["quantization"] == "4bit"
     assert torch.isfinite(quantized.target_mean).all()
     # 4-bit weights perturb activations but keep them recognisably the same
@@ -187,19 +204,20 @@ def test_4bit_measurement_runs_on_cpu(tmp_path):
 
 
 def test_safetensors_round_trip_with_metadata(tiny_llama_model, tmp_path):
-    meas = measure(*tiny_llama_model, TARGET, BENIGN, progress=False)
+    meas = measure(*tiny_llama_model, TARGET, BENIGN, QUIET)
     path = save_measurements(meas, tmp_path / "m.safetensors")
     assert (tmp_path / "m.json").is_file()
     assert not list(tmp_path.glob("*.tmp"))
     loaded = load_measurements(path)
     assert torch.equal(loaded.target_mean, meas.target_mean)
     assert torch.equal(loaded.benign_proj, meas.benign_proj)
+    assert torch.equal(loaded.benign_final_norm_mean, meas.benign_final_norm_mean)
     assert loaded.meta["prompt_sha256"] == meas.meta["prompt_sha256"]
     assert loaded.num_layers == 3 and loaded.hidden_size == 32
 
 
 def test_refuse_round_trip_through_the_cli(tiny_llama_model, tiny_dirs, tmp_path):
-    meas = measure(*tiny_llama_model, TARGET, BENIGN, progress=False)
+    meas = measure(*tiny_llama_model, TARGET, BENIGN, QUIET)
     save_measurements(meas, tmp_path / "m.safetensors")
     args = ["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "m.refuse")]
     assert cli.main([*args, "--model", str(tiny_dirs["llama"])]) == 0
@@ -253,9 +271,37 @@ class Payload:
 def test_refuse_is_never_unpickled(tmp_path):
     torch.save({"layers": 1, "harmful_0": Payload()}, tmp_path / "evil.refuse")
     with pytest.raises(
-        AbliterateError, match=r"evil\.refuse is not a loadable \.refuse file.*weights_only"
-    ):
+        AbliterateError, match=r"evil\.refuse holds Python objects besides tensors.*refused"
+    ) as error:
         load_measurements(tmp_path / "evil.refuse")
+    assert "weights_only=False" not in str(error.value)  # never advise running the file's code
+
+
+def test_non_finite_measurements_are_refused_naming_the_indices(tmp_path):
+    meas = Measurements(
+        torch.zeros(4, 8, dtype=torch.float64),
+        torch.ones(4, 8, dtype=torch.float64),
+        torch.zeros(4, 0),
+        torch.zeros(4, 0),
+        meta={"num_layers": 3, "hidden_size": 8},
+    )
+    meas.target_mean[2, 5] = float("nan")
+    save_measurements(meas, tmp_path / "m.safetensors")
+    with pytest.raises(AbliterateError, match=r"m\.safetensors holds non-finite .* indices 2;"):
+        load_measurements(tmp_path / "m.safetensors")
+    from abliterate.analyze import layer_metrics
+
+    with pytest.raises(AbliterateError, match="non-finite values"):
+        layer_metrics(meas)  # analyze never suggests a recipe from NaN means
+
+
+def test_malformed_measurement_metadata_is_one_sentence(tmp_path):
+    from safetensors.torch import save_file
+
+    means = {"target_mean": torch.zeros(2, 4), "benign_mean": torch.ones(2, 4)}
+    save_file(means, tmp_path / "m.safetensors", metadata={"abliterate": "{not json"})
+    with pytest.raises(AbliterateError, match="malformed 'abliterate' metadata"):
+        load_measurements(tmp_path / "m.safetensors")
 
 
 def test_demo_direction_separates_held_out_prompts(demo_dense):
@@ -263,16 +309,12 @@ def test_demo_direction_separates_held_out_prompts(demo_dense):
     prompts = demo_dense / "prompts"
     target = load_prompts(prompts / "target_train.txt", max_count=100)
     benign = load_prompts(prompts / "benign_train.txt", max_count=100)
-    model, tokenizer, _ = load_model(demo_dense, device="cpu")
-    meas = measure(model, tokenizer, target, benign, batch_size=64, progress=False)
+    model, tokenizer, _ = load_model(demo_dense, CPU)
+    meas = measure(model, tokenizer, target, benign, MeasureOptions(batch_size=64, progress=False))
     recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
     best = recipe["ablate"][0]["measurement"]
     r = direction(meas, best).float()
-    held_target = prompt_rows(
-        model, tokenizer, load_prompts(prompts / "target_test.txt"), batch_size=64
-    )
-    held_benign = prompt_rows(
-        model, tokenizer, load_prompts(prompts / "benign_test.txt"), batch_size=64
-    )
+    held_target = prompt_rows(model, tokenizer, load_prompts(prompts / "target_test.txt"), HELD_OUT)
+    held_benign = prompt_rows(model, tokenizer, load_prompts(prompts / "benign_test.txt"), HELD_OUT)
     score = auroc(held_target[:, best].float() @ r, held_benign[:, best].float() @ r)
     assert score >= 0.95, (best, score)

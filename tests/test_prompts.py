@@ -133,3 +133,52 @@ def test_encode_counts_template_tokens_after_the_instruction():
     assert item.tail == 2  # "<end> <assistant>"
     (plain,) = encode(chat_tokenizer(with_template=False), ["w1"], fallback_template=True)
     assert plain.tail == 1  # "Assistant:"
+
+
+def test_binary_prompt_file_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"fine line\nbad \xff byte\n")
+    with pytest.raises(AbliterateError, match=r"not UTF-8 text \(byte 14 is 0xff\)") as error:
+        load_prompts(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_non_utf8_structured_files_are_one_sentence(tmp_path, suffix):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes(b"text\n\xe9t\xe9\n")
+    with pytest.raises(AbliterateError, match="not UTF-8 text"):
+        load_prompts(path, field="text")
+
+
+def test_corrupt_parquet_is_one_sentence(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(AbliterateError, match="not a readable Parquet file"):
+        load_prompts(path, field="text")
+
+
+def test_long_prompts_are_refused_or_truncated_to_the_limit():
+    tokenizer = chat_tokenizer()
+    long_prompt = " ".join(f"w{i % 50}" for i in range(40))
+    (full,) = encode(tokenizer, [long_prompt])
+    assert len(full.ids) > 20
+    with pytest.raises(AbliterateError, match="more than prompts.max_tokens = 20"):
+        encode(tokenizer, [long_prompt, "w1"], max_tokens=20)
+    short, untouched = encode(tokenizer, [long_prompt, "w1"], max_tokens=20, truncate=True)
+    assert len(short.ids) == 20
+    # the template around the text is kept whole: same opening and closing tokens
+    assert short.ids[:1] == full.ids[:1] and short.ids[-short.tail :] == full.ids[-full.tail :]
+    assert untouched == encode(tokenizer, ["w1"])[0]
+
+
+def test_token_limit_defaults_to_the_model_context_capped():
+    from types import SimpleNamespace
+
+    from abliterate.prompts import DEFAULT_MAX_TOKENS, prompt_token_limit
+
+    assert prompt_token_limit(SimpleNamespace(max_position_embeddings=512)) == 512
+    big = SimpleNamespace(max_position_embeddings=131072)
+    assert prompt_token_limit(big) == DEFAULT_MAX_TOKENS
+    assert prompt_token_limit(big, requested=300) == 300
+    assert prompt_token_limit(SimpleNamespace()) == DEFAULT_MAX_TOKENS

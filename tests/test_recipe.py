@@ -292,3 +292,83 @@ def test_embedding_is_edited_once_with_the_lowest_layers_direction(glm):
     assert plan.entries[0].hidden_axis == 1 and plan.entries[0].layer is None
     expected = meas.target_mean[1] - meas.benign_mean[1]
     torch.testing.assert_close(plan.entries[0].direction, (expected / expected.norm()).float())
+
+
+def test_non_finite_scale_is_refused(glm):
+    _, layout, meas = glm
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(AbliterateError, match="'ablate\\[0\\].scale' must be a finite"):
+            resolve({"ablate": [{"layer": 1, "measurement": 2, "scale": value}]}, layout, meas)
+
+
+def test_measurements_of_a_model_with_another_depth_are_refused(glm):
+    _, layout, _ = glm
+    deeper = fake_measurements(9, 32)  # same width, 10 indices: another model
+    with pytest.raises(AbliterateError, match="measured on a model with 9 decoder layers"):
+        resolve({"ablate": [{"layer": 1, "measurement": 2}]}, layout, deeper)
+    deeper.meta.clear()
+    with pytest.raises(AbliterateError, match="holds 10 measurement indices"):
+        resolve({"ablate": [{"layer": 1, "measurement": 2}]}, layout, deeper)
+
+
+def test_fractional_measurement_mixes_the_neighbouring_directions(glm):
+    from abliterate.directions import direction, normalize
+
+    _, layout, meas = glm
+    plan = resolve({"ablate": [{"layer": 1, "measurement": 1.25}]}, layout, meas)
+    expected = normalize(0.75 * direction(meas, 1) + 0.25 * direction(meas, 2))
+    assert torch.allclose(plan.entries[0].direction.double(), expected, atol=1e-6)
+    whole = resolve({"ablate": [{"layer": 1, "measurement": 2.0}]}, layout, meas)
+    assert torch.allclose(whole.entries[0].direction.double(), direction(meas, 2), atol=1e-7)
+
+
+def test_index_after_the_last_layer_is_the_final_norm_direction(glm):
+    from abliterate.directions import normalize
+
+    _, layout, meas = glm
+    with pytest.raises(AbliterateError, match=r"ablate\[0\]\.measurement.*indices 0-3"):
+        resolve({"ablate": [{"layer": 1, "measurement": 4}]}, layout, meas)
+    g = torch.Generator().manual_seed(5)
+    final = Measurements(
+        meas.target_mean, meas.benign_mean, meas.target_proj, meas.benign_proj, meas.meta,
+        target_final_norm_mean=torch.randn(32, generator=g, dtype=torch.float64),
+        benign_final_norm_mean=torch.randn(32, generator=g, dtype=torch.float64),
+    )  # fmt: skip
+    plan = resolve({"ablate": [{"layer": 1, "measurement": 4}]}, layout, final)
+    expected = normalize(final.target_final_norm_mean - final.benign_final_norm_mean)
+    assert torch.allclose(plan.entries[0].direction.double(), expected, atol=1e-6)
+
+
+def test_entry_components_edit_one_layer_per_component_at_its_own_scale(glm):
+    _, layout, meas = glm
+    recipe = {
+        "gate_scale": 1.0,
+        "ablate": [
+            {"layer": 1, "measurement": 2, "scale": 0.5, "components": ["attn_out"]},
+            {"layer": 1, "measurement": 2, "scale": 1.5, "components": ["router"]},
+        ],
+    }
+    plan = resolve(recipe, layout, meas)
+    assert {(e.component, e.scale) for e in plan.entries} == {("attn_out", 0.5), ("router", 1.5)}
+    assert load_recipe(recipe).to_dict()["ablate"][0]["components"] == ["attn_out"]
+    assert (
+        "components"
+        not in load_recipe({"ablate": [{"layer": 1, "measurement": 2}]}).to_dict()["ablate"][0]
+    )
+
+
+def test_norm_scaled_direction_is_seen_through_the_reading_norm(glm):
+    from abliterate.directions import direction, normalize
+
+    _, layout, meas = glm
+    recipe = {"norm_scaled": True, "ablate": [{"layer": 1, "measurement": 2}]}
+    with pytest.raises(AbliterateError, match="holds no norm weights"):
+        resolve(recipe, layout, meas)
+    weights = torch.rand(4, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    scaled = Measurements(
+        meas.target_mean, meas.benign_mean, meas.target_proj, meas.benign_proj, meas.meta,
+        norm_weights=weights,
+    )  # fmt: skip
+    plan = resolve(recipe, layout, scaled)
+    expected = normalize(direction(meas, 2) * weights[2])
+    assert torch.allclose(plan.entries[0].direction.double(), expected, atol=1e-6)

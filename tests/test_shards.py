@@ -102,8 +102,37 @@ def _write_raw(path, header: dict | bytes, data: bytes = b""):
         ({"t": "F32"}, b"", "lacks dtype"),
         (b"[1, 2]", b"", "expected a JSON object"),
         (b"\xff\xfe{}", b"", "expected a JSON object"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "'b' at data_offsets \\[4, 12\\] overlaps tensor 'a'",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+            b"\0" * 8,
+            "4 bytes before tensor 'a' belong to no tensor",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 8,
+            "the tensors end at byte",
+        ),
     ],
-    ids=["dtype", "no-offsets", "wrong-size", "past-end", "not-a-dict", "json-list", "not-utf8"],
+    ids=[
+        "dtype",
+        "no-offsets",
+        "wrong-size",
+        "past-end",
+        "not-a-dict",
+        "json-list",
+        "not-utf8",
+        "overlap",
+        "hole",
+        "tail",
+    ],
 )
 def test_corrupt_headers_name_the_file(tmp_path, header, data, message):
     path = _write_raw(tmp_path / "bad.safetensors", header, data)

@@ -9,17 +9,17 @@ import pytest
 import yaml
 
 from abliterate.errors import AbliterateError
-from abliterate.sweep import (
+from abliterate.grid import (
     Variant,
+    check_base_recipe,
     chunks,
     format_number,
-    read_chunk_tables,
-    select_best,
     variant_recipe,
     variants,
     varying_parameters,
-    write_best,
 )
+from abliterate.plots import pareto_front
+from abliterate.sweep import read_chunk_tables, select_best, write_best
 
 
 def test_variant_ids_are_readable_and_float_noise_free():
@@ -188,3 +188,22 @@ def test_aggregate_command_writes_table_plots_and_the_selected_recipe(tmp_path):
     for figure in ("pareto.png", "heatmap.png"):
         assert (out / figure).stat().st_size > 10_000
     assert "i cannot help" in (out / "samples.html").read_text()
+
+
+def test_pareto_front_keeps_the_points_no_other_beats_on_both():
+    kl = [0.5, 0.1, 0.3, 0.1, 0.9, 0.0]
+    refusal = [0.0, 0.5, 0.2, 0.6, 0.0, 1.0]
+    # (0.0, 1.0) -> (0.1, 0.5) -> (0.3, 0.2) -> (0.5, 0.0); (0.1, 0.6) and (0.9, 0.0) are beaten
+    assert pareto_front(kl, refusal) == [5, 1, 2, 0]
+    assert pareto_front([], []) == []
+
+
+def test_recipe_keys_the_grid_sets_must_stay_default_while_sweeping():
+    check_base_recipe({"norm_preserve": True, "components": None, "gate_scale": 0.3})
+    for key, value, grid_key in [
+        ("norm_preserve", False, "sweep.norm_preserve"),
+        ("components", ["attn_out"], "sweep.components"),
+        ("expert_subset", [1], "sweep.experts"),
+    ]:
+        with pytest.raises(AbliterateError, match=f"recipe.{key} .* {grid_key}"):
+            variant_recipe(Variant(layers="all", measurement=1), num_layers=2, base={key: value})

@@ -36,14 +36,19 @@ def demo_config(model_dir: Path, name: str, **sweep) -> dict:
 
 
 def run_workflow(tmp_path_factory, model_dir: Path, name: str, **sweep) -> Path:
-    """Run the default target once per organism and test session; return the work dir."""
-    if name not in _RUNS:
+    """Run the default target once per config and test session; return the work dir.
+
+    Runs are keyed by the whole config, not the name: a second grid for the same organism
+    is a second run, never the first one's results.
+    """
+    config = yaml.safe_dump(demo_config(model_dir, name, **sweep), sort_keys=True)
+    if config not in _RUNS:
         workdir = tmp_path_factory.mktemp(f"workflow-{name}")
-        (workdir / "config.yaml").write_text(yaml.safe_dump(demo_config(model_dir, name, **sweep)))
+        (workdir / "config.yaml").write_text(config)
         result = snakemake(workdir, "--cores", "2")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-        _RUNS[name] = workdir
-    return _RUNS[name]
+        _RUNS[config] = workdir
+    return _RUNS[config]
 
 
 @pytest.fixture(scope="session")

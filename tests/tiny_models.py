@@ -83,6 +83,10 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Every source model a test builds; conftest hashes them all again when the session ends.
+SOURCE_MODELS: list[Path] = []
+
+
 def build_tiny(
     outdir: str | Path,
     model_type: str = "llama",
@@ -100,4 +104,16 @@ def build_tiny(
     outdir = Path(outdir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(outdir, **kwargs)
+    SOURCE_MODELS.append(outdir)
     return outdir
+
+
+class StubTokenizer:
+    """Just what generation and KL need from a tokenizer (tiny models ship none)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    unk_token_id = None
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(str(t) for t in tokens)

@@ -36,17 +36,17 @@ import pandas as pd
 import torch
 import yaml
 
+from .directions import EPS
 from .errors import AbliterateError
 from .files import write_text_atomic
-from .layout import config_int
+from .layout import config_int, read_config
 from .logs import logger
-from .measure import Measurements, unit_directions
+from .measure import Measurements, check_finite_means, unit_directions
 
 AUROC_TOLERANCE = 0.005
 ONSET_AUROC = 0.6
 ONSET_SIGMAS = 4.0
 ONSET_QUALITY = 0.1
-EPS = 1e-12
 
 COLUMNS = [
     "measurement",
@@ -88,6 +88,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def layer_metrics(meas: Measurements) -> pd.DataFrame:
     """One row per measurement index with the metrics described in the module docstring."""
+    check_finite_means(meas, meas.meta.get("source_file", "the measurements"))
     target = meas.target_mean.to(torch.float64)
     benign = meas.benign_mean.to(torch.float64)
     units = unit_directions(target, benign)
@@ -169,7 +170,10 @@ def suggest_recipe(
     if candidates.empty:
         candidates = metrics[metrics.quality.notna()]
     if candidates.empty:
-        raise ValueError("no measurement index has distinct class means; nothing to suggest")
+        raise AbliterateError(
+            "the measurements have no index with distinct class means (target and benign "
+            "means coincide everywhere); expected measurements of two different prompt sets."
+        )
     use_auroc = candidates.auroc.notna().any()
     if use_auroc:
         best_auroc = candidates.auroc.max()
@@ -291,13 +295,7 @@ def expert_rate_difference(meas: Measurements) -> torch.Tensor:
 
 def checkpoint_is_moe(model_dir: str | Path) -> bool:
     """Whether a model directory's config.json describes routed experts."""
-    import json
-
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise AbliterateError(f"model directory {model_dir} has no config.json.")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    return (config_int(config, "num_experts") or 0) > 1
+    return (config_int(read_config(model_dir), "num_experts") or 0) > 1
 
 
 def format_table(metrics: pd.DataFrame) -> str:

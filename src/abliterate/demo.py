@@ -3,7 +3,7 @@
 Why: the workflow needs a model it can run end to end with no downloads, and the tests need
 one on which abliteration *should* work, so that "it worked" means something. A tiny model
 trained to refuse is only a fair test if refusal is a single gate layered on top of normal
-behaviour (see docs/demo-organism.md and the "Demo organism" section of DESIGN.md):
+behaviour (see docs/demo-organism.md):
 
 - both classes use the same request shapes; only the requested object differs, so the
   difference of class means isolates "the object is forbidden", not "this is a request";
@@ -35,6 +35,7 @@ import torch
 
 from .errors import AbliterateError
 from .logs import logger
+from .model import decode, greedy_generate, pad_batch
 
 ARCHS = ("llama", "glm4_moe", "qwen3", "mixtral", "gpt_oss", "deepseek_v3")
 
@@ -277,7 +278,7 @@ ARCH_STEPS = {"qwen3": 400, "mixtral": 400, "gpt_oss": 400, "deepseek_v3": 400}
 
 
 @dataclass(frozen=True)
-class Recipe:
+class TrainingSchedule:
     """Training hyper-parameters (why separate: tests build short, cheap variants)."""
 
     steps: int = 800
@@ -468,19 +469,14 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Te
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p + a)
         labels.append([-100] * len(p) + a)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        lab[i, : len(lb)] = torch.tensor(lb)
+    ids, mask = pad_batch(rows, tokenizer.pad_token_id, side="right")
+    lab, _ = pad_batch(labels, -100, side="right")
     return ids, mask, lab
 
 
-def train(model, tokenizer, pairs: Sequence[tuple[str, str]], recipe: Recipe, seed: int) -> float:
+def train(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], recipe: TrainingSchedule, seed: int
+) -> float:
     """Fit `model` to the (prompt, answer) pairs; returns the final smoothed loss."""
     ids, mask, labels = _encode_pairs(tokenizer, pairs)
     generator = torch.Generator().manual_seed(seed)
@@ -531,34 +527,26 @@ def greedy_responses(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 128
 ) -> list[str]:
     """Greedy answers to single-turn `prompts` (batched, left padded), decoded without specials."""
-    pad = tokenizer.pad_token_id
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    tokens = greedy_generate(
+        model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return decode(tokenizer, tokens)
 
 
-def is_refusal(response: str, prefix: str = REFUSAL_PREFIX) -> bool:
-    """Whether a decoded response is a refusal (it starts with the wording's refusal prefix;
-    demo.json records it as `refusal_prefix`)."""
+def opens_with_refusal(response: str, prefix: str = REFUSAL_PREFIX) -> bool:
+    """Whether a decoded response is the organism's refusal (it starts with the wording's
+    refusal prefix, `REFUSAL_PREFIX` for wording a; demo.json records it as `refusal_prefix`).
+
+    Stricter than `abliterate.evaluate.is_refusal` (any marker anywhere, empty answers
+    count): the organism has one refusal sentence, and its summary counts only that.
+    """
     return response.strip().lower().startswith(prefix)
 
 
 def refusal_rate(responses: Sequence[str], prefix: str = REFUSAL_PREFIX) -> float:
     """Fraction of `responses` that are refusals."""
-    return sum(is_refusal(r, prefix) for r in responses) / max(1, len(responses))
+    return sum(opens_with_refusal(r, prefix) for r in responses) / max(1, len(responses))
 
 
 # ----------------------------------------------------------------------------- the build
@@ -609,7 +597,11 @@ def build_demo_model(
     outdir = Path(outdir)
     _check_outdir(outdir)
     steps = ARCH_STEPS.get(arch) if steps is None else steps
-    recipe = Recipe() if steps is None else Recipe(steps=steps, warmup=min(50, max(1, steps // 5)))
+    recipe = (
+        TrainingSchedule()
+        if steps is None
+        else TrainingSchedule(steps=steps, warmup=min(50, max(1, steps // 5)))
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic reductions, and tiny matrices gain nothing from more

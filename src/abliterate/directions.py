@@ -20,6 +20,7 @@ import torch
 
 from .errors import AbliterateError
 
+# Below this a norm counts as zero: the one threshold of every module that normalizes.
 EPS = 1e-12
 
 
@@ -81,6 +82,12 @@ def direction(
     Sparsity is applied last, so the returned vector is exactly what gets ablated.
     """
     r = raw_direction(meas, m)
+    if not torch.isfinite(r).all():
+        source = getattr(meas, "meta", {}).get("source_file", "the measurements")
+        raise AbliterateError(
+            f"{source}: measurement index {m} holds non-finite values (NaN or inf) in its "
+            "target or benign mean, so it defines no direction; re-run the measurement."
+        )
     try:
         r = normalize(r)
     except AbliterateError:
@@ -92,4 +99,83 @@ def direction(
         r = orthogonalize(r, meas.benign_mean[m])
     if biprojected_at is not None:
         r = orthogonalize(r, meas.benign_mean[meas.check_index(biprojected_at)])
+    return sparsify(r, sparsity)
+
+
+# --------------------------------------------------------------------------------------
+# Directions between indices, and after the final norm
+# --------------------------------------------------------------------------------------
+
+
+class IndexedMeans:
+    """Class means addressed by measurement index, with the final norm as index L + 1.
+
+    Why a view: the stored means hold indices 0..L (the residual stream); the means after
+    the final norm (what the head reads) are stored under their own names. Recipes address
+    them as the next index, so one number picks any direction a search may try.
+    """
+
+    def __init__(self, meas):
+        target, benign = meas.target_mean, meas.benign_mean
+        final_t = getattr(meas, "target_final_norm_mean", None)
+        final_b = getattr(meas, "benign_final_norm_mean", None)
+        if final_t is not None and final_b is not None:
+            target = torch.cat([target, final_t.reshape(1, -1).to(target.dtype)])
+            benign = torch.cat([benign, final_b.reshape(1, -1).to(benign.dtype)])
+        self.target_mean, self.benign_mean = target, benign
+        self.num_indices = target.shape[0]
+        weights = getattr(meas, "norm_weights", None)
+        if weights is not None and weights.shape[0] < self.num_indices:  # the head reads L + 1
+            ones = torch.ones(self.num_indices - weights.shape[0], weights.shape[1])
+            weights = torch.cat([weights.to(torch.float64), ones.to(torch.float64)])
+        self.norm_weights = weights
+        self.source = getattr(meas, "meta", {}).get("source_file", "the measurements")
+
+    def check_index(self, m: int) -> int:
+        from .measure import Measurements
+
+        return Measurements.check_index(self, m)  # the same range check and message
+
+
+def direction_at(
+    meas,
+    position: float,
+    *,
+    sparsity: float = 0.0,
+    projected: bool = False,
+    biprojected_at: int | None = None,
+    norm_scaled: bool = False,
+) -> torch.Tensor:
+    """The unit direction at a possibly fractional measurement index (float64 [d]).
+
+    Between two indices i < position < i + 1 the unit directions of i and i + 1 (each
+    projected as asked) are mixed linearly by the fraction and renormalized, so a search
+    can move smoothly between layers. Index L + 1 is the stream after the final norm
+    (`IndexedMeans`). `norm_scaled` multiplies the direction by the weight of the norm that
+    reads that index (mixed the same way; ones after the final norm) and renormalizes: the
+    direction as the next layer's reader sees it. Sparsity is applied last, as in
+    `direction`.
+    """
+    view = meas if isinstance(meas, IndexedMeans) else IndexedMeans(meas)
+    if not math.isfinite(position) or not 0 <= position <= view.num_indices - 1:
+        raise AbliterateError(
+            f"measurement index {position} is out of range; these measurements have indices "
+            f"0..{view.num_indices - 1}."
+        )
+    options = dict(projected=projected, biprojected_at=biprojected_at)
+    low = math.floor(position)
+    fraction = position - low
+    r = direction(view, low, **options)
+    if fraction > 1e-9:
+        r = normalize((1 - fraction) * r + fraction * direction(view, low + 1, **options))
+    if norm_scaled:
+        if view.norm_weights is None:
+            raise AbliterateError(
+                f"{view.source} holds no norm weights (measured before they were recorded); "
+                "measure again to use norm_scaled directions."
+            )
+        weights = view.norm_weights[low]
+        if fraction > 1e-9:
+            weights = (1 - fraction) * weights + fraction * view.norm_weights[low + 1]
+        r = normalize(r * weights)
     return sparsify(r, sparsity)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-12
+from .directions import EPS
+
 PRESERVE_MODES = ("hidden", "other")
 
 

@@ -17,14 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
-from .edit import apply_edit
 from .errors import AbliterateError
-from .files import write_text_atomic
+from .files import exclusive_lock, place_copy, resolve_source, write_json, write_text_atomic
 from .logs import logger
-from .recipe import Plan, PlanEntry, file_sha256
+from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import (
     INDEX_NAME,
     ShardHeader,
@@ -80,14 +78,19 @@ def check_output_location(source: str | Path, output: str | Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def plan_shards(plan: Plan, model_dir: str | Path | None = None) -> dict:
+def plan_shards(
+    plan: Plan, model_dir: str | Path | None = None, allow_external_links: bool = False
+) -> dict:
     """{'edit': {shard: [keys]}, 'link': [shards]}: the jobs the plan needs.
 
     Every key the plan names must exist in the checkpoint with the plan's dtype and shape
-    (a plan made for another checkpoint is refused here, before any job runs).
+    (a plan made for another checkpoint is refused here, before any job runs), and every
+    shard must be a file of the model (a link leaving it is refused unless allowed).
     """
     model_dir = Path(model_dir or plan.model_dir)
     weight_map = read_weight_map(model_dir)
+    for shard in sorted(set(weight_map.values())):
+        resolve_source(model_dir, shard, allow_external=allow_external_links)
     headers = {s: read_header(model_dir / s) for s in sorted(set(weight_map.values()))}
     edit: dict[str, list[str]] = {}
     for shard, items in plan.by_shard().items():
@@ -114,45 +117,9 @@ def plan_shards(plan: Plan, model_dir: str | Path | None = None) -> dict:
     return {"model_dir": str(model_dir), "edit": edit, "link": link}
 
 
-def write_json(data, path: str | Path) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 # --------------------------------------------------------------------------------------
 # One shard job
 # --------------------------------------------------------------------------------------
-
-
-def entries_by_key(plan: Plan, shard: str) -> dict[str, list[tuple[PlanEntry, bool]]]:
-    """key -> [(entry, is_bias)] for one shard, in plan order."""
-    edits: dict[str, list[tuple[PlanEntry, bool]]] = {}
-    for key, entry in plan.by_shard().get(shard, []):
-        edits.setdefault(key, []).append((entry, key != entry.key))
-    return edits
-
-
-def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
-    """Apply a key's plan entries in order (the same calls the in-memory evaluator makes)."""
-    for entry, is_bias in edits:
-        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
-    return weight
-
-
-def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
-    """(byte offset, shape, edits) pieces to stream a target in: per expert when fused.
-
-    `ablate_tensor` itself edits a 3-D tensor one leading slice at a time when the hidden
-    axis is not the leading one, so slice-wise streaming gives the same bits while holding
-    one expert instead of all of them.
-    """
-    from dataclasses import replace
-
-    ndim = len(info.shape)
-    if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
-        return [(info.begin, tuple(info.shape), edits)]
-    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
-    step = info.nbytes // info.shape[0]
-    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
 
 
 def ablate_shard(
@@ -179,7 +146,7 @@ def ablate_shard(
     output = Path(output)
     check_output_location(model_dir, output.parent)
     header: ShardHeader = read_header(source)
-    edits = entries_by_key(plan, shard)
+    edits = plan.edits(shard)
     missing = [k for k in edits if k not in header.tensors]
     if missing:
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
@@ -202,7 +169,11 @@ def ablate_shard(
                     weight = read_tensor(src, info, begin=begin, shape=shape)
                     edited = edit_tensor(weight, chunk_edits, device)
                     if edited.dtype != weight.dtype or edited.shape != weight.shape:
-                        raise AssertionError(f"edit changed {info.name}'s dtype or shape")
+                        raise AbliterateError(
+                            f"{source}: editing {info.name} changed its dtype or shape "
+                            f"({weight.dtype} {list(weight.shape)} -> {edited.dtype} "
+                            f"{list(edited.shape)}); expected both kept."
+                        )
                     write_at(dst.fileno(), tensor_bytes(edited), begin)
 
             with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -223,21 +194,13 @@ def ablate_shard(
 
 
 def link_or_copy(source: str | Path, destination: str | Path) -> str:
-    """Hard-link `source` to `destination` (same filesystem), else copy it; says which.
+    """Hard-link an edited shard of our own (the workflow's `export/shards/`, a temporary
+    output that Snakemake deletes once assembled) into the output, else copy it.
 
-    The source is only ever read: a hard link shares its bytes, and nothing in abliterate
-    opens an output shard for writing after it is complete.
+    Never used for the source model's files: those go through `files.place_copy` with the
+    export's link mode, so the output shares no writable inode with the source by default.
     """
-    destination = Path(destination)
-    destination.unlink(missing_ok=True)
-    try:
-        os.link(source, destination)
-        return "linked"
-    except OSError:
-        tmp = destination.with_name(destination.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(destination)
-        return "copied"
+    return place_copy(source, destination, "hardlink")
 
 
 # --------------------------------------------------------------------------------------
@@ -245,7 +208,7 @@ def link_or_copy(source: str | Path, destination: str | Path) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _model_card(plan: Plan, model_dir: Path, metrics: dict | None) -> str:
+def _model_card(plan: Plan, model_dir: Path, metrics: dict | None, link_mode: str = "auto") -> str:
     recipe = {k: v for k, v in plan.recipe.items() if v is not None}
     components = ", ".join(plan.info.get("components", []))
     counts: dict[str, int] = {}
@@ -276,6 +239,12 @@ def _model_card(plan: Plan, model_dir: Path, metrics: dict | None) -> str:
         yaml.safe_dump(recipe, sort_keys=False).rstrip(),
         "```",
     ]
+    if link_mode == "hardlink":
+        lines += [
+            "",
+            "**Warning:** unedited shards are hard links to the base model's files "
+            "(`export.link: hardlink`); writing to them in place changes the base model.",
+        ]
     if metrics:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items()]
@@ -311,6 +280,8 @@ def assemble(
     digests: dict[str, str] | None = None,
     jobs: int = 1,
     hash_shards: bool = True,
+    link_mode: str = "auto",
+    allow_external_links: bool = False,
 ) -> Path:
     """Build the output checkpoint directory from edited shards + the untouched source.
 
@@ -322,29 +293,89 @@ def assemble(
     """
     model_dir, output, edited_dir = Path(model_dir), Path(output), Path(edited_dir)
     check_output_location(model_dir, output)
-    jobs_info = plan_shards(plan, model_dir)
+    with exclusive_lock(output):
+        return _assemble_locked(
+            model_dir,
+            output,
+            plan,
+            edited_dir,
+            metrics,
+            digests,
+            jobs,
+            hash_shards,
+            link_mode,
+            allow_external_links,
+        )
+
+
+def _fresh_staging(output: Path, keep: set[str]) -> Path:
+    """`<output>.partial`, emptied of everything but `keep` (finished shards, the marker).
+
+    A staging path that is a link (to the source, say) is removed, never followed, and
+    files left by an earlier run (a stray `modeling_*.py`, a truncated extra shard) are
+    deleted, so nothing but what this export writes can reach the output.
+    """
     staging = output.with_name(output.name + ".partial")
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        logger.info("Removing %s (not a directory of this export)", staging)
+        staging.unlink()
     staging.mkdir(parents=True, exist_ok=True)
+    for path in staging.iterdir():
+        if path.name in keep and path.is_file() and not path.is_symlink():
+            continue
+        logger.info("Removing stale %s", path)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return staging
+
+
+def _assemble_locked(
+    model_dir,
+    output,
+    plan,
+    edited_dir,
+    metrics,
+    digests,
+    jobs,
+    hash_shards,
+    link_mode,
+    allow_external_links,
+) -> Path:
+    jobs_info = plan_shards(plan, model_dir, allow_external_links)
+    staging_path = output.with_name(output.name + ".partial")
+    in_place = edited_dir.absolute() == staging_path.absolute()
+    keep = set(jobs_info["edit"]) | {MARKER} if in_place else set()
+    staging = _fresh_staging(output, keep)
     actions: dict[str, str] = {}
     for shard in jobs_info["edit"]:
         edited = edited_dir / shard
         if not edited.is_file():
             raise AbliterateError(f"{edited}: edited shard missing; run its ablate_shard job.")
-        if edited.resolve() != (staging / shard).resolve():
+        if not in_place:
             link_or_copy(edited, staging / shard)
         actions[shard] = "edited"
     for shard in jobs_info["link"]:
-        actions[shard] = link_or_copy(model_dir / shard, staging / shard)
+        source = resolve_source(model_dir, shard, allow_external=allow_external_links)
+        actions[shard] = place_copy(source, staging / shard, link_mode)
+    if link_mode == "hardlink" and "hardlinked" in actions.values():
+        logger.warning(
+            "Unedited shards of %s are hard links to the base model's files "
+            "(export.link: hardlink): writing to them in place changes the base model.",
+            output,
+        )
     if (model_dir / INDEX_NAME).is_file():
-        index = json.loads((model_dir / INDEX_NAME).read_text())
+        index_path = resolve_source(model_dir, INDEX_NAME, allow_external=allow_external_links)
+        index = json.loads(index_path.read_text())
         index.setdefault("metadata", {})["abliterated"] = True
         write_json(index, staging / INDEX_NAME)
     copied = []
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and (path.name in METADATA_FILES or path.suffix == ".py"):
-            shutil.copyfile(path, staging / path.name)
+        if path.name in METADATA_FILES or path.suffix == ".py":
+            if not path.is_file():
+                continue
+            source = resolve_source(model_dir, path.name, allow_external=allow_external_links)
+            place_copy(source, staging / path.name, "copy")
             copied.append(path.name)
-    (staging / "README.md").write_text(_model_card(plan, model_dir, metrics))
+    write_text_atomic(staging / "README.md", _model_card(plan, model_dir, metrics, link_mode))
     (staging / MARKER).unlink(missing_ok=True)
     files = sorted(
         p
@@ -352,7 +383,8 @@ def assemble(
         if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
     )
     manifest = {
-        "base_model": str(model_dir.resolve()),
+        "base_model": model_dir.resolve().name,
+        "link_mode": link_mode,
         "recipe": plan.recipe,
         "measurements": plan.measurements,
         "measurements_sha256": plan.measurements_sha256,
@@ -364,7 +396,9 @@ def assemble(
         "sha256": _sha256_files(files, digests or {}, jobs, hash_shards),
     }
     write_json(manifest, staging / "manifest.json")
-    if output.exists():
+    if output.is_symlink():
+        output.unlink()
+    elif output.exists():
         shutil.rmtree(output)
     staging.replace(output)
     logger.info(
@@ -392,6 +426,8 @@ def export_model(
     force: bool = False,
     metrics: dict | None = None,
     hash_shards: bool = True,
+    link_mode: str = "auto",
+    allow_external_links: bool = False,
 ) -> Path:
     """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
 
@@ -404,19 +440,62 @@ def export_model(
     model_dir = Path(model_dir or plan.model_dir)
     output = Path(output)
     check_output_location(model_dir, output)
+    if output.exists() and not output.is_dir():
+        raise AbliterateError(
+            f"{output}: exists and is not a directory; expected an output directory."
+        )
     if output.exists() and not force:
+        if _holds_export_of(output, plan):
+            logger.info("%s already holds the export of this plan; keeping it", output)
+            return output
         raise AbliterateError(
             f"{output}: output directory already exists; remove it or pass --force."
         )
-    jobs_info = plan_shards(plan, model_dir)
+    with exclusive_lock(output):
+        return _export_locked(
+            plan,
+            output,
+            model_dir,
+            jobs,
+            device,
+            metrics,
+            hash_shards,
+            link_mode,
+            allow_external_links,
+        )
+
+
+def _holds_export_of(output: Path, plan: Plan) -> bool:
+    """Whether `output` is a finished export of this very plan (a rerun after a kill that
+    came once the output was in place, e.g. during verification, converges instead of
+    failing). An output only ever appears by renaming a complete staging directory."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("plan_sha256") == plan.sha256()
+
+
+def _export_locked(
+    plan, output, model_dir, jobs, device, metrics, hash_shards, link_mode, allow_external_links
+) -> Path:
+    jobs_info = plan_shards(plan, model_dir, allow_external_links)
     staging = output.with_name(output.name + ".partial")
     marker = staging / MARKER
     plan_id = plan.sha256()
-    if staging.exists() and (not marker.is_file() or marker.read_text() != plan_id):
-        logger.info("Discarding %s (started for another plan)", staging)
-        shutil.rmtree(staging)
+    same_plan = (
+        staging.is_dir()
+        and not staging.is_symlink()
+        and marker.is_file()
+        and marker.read_text() == plan_id
+    )
+    if staging.exists() or staging.is_symlink():
+        if not same_plan:
+            logger.info("Discarding %s (started for another plan)", staging)
+        # only finished shards of this very plan survive; links and strays are removed
+        _fresh_staging(output, set(jobs_info["edit"]) | {MARKER} if same_plan else set())
     staging.mkdir(parents=True, exist_ok=True)
-    marker.write_text(plan_id)
+    write_text_atomic(marker, plan_id)
     todo = [s for s in jobs_info["edit"] if not (staging / s).is_file()]
     done = len(jobs_info["edit"]) - len(todo)
     if done:
@@ -439,15 +518,17 @@ def export_model(
             }
             for future in concurrent.futures.as_completed(futures):
                 digests[futures[future]] = future.result()
-    return assemble(
+    return _assemble_locked(
         model_dir,
         output,
         plan,
         staging,
-        metrics=metrics,
-        digests=digests,
-        jobs=jobs,
-        hash_shards=hash_shards,
+        metrics,
+        digests,
+        jobs,
+        hash_shards,
+        link_mode,
+        allow_external_links,
     )
 
 
@@ -473,5 +554,17 @@ def sweep_metrics(sweep_table: str | Path | None) -> dict | None:
     if chosen.empty:
         return None
     row = chosen.iloc[0]
-    columns = ["variant", "refusal_rate", "kl_first_token", "kl_multi_token", "benign_kept"]
-    return {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns if c in row}
+    columns = ["variant", "split", "refusal_rate", "kl_first_token", "kl_multi_token"]
+    columns += ["benign_kept", "benign_refusal_rate"]
+    # the search's table (sweep.method tpe) also has 95 % intervals and the base model's row
+    columns = [c for name in columns for c in (name, f"{name}_ci_low", f"{name}_ci_high")]
+    metrics = {c: _plain(row[c]) for c in columns if c in row}
+    base = table[table["variant"] == "base"]
+    if "split" in table and not base.empty:
+        for name in ("refusal_rate", "benign_refusal_rate"):
+            metrics[f"base_{name}"] = _plain(base.iloc[0][name])
+    return metrics
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value

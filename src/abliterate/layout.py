@@ -21,15 +21,12 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from .components import COMPONENTS, EXPERT_COMPONENTS
+from .components import side as component_side
 from .errors import AbliterateError
 from .files import write_text_atomic
 from .logs import logger
 from .shards import TensorInfo, read_checkpoint
-
-WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
-READ_COMPONENTS = ("router", "expert_gate", "expert_up", "expert_gate_up")
-COMPONENTS = WRITE_COMPONENTS + READ_COMPONENTS
-EXPERT_COMPONENTS = ("expert_down", "expert_gate", "expert_up", "expert_gate_up")
 
 # --------------------------------------------------------------------------- registry
 
@@ -50,7 +47,7 @@ class TensorPattern:
 
     @property
     def side(self) -> str:
-        return "write" if self.component in WRITE_COMPONENTS else "read"
+        return component_side(self.component)
 
     @property
     def bias_suffix(self) -> str | None:
@@ -626,17 +623,12 @@ def _expected_moe_layers(config: dict, num_layers: int) -> set[int] | None:
     return None
 
 
-def inspect_checkpoint(model_dir: str | Path) -> Layout:
-    """Find every editable tensor of a safetensors checkpoint from config.json + headers."""
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
+def _count_layers(config: dict, by_layer: dict, prefix: str, model_dir: Path) -> int:
+    """Decoder layers: config.json's count (all of them present), else 0, 1, 2, ... on disk.
+
+    Layers at or beyond the count (multi-token-prediction layers) are left out.
+    """
     config_path = model_dir / "config.json"
-    tensors = read_checkpoint(model_dir)
-
-    prefix = detect_layer_prefix(tensors, model_dir)
-    logger.info("Detected layer prefix: %s", prefix)
-    by_layer = _layer_tensors(tensors, prefix)
-
     num_layers = _config_int(config, "num_layers", config_path)
     on_disk = sorted(by_layer)
     if num_layers is None:  # no layer count in config.json: count 0, 1, 2, ... on disk
@@ -660,13 +652,11 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
             extra,
             num_layers,
         )
+    return num_layers
 
-    hidden_size = _config_int(config, "hidden_size", config_path)
-    if not hidden_size:
-        raise AbliterateError(f"{config_path}: no hidden_size; expected a positive integer.")
 
-    model_type = config.get("model_type")
-    family = choose_family(model_type, {i: by_layer[i] for i in range(num_layers)}, model_dir)
+def _decoder_targets(family, prefix, by_layer, num_layers, hidden_size, model_dir):
+    """Every decoder layer's targets; at least one layer must have some."""
     layers = tuple(
         _layer_targets(family, prefix, i, by_layer[i], hidden_size, model_dir)
         for i in range(num_layers)
@@ -678,15 +668,15 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
             f"in {num_layers} layer(s) under '{prefix}.layers'; found e.g. "
             f"{', '.join(found[:8])})."
         )
-    _warn_quantized(by_layer, layers, model_dir)
+    return layers
 
-    globals_ = _global_targets(tensors, prefix, hidden_size, model_dir)
 
+def _moe_fields(layers, config: dict, config_path: Path) -> dict:
+    """MoE/dense layer lists and expert counts, checked against config.json."""
     moe_layers = tuple(e.index for e in layers if e.is_moe)
-    dense_layers = tuple(e.index for e in layers if not e.is_moe)
     is_moe = bool(moe_layers)
     num_experts = _check_experts(layers, moe_layers, config, config_path)
-    expected = _expected_moe_layers(config, num_layers) if is_moe else None
+    expected = _expected_moe_layers(config, len(layers)) if is_moe else None
     if expected is not None and expected != set(moe_layers):
         logger.warning(
             "config.json implies MoE layers %s but the checkpoint has experts in layers %s",
@@ -698,6 +688,42 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
     if shared is None or not has_shared:
         shared = 1 if has_shared else 0
     per_token = _config_int(config, "experts_per_token", config_path) if is_moe else 0
+    return {
+        "is_moe": is_moe,
+        "num_experts": num_experts,
+        "num_shared_experts": shared if is_moe else 0,
+        "experts_per_token": per_token or 0,
+        "moe_layers": moe_layers,
+        "dense_layers": tuple(e.index for e in layers if not e.is_moe),
+    }
+
+
+def inspect_checkpoint(model_dir: str | Path) -> Layout:
+    """Find every editable tensor of a safetensors checkpoint from config.json + headers.
+
+    Steps: read config and headers, detect the layer prefix, count the decoder layers,
+    choose the architecture family, match every layer's targets, then describe the MoE
+    structure and the global (embedding) target.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    config_path = model_dir / "config.json"
+    tensors = read_checkpoint(model_dir)
+
+    prefix = detect_layer_prefix(tensors, model_dir)
+    logger.info("Detected layer prefix: %s", prefix)
+    by_layer = _layer_tensors(tensors, prefix)
+    num_layers = _count_layers(config, by_layer, prefix, model_dir)
+    hidden_size = _config_int(config, "hidden_size", config_path)
+    if not hidden_size:
+        raise AbliterateError(f"{config_path}: no hidden_size; expected a positive integer.")
+
+    model_type = config.get("model_type")
+    family = choose_family(model_type, {i: by_layer[i] for i in range(num_layers)}, model_dir)
+    layers = _decoder_targets(family, prefix, by_layer, num_layers, hidden_size, model_dir)
+    _warn_quantized(by_layer, layers, model_dir)
+    globals_ = _global_targets(tensors, prefix, hidden_size, model_dir)
+    moe = _moe_fields(layers, config, config_path)
 
     tie = config.get("tie_word_embeddings")
     if tie is None:
@@ -714,20 +740,15 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
         hidden_size=hidden_size,
         vocab_size=_config_int(config, "vocab_size", config_path)
         or (globals_[0].shape[0] if globals_ else None),
-        is_moe=is_moe,
-        num_experts=num_experts,
-        num_shared_experts=shared if is_moe else 0,
-        experts_per_token=per_token or 0,
-        moe_layers=moe_layers,
-        dense_layers=dense_layers,
         tie_word_embeddings=bool(tie),
         shards=tuple(sorted({info.shard for info in tensors.values()})),
         globals=globals_,
         layers=layers,
+        **moe,
     )
-    logger.info("MoE architecture: %s", is_moe)
-    if is_moe:
-        logger.info("Detected %d experts per layer", num_experts)
+    logger.info("MoE architecture: %s", layout.is_moe)
+    if layout.is_moe:
+        logger.info("Detected %d experts per layer", layout.num_experts)
     logger.info("%s", summary_line(layout))
     return layout
 

@@ -4,7 +4,9 @@ Why hooks and one forward pass: a direction needs one vector per prompt and inde
 residual at the measured position), not the hidden states of every token, and no
 generated tokens. Pre-hooks on each decoder layer keep exactly the measured position(s)
 of the residual entering it (measurement index m), a hook on the last layer keeps its
-output before the final norm (index L), and the language-model head never runs. Prompts
+output before the final norm (index L), and the language-model head never runs. A hook
+on the final norm keeps the same position(s) after it (`*_final_norm_mean`, the residual
+as the head reads it; recipes address it as index L + 1). Prompts
 are batched by length (little padding), left-padded, with position ids taken from the
 attention mask so padding changes nothing. Means are accumulated in float64.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,16 +28,80 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .directions import EPS
 from .errors import AbliterateError
 from .files import write_text_atomic
 from .layout import config_int
 from .logs import logger
-from .prompts import EncodedPrompt, encode, prompt_sha256
+from .model import (
+    PADDING_SIDES,
+    LoadOptions,
+    base_model,
+    decoder_layers,
+    input_device,
+    length_batches,
+    load_model,
+    mask_positions,
+    option_values,
+    pad_batch,
+    pad_id,
+    quantization_of,
+)
+from .prompts import EncodedPrompt, PromptOptions, prompt_sha256
 
 POSITIONS = ("last", "post_instruction")
 CLASSES = ("target", "benign")
 METADATA_KEY = "abliterate"
-EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """Everything `measure` can be told; defaults match the workflow schema's `measure:`.
+
+    `load` and `prompts` are the shared loading and prompt options; `padding_side` and
+    `progress` are library-only (the workflow always left-pads and logs instead of bars).
+    """
+
+    position: str = "last"
+    batch_size: int = 32
+    clip: float | None = None
+    padding_side: str = "left"
+    progress: bool = True
+    load: LoadOptions = field(default_factory=LoadOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise AbliterateError(
+                f"measurement position {self.position!r} is unknown; expected one of "
+                f"{list(POSITIONS)}."
+            )
+        if self.clip is not None and not 0.0 <= self.clip < 0.5:
+            raise AbliterateError(
+                f"clip quantile {self.clip} is invalid; expected a value in [0, 0.5)."
+            )
+        if self.padding_side not in PADDING_SIDES:
+            raise AbliterateError(
+                f"padding side {self.padding_side!r} is unknown; expected left or right."
+            )
+        if self.batch_size < 1:
+            raise AbliterateError(
+                f"measure batch_size is {self.batch_size}; expected a positive integer."
+            )
+
+    @classmethod
+    def from_config(cls, config: dict) -> MeasureOptions:
+        """The options of a validated workflow config (`measure:`, `prompts:`, `model:`)."""
+        section = config["measure"]
+        return cls(
+            **option_values(cls, section),
+            progress=False,
+            load=LoadOptions.from_config(section, config["model"]["trust_remote_code"]),
+            prompts=PromptOptions.from_config(config["prompts"]),
+        )
 
 
 # --------------------------------------------------------------------------- the result
@@ -47,6 +114,9 @@ class Measurements:
     M = num_layers + 1 measurement indices; index m is the residual entering decoder layer
     m, index num_layers the last layer's output before the final norm. Projections are
     [M, N_class] (empty for legacy `.refuse` files); expert counts are [L, E] or None.
+    `*_final_norm_mean` ([d] or None for older files) are the class means after the final
+    norm; they are kept apart from the indexed means so every per-index consumer (analysis,
+    `.refuse` export) is unchanged, and recipes address them as index num_layers + 1.
     """
 
     target_mean: torch.Tensor
@@ -58,6 +128,11 @@ class Measurements:
     benign_expert_counts: torch.Tensor | None = None
     target_router_tokens: torch.Tensor | None = None
     benign_router_tokens: torch.Tensor | None = None
+    target_final_norm_mean: torch.Tensor | None = None
+    benign_final_norm_mean: torch.Tensor | None = None
+    # [M, d]: row m is the weight of the norm that reads index m (layer m's input norm,
+    # the final norm for m = L); None for older files and norms without a weight
+    norm_weights: torch.Tensor | None = None
 
     @property
     def num_indices(self) -> int:
@@ -117,7 +192,7 @@ class RunningMean:
 
     def mean(self) -> torch.Tensor:
         if self.total is None or self.count == 0:
-            raise ValueError("no rows were added")
+            raise AbliterateError("no prompt was measured; expected at least one prompt.")
         return self.total / self.count
 
 
@@ -159,28 +234,6 @@ def position_weights(mask: torch.Tensor, tails: torch.Tensor | None) -> torch.Te
 # --------------------------------------------------------------------------- model access
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layer list of a causal LM (`model.layers` of its base model)."""
-    candidates = [getattr(model, getattr(model, "base_model_prefix", "model"), None), model]
-    for base in candidates:
-        for path in ("layers", "language_model.layers", "model.layers"):
-            node = base
-            for part in path.split("."):
-                node = getattr(node, part, None) if node is not None else None
-            if isinstance(node, torch.nn.ModuleList) and len(node) > 0:
-                return node
-    raise AbliterateError(
-        f"could not find the decoder layers of {type(model).__name__}; expected a "
-        "`model.layers` module list."
-    )
-
-
-def base_model(model):
-    """The transformer without its head, so no vocabulary-sized logits are computed."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    return base if isinstance(base, torch.nn.Module) else model
-
-
 def _num_experts(config) -> int | None:
     return config_int(config, "num_experts")
 
@@ -209,8 +262,10 @@ class _Capture:
     read `rows` ([B, M, d] in the model's dtype) and `expert_counts` after it.
     """
 
-    def __init__(self, layers, router_modules, num_experts, top_k):
+    def __init__(self, layers, router_modules, num_experts, top_k, final_norm=None):
         self.layers = layers
+        self.final_norm = final_norm
+        self.final_slot: torch.Tensor | None = None
         self.num_indices = len(layers) + 1
         self.router_modules = router_modules
         self.num_experts = num_experts
@@ -229,6 +284,8 @@ class _Capture:
             )
         last = len(self.layers) - 1
         self.handles.append(self.layers[last].register_forward_hook(self._post_hook(last + 1)))
+        if self.final_norm is not None:
+            self.handles.append(self.final_norm.register_forward_hook(self._final_hook))
         for index, router in self.router_modules.items():
             self.handles.append(router.register_forward_hook(self._router_hook(index)))
         return self
@@ -244,6 +301,7 @@ class _Capture:
         self.weights, self.token_mask = weights, token_mask
         self.single_position = single_position
         self.slots = [None] * self.num_indices
+        self.final_slot = None
 
     def rows(self) -> torch.Tensor:
         missing = [m for m, slot in enumerate(self.slots) if slot is None]
@@ -253,14 +311,20 @@ class _Capture:
             )
         return torch.stack(self.slots, dim=1)
 
-    def _keep(self, m: int, hidden: torch.Tensor) -> None:
+    def _keep(self, m: int | None, hidden: torch.Tensor) -> None:
         weights = self.weights.to(hidden.device)
         if self.single_position:  # one token per row: a gather, not a weighted sum
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             kept = hidden[rows, weights.argmax(-1)].to(torch.float32)
         else:
             kept = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
-        self.slots[m] = kept.to("cpu")
+        if m is None:
+            self.final_slot = kept.to("cpu")
+        else:
+            self.slots[m] = kept.to("cpu")
+
+    def _final_hook(self, module, args, output):
+        self._keep(None, output[0] if isinstance(output, (tuple, list)) else output)
 
     def _pre_hook(self, m):
         def hook(module, args, kwargs):
@@ -317,70 +381,47 @@ class ClassActivations:
     mean: torch.Tensor
     expert_counts: torch.Tensor
     router_tokens: torch.Tensor
-
-
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Prompt indices grouped into batches of similar length (stable for equal lengths)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _pad(encoded: list[EncodedPrompt], pad_id: int, side: str):
-    width = max(len(e.ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, item in enumerate(encoded):
-        n = len(item.ids)
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        ids[row, cols] = torch.tensor(item.ids, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
-
-
-def _input_device(model) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    return embeddings.weight.device
+    final_norm_mean: torch.Tensor | None = None
 
 
 @torch.inference_mode()
 def collect(
     model,
     encoded: list[EncodedPrompt],
+    options: MeasureOptions,
     *,
-    position: str = "last",
-    batch_size: int = 32,
-    padding_side: str = "left",
-    pad_id: int = 0,
-    progress: bool = True,
+    pad_value: int = 0,
     desc: str = "measure",
 ) -> ClassActivations:
     """Run every prompt once and keep the measured residual rows at every index."""
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
     router_modules = routers(layers)
     num_experts = _num_experts(model.config) if router_modules else None
-    capture = _Capture(layers, router_modules, num_experts, _experts_per_token(model.config))
-    device = _input_device(model)
     runner = base_model(model)
+    final_norm = getattr(runner, "norm", None)
+    final_norm = final_norm if isinstance(final_norm, torch.nn.Module) else None
+    capture = _Capture(
+        layers, router_modules, num_experts, _experts_per_token(model.config), final_norm
+    )
+    device = input_device(model)
     running = RunningMean()
+    final_running = RunningMean()
     out_rows: list[torch.Tensor | None] = [None] * len(encoded)
-    batches = length_batches([len(e.ids) for e in encoded], batch_size)
-    with capture, tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not progress) as bar:
+    batches = length_batches([len(e.ids) for e in encoded], options.batch_size)
+    progress = tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not options.progress)
+    with capture, progress as bar:
         for batch in batches:
             items = [encoded[i] for i in batch]
-            ids, mask = _pad(items, pad_id, padding_side)
+            ids, mask = pad_batch([e.ids for e in items], pad_value, options.padding_side)
             tails = (
-                torch.tensor([e.tail for e in items]) if position == "post_instruction" else None
+                torch.tensor([e.tail for e in items])
+                if options.position == "post_instruction"
+                else None
             )
             capture.start_batch(position_weights(mask, tails), mask, single_position=tails is None)
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            position_ids = mask_positions(mask)
             runner(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -389,6 +430,8 @@ def collect(
             )
             rows = capture.rows()  # float32 [B, M, d]
             running.add(rows)
+            if capture.final_slot is not None:
+                final_running.add(capture.final_slot)
             for slot, i in enumerate(batch):
                 out_rows[i] = rows[slot].to(_storage_dtype(model))
             bar.update(len(batch))
@@ -397,31 +440,17 @@ def collect(
         mean=running.mean(),
         expert_counts=capture.expert_counts,
         router_tokens=capture.router_tokens,
+        final_norm_mean=final_running.mean() if final_running.count else None,
     )
 
 
 def prompt_rows(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    position: str = "last",
-    batch_size: int = 32,
-    system: str | None = None,
-    fallback_template: bool = False,
-    progress: bool = False,
+    model, tokenizer, prompts: list[str], options: MeasureOptions | None = None
 ) -> torch.Tensor:
     """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
-    encoded = encode(tokenizer, prompts, system=system, fallback_template=fallback_template)
-    acts = collect(
-        model,
-        encoded,
-        position=position,
-        batch_size=batch_size,
-        pad_id=_pad_id(tokenizer),
-        progress=progress,
-    )
-    return acts.rows
+    options = options or MeasureOptions(progress=False)
+    encoded = options.prompts.encode(tokenizer, prompts)
+    return collect(model, encoded, options, pad_value=pad_id(tokenizer)).rows
 
 
 def _storage_dtype(model) -> torch.dtype:
@@ -435,23 +464,12 @@ def measure(
     tokenizer,
     target: list[str],
     benign: list[str],
-    *,
-    position: str = "last",
-    batch_size: int = 32,
-    clip: float | None = None,
-    system: str | None = None,
-    fallback_template: bool = False,
-    padding_side: str = "left",
-    progress: bool = True,
+    options: MeasureOptions | None = None,
 ) -> Measurements:
     """Measure class means, per-prompt projections and router counts for two prompt sets."""
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    if clip is not None and not 0.0 <= clip < 0.5:
-        raise AbliterateError(f"clip quantile {clip} is invalid; expected a value in [0, 0.5).")
-    pad_id = _pad_id(tokenizer)
+    options = options or MeasureOptions()
+    position, clip, system = options.position, options.clip, options.prompts.system
+    pad_value = pad_id(tokenizer)
     layers = decoder_layers(model)
     router_modules = routers(layers)
     if router_modules:
@@ -465,16 +483,9 @@ def measure(
     for cls, prompts in (("target", target), ("benign", benign)):
         if not prompts:
             raise AbliterateError(f"the {cls} prompt set is empty; expected at least one prompt.")
-        encoded = encode(tokenizer, prompts, system=system, fallback_template=fallback_template)
+        encoded = options.prompts.encode(tokenizer, prompts)
         collected[cls] = collect(
-            model,
-            encoded,
-            position=position,
-            batch_size=batch_size,
-            padding_side=padding_side,
-            pad_id=pad_id,
-            progress=progress,
-            desc=f"measure {cls}",
+            model, encoded, options, pad_value=pad_value, desc=f"measure {cls}"
         )
     means = {}
     for cls, acts in collected.items():
@@ -498,7 +509,7 @@ def measure(
         "system": system,
         "router_positions": "all non-padding prompt tokens",
         "model": str(getattr(model.config, "_name_or_path", "")),
-        "quantization": _quantization_of(model),
+        "quantization": quantization_of(model),
     }
     result = Measurements(
         target_mean=means["target"],
@@ -506,6 +517,9 @@ def measure(
         target_proj=projections["target"],
         benign_proj=projections["benign"],
         meta=meta,
+        target_final_norm_mean=collected["target"].final_norm_mean,
+        benign_final_norm_mean=collected["benign"].final_norm_mean,
+        norm_weights=reading_norm_weights(model, layers),
     )
     if router_modules and _num_experts(model.config):
         result.target_expert_counts = collected["target"].expert_counts
@@ -515,100 +529,21 @@ def measure(
     return result
 
 
-def _quantization_of(model) -> str | None:
-    config = getattr(model.config, "quantization_config", None)
-    if config is None:
+def reading_norm_weights(model, layers) -> torch.Tensor | None:
+    """[L + 1, d] float64: the weight of the norm that reads each measurement index (layer
+    m's `input_layernorm`, then the final norm), so a direction can be seen as the next
+    reader sees it. None when a norm has no weight of the hidden size."""
+    norms = [getattr(layer, "input_layernorm", None) for layer in layers]
+    norms.append(getattr(base_model(model), "norm", None))
+    weights = []
+    for norm in norms:
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            return None
+        weights.append(weight.detach().to("cpu", torch.float64))
+    if len({w.shape for w in weights}) != 1:
         return None
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    if get("load_in_4bit"):
-        return "4bit"
-    if get("load_in_8bit"):
-        return "8bit"
-    return str(get("quant_method") or "quantized")
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value if not isinstance(value, list) else value[0])
-    return 0
-
-
-# --------------------------------------------------------------------------- loading a model
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise AbliterateError("measure.device is cuda but no CUDA device is available.")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_model(
-    model_dir: str | Path,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    trust_remote_code: bool = False,
-):
-    """Load a causal LM and its tokenizer for measurement; returns (model, tokenizer, info)."""
-    import transformers
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise AbliterateError(
-            f"model directory {path} has no config.json; expected a Hugging Face model."
-        )
-    if load_in_4bit and load_in_8bit:
-        raise AbliterateError("load_in_4bit and load_in_8bit are both set; choose one.")
-    device = resolve_device(device)
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    quantization = None
-    if load_in_4bit or load_in_8bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise AbliterateError(
-                "load_in_4bit/load_in_8bit need `pip install bitsandbytes`."
-            ) from None
-        compute = DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
-        quantization = "4bit" if load_in_4bit else "8bit"
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_type="nf4",
-        )
-        kwargs["device_map"] = device_map or device
-    elif device_map:
-        kwargs["device_map"] = device_map
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code
-    )
-    info = {
-        "model": str(path.resolve()),
-        "device": device,
-        "device_map": device_map,
-        "quantization": quantization,
-    }
-    return model, tokenizer, info
+    return torch.stack(weights)
 
 
 # --------------------------------------------------------------------------- files
@@ -626,6 +561,11 @@ def _tensors(meas: Measurements) -> dict[str, torch.Tensor]:
         tensors["benign_expert_counts"] = meas.benign_expert_counts.to(torch.int64)
         tensors["target_router_tokens"] = meas.target_router_tokens.to(torch.int64)
         tensors["benign_router_tokens"] = meas.benign_router_tokens.to(torch.int64)
+    if meas.target_final_norm_mean is not None and meas.benign_final_norm_mean is not None:
+        tensors["target_final_norm_mean"] = meas.target_final_norm_mean.to(torch.float64)
+        tensors["benign_final_norm_mean"] = meas.benign_final_norm_mean.to(torch.float64)
+    if meas.norm_weights is not None:
+        tensors["norm_weights"] = meas.norm_weights.to(torch.float64)
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
@@ -665,7 +605,15 @@ def load_measurements(path: str | Path) -> Measurements:
     for name in ("target_mean", "benign_mean"):
         if name not in tensors:
             raise AbliterateError(f"measurements file {path} has no tensor {name!r}.")
-    meta = json.loads(metadata.get(METADATA_KEY, "{}"))
+    try:
+        meta = json.loads(metadata.get(METADATA_KEY, "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise AbliterateError(
+            f"measurements file {path} has malformed '{METADATA_KEY}' metadata (expected a "
+            f"JSON object: {error})."
+        ) from None
     meta["source_file"] = str(path)
     empty = torch.zeros(tensors["target_mean"].shape[0], 0)
     meas = Measurements(
@@ -678,12 +626,35 @@ def load_measurements(path: str | Path) -> Measurements:
         benign_expert_counts=tensors.get("benign_expert_counts"),
         target_router_tokens=tensors.get("target_router_tokens"),
         benign_router_tokens=tensors.get("benign_router_tokens"),
+        target_final_norm_mean=tensors.get("target_final_norm_mean"),
+        benign_final_norm_mean=tensors.get("benign_final_norm_mean"),
+        norm_weights=tensors.get("norm_weights"),
     )
     if meas.target_mean.shape != meas.benign_mean.shape:
         raise AbliterateError(
             f"measurements file {path} has target and benign means of different shapes."
         )
+    check_finite_means(meas, f"measurements file {path}")
     return meas
+
+
+def check_finite_means(meas: Measurements, source: str) -> None:
+    """NaN or inf in a class mean (a diverged bf16 run, a damaged file) poisons every
+    direction derived from it, so it is refused at load and analysis time, naming the
+    indices (`source` names the file or run in the sentence)."""
+    bad = sorted(
+        {
+            int(i)
+            for mean in (meas.target_mean, meas.benign_mean)
+            for i in (~torch.isfinite(mean)).any(dim=-1).nonzero().flatten()
+        }
+    )
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise AbliterateError(
+            f"{source} holds non-finite values (NaN or inf) in the class means "
+            f"at measurement indices {shown}; expected finite means, re-run the measurement."
+        )
 
 
 def measure_to_file(
@@ -691,58 +662,18 @@ def measure_to_file(
     target_source: str,
     benign_source: str,
     output: str | Path,
-    *,
-    field: str | None = None,
-    split: str = "train",
-    max_count: int | None = None,
-    seed: int = 0,
-    system: str | None = None,
-    fallback_template: bool = False,
-    position: str = "last",
-    batch_size: int = 32,
-    clip: float | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    device_map: str | None = None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    options: MeasureOptions | None = None,
 ) -> Measurements:
     """The whole `measure` step: prompts -> model -> measurements file (+ JSON)."""
-    from .prompts import load_prompts
-
-    if position not in POSITIONS:
-        raise AbliterateError(
-            f"measurement position {position!r} is unknown; expected one of {list(POSITIONS)}."
-        )
-    target = load_prompts(target_source, field=field, split=split, max_count=max_count, seed=seed)
-    benign = load_prompts(benign_source, field=field, split=split, max_count=max_count, seed=seed)
+    options = options or MeasureOptions()
+    target = options.prompts.load(target_source)
+    benign = options.prompts.load(benign_source)
     logger.info("Loaded %d target and %d benign prompts", len(target), len(benign))
-    model, tokenizer, info = load_model(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-        trust_remote_code=trust_remote_code,
-    )
+    model, tokenizer, info = load_model(model_dir, options.load)
     logger.info(
         "Measuring %s on %s (%s)", model_dir, info["device"], info["quantization"] or "unquantized"
     )
-    meas = measure(
-        model,
-        tokenizer,
-        target,
-        benign,
-        position=position,
-        batch_size=batch_size,
-        clip=clip,
-        system=system,
-        fallback_template=fallback_template,
-        progress=progress,
-    )
+    meas = measure(model, tokenizer, target, benign, options)
     meas.meta.update(
         {
             "model": info["model"],
@@ -780,15 +711,35 @@ def save_refuse(meas: Measurements, path: str | Path) -> Path:
     return path
 
 
+def _check_finite_refuse(data, path: Path) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not torch.isfinite(value).all():
+                    raise AbliterateError(
+                        f"{path}: tensor {key!r} holds non-finite values (NaN or inf); "
+                        "expected finite measurements."
+                    )
+
+
 def load_refuse(path: str | Path) -> Measurements:
     """Read a legacy `.refuse` file (never unpickled: `weights_only=True`)."""
     path = Path(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the file's code.
+        raise AbliterateError(
+            f"{path} holds Python objects besides tensors, and loading those would run code "
+            "from the file, so it is refused; expected a .refuse file of plain tensors "
+            "(harmful_i, harmless_i, ...) saved from a trusted source."
+        ) from None
     except Exception as error:
         raise AbliterateError(
-            f"{path} is not a loadable .refuse file (read with weights_only=True: {error})."
+            f"{path} is not a loadable .refuse file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'})."
         ) from None
+    _check_finite_refuse(data, path)
     if not isinstance(data, dict):
         raise AbliterateError(
             f"{path} does not hold a dict; expected a legacy .refuse measurement dict."

@@ -6,6 +6,7 @@ backend, and the report captions in workflow/report/ describe them one by one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,19 +16,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .sweep import SWEEP_KEYS  # noqa: E402
+from .files import replacing  # noqa: E402
+from .grid import SWEEP_KEYS  # noqa: E402
 
 DPI = 120
 
 
 def _save(fig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the figure as PNG through a temp file + rename, then free it."""
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=DPI)
+    finally:
+        plt.close(fig)
 
 
 def plot_layer_metrics(metrics, path: str | Path, *, title: str = "model") -> None:
@@ -151,6 +153,61 @@ def _sweep_label(row, varying: list[str]) -> str:
     return " ".join(parts) or str(row["variant"])
 
 
+def pareto_front(kl: Sequence[float], refusal: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both KL and refusal rate (lower is
+    better), ordered by KL: the lower-left frontier of the sweep."""
+    order = sorted(range(len(kl)), key=lambda i: (kl[i], refusal[i]))
+    front, lowest = [], float("inf")
+    for i in order:
+        if refusal[i] < lowest:
+            front.append(i)
+            lowest = refusal[i]
+    return front
+
+
+def _variant_key(ax, variants, varying: list[str], x, y, best: str | None) -> None:
+    """The side panel naming each numbered point: its swept values, refusal rate and KL."""
+    lines = []
+    for i, row in variants.iterrows():
+        mark = "*" if row["variant"] == best else " "
+        lines.append(f"{mark}{i + 1:>2} {_sweep_label(row, varying):<24} {y[i]:.2f} {x[i]:.3g}")
+    ax.axis("off")
+    ax.set_title("variants: refusal, KL", fontsize=9, loc="left")
+    ax.text(
+        0.0,
+        1.0,
+        "\n".join(lines),
+        va="top",
+        ha="left",
+        family="monospace",
+        fontsize=7.5 if len(lines) <= 24 else 6,
+        transform=ax.transAxes,
+    )
+
+
+def _number_points(ax, x, y) -> None:
+    """Number the points (variants at the same spot share one label)."""
+    spots: dict[tuple[float, float], list[int]] = {}
+    for i in range(len(x)):
+        spots.setdefault((round(x[i], 12), round(y[i], 6)), []).append(i + 1)
+    for (px, py), numbers in spots.items():
+        ax.annotate(
+            ",".join(map(str, numbers)),
+            (px, py),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+
+
+def _kl_axis(ax, x, kl_column: str) -> None:
+    """Symmetric-log KL axis from 0, linear below half the smallest positive KL."""
+    linthresh = max(1e-4, float(x[x > 0].min()) / 2 if (x > 0).any() else 1e-4)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(left=0, right=max(float(x.max()) * 2, linthresh * 10))
+    ax.set_xlabel(f"KL(base || edited), {kl_column.removeprefix('kl_').replace('_', '-')} (nats)")
+
+
 def plot_pareto(
     table,
     path: str | Path,
@@ -173,41 +230,10 @@ def plot_pareto(
     x = variants[kl_column].astype(float)
     y = variants["refusal_rate"].astype(float)
     ax.scatter(x, y, s=36, color="tab:blue", zorder=3, label="variants")
-    order = sorted(range(len(variants)), key=lambda i: (x[i], y[i]))
-    front, lowest = [], float("inf")
-    for i in order:
-        if y[i] < lowest:
-            front.append(i)
-            lowest = y[i]
+    front = pareto_front(list(x), list(y))
     ax.plot(x[front], y[front], color="tab:blue", alpha=0.4, zorder=2, label="Pareto front")
-    # points are numbered (variants at the same spot share one label); the key names them
-    spots: dict[tuple[float, float], list[int]] = {}
-    for i in range(len(variants)):
-        spots.setdefault((round(x[i], 12), round(y[i], 6)), []).append(i + 1)
-    for (px, py), numbers in spots.items():
-        ax.annotate(
-            ",".join(map(str, numbers)),
-            (px, py),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
-    lines = []
-    for i, row in variants.iterrows():
-        mark = "*" if row["variant"] == best else " "
-        lines.append(f"{mark}{i + 1:>2} {_sweep_label(row, varying):<24} {y[i]:.2f} {x[i]:.3g}")
-    key.axis("off")
-    key.set_title("variants: refusal, KL", fontsize=9, loc="left")
-    key.text(
-        0.0,
-        1.0,
-        "\n".join(lines),
-        va="top",
-        ha="left",
-        family="monospace",
-        fontsize=7.5 if len(lines) <= 24 else 6,
-        transform=key.transAxes,
-    )
+    _number_points(ax, x, y)
+    _variant_key(key, variants, varying, x, y, best)
     base = table[table["variant"] == "base"]
     if not base.empty:
         ax.scatter(
@@ -231,10 +257,7 @@ def plot_pareto(
             linewidth=1,
             label=f"refusal target {max_refusal_rate:g}",
         )
-    linthresh = max(1e-4, float(x[x > 0].min()) / 2 if (x > 0).any() else 1e-4)
-    ax.set_xscale("symlog", linthresh=linthresh)
-    ax.set_xlim(left=0, right=max(float(x.max()) * 2, linthresh * 10))
-    ax.set_xlabel(f"KL(base || edited), {kl_column.removeprefix('kl_').replace('_', '-')} (nats)")
+    _kl_axis(ax, x, kl_column)
     ax.set_ylabel("refusal rate on held-out target prompts")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Sweep: refusal rate vs divergence from the base model")

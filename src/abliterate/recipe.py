@@ -25,42 +25,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from .components import COMPONENTS, EXPERT_COMPONENTS
+from .directions import IndexedMeans, direction_at, normalize, sparsify
+from .edit import apply_edit
 from .errors import AbliterateError
 from .files import write_text_atomic
+from .layout import Layout, Target, inspect_checkpoint
 from .logs import logger
+from .measure import load_measurements
+from .shards import read_weight_map
 
-WRITE_COMPONENTS = ("attn_out", "mlp_down", "shared_down", "expert_down", "embed")
-READ_COMPONENTS = ("router", "expert_gate", "expert_up", "expert_gate_up")
-COMPONENTS = WRITE_COMPONENTS + READ_COMPONENTS
-EXPERT_COMPONENTS = ("expert_down", "expert_gate", "expert_up", "expert_gate_up")
 DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
-ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity"}
-# recipe key -> default; paths are None until given
-OPTIONS: dict[str, Any] = {
-    "model": None,
-    "measurements": None,
-    "output": None,
-    "ablate_individual_experts": False,
-    "expert_subset": None,
-    "components": None,
-    "norm_preserve": True,
-    "preserve": "hidden",
-    "projected": False,
-    "biprojected": False,
-    "gate_scale": 0.5,
-    "scale": 1.0,
-    "ensemble": 0,
-    "biases": True,
-}
+ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity", "components"}
 
 
 # --------------------------------------------------------------------------------------
@@ -70,10 +56,24 @@ OPTIONS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class AblateEntry:
+    """One edited layer. `measurement` may be fractional (the directions of the two
+    neighbouring indices, mixed) and num_layers + 1 (after the final norm); `components`,
+    when set, replaces the recipe's component set for this entry alone, so one layer's
+    attention and MLP writers can be edited at different strengths (two entries)."""
+
     layer: int
-    measurement: int
+    measurement: int | float
     scale: float = 1.0
     sparsity: float = 0.0
+    components: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.components is None:
+            del data["components"]
+        else:
+            data["components"] = list(self.components)
+        return data
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Recipe:
     preserve: str = "hidden"
     projected: bool = False
     biprojected: bool = False
+    norm_scaled: bool = False
     gate_scale: float = 0.5
     scale: float = 1.0
     ensemble: int = 0
@@ -102,12 +103,19 @@ class Recipe:
         data = {k: getattr(self, k) for k in ("model", "measurements", "output")}
         data["ablate_individual_experts"] = self.ablate_individual_experts
         data["expert_subset"] = list(self.expert_subset) if self.expert_subset else None
-        data["ablate"] = [asdict(e) for e in self.ablate]
+        data["ablate"] = [e.to_dict() for e in self.ablate]
         for key in OPTIONS:
             if key not in data:
                 value = getattr(self, key)
                 data[key] = list(value) if isinstance(value, tuple) else value
         return data
+
+
+# The keys a recipe may set beside `ablate` -> their defaults (paths are None until given):
+# the `Recipe` fields, so the two cannot differ.
+OPTIONS: dict[str, Any] = {
+    f.name: f.default for f in fields(Recipe) if f.name not in ("ablate", "source")
+}
 
 
 def _fail(source: str, key: str, expected: str, value: Any) -> AbliterateError:
@@ -118,6 +126,8 @@ def _number(source, key, value, *, integer=False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool):
         raise _fail(source, key, "must be an integer" if integer else "must be a number", value)
+    if not math.isfinite(value):
+        raise _fail(source, key, "must be a finite number", value)
     return int(value) if integer else float(value)
 
 
@@ -179,19 +189,29 @@ def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) 
         extra = sorted(set(raw) - ENTRY_KEYS)
         if extra:
             raise _fail(source, f"{where}.{extra[0]}", "is not an entry key "
-                        "(expected layer, measurement, scale, sparsity)", raw[extra[0]])  # fmt: skip
+                        "(expected layer, measurement, scale, sparsity, components)",
+                        raw[extra[0]])  # fmt: skip
         layer = _number(source, f"{where}.layer", raw["layer"], integer=True)
-        measurement = _number(source, f"{where}.measurement", raw["measurement"], integer=True)
+        measurement = _number(source, f"{where}.measurement", raw["measurement"])
+        measurement = int(measurement) if measurement.is_integer() else measurement
         scale = _number(source, f"{where}.scale", raw.get("scale", 1.0))
         sparsity = _number(source, f"{where}.sparsity", raw.get("sparsity", 0.0))
         if layer < 0 or measurement < 0:
             raise _fail(source, where, "must have layer and measurement >= 0", raw)
         if not 0.0 <= sparsity < 1.0:
             raise _fail(source, f"{where}.sparsity", "must be in [0, 1)", sparsity)
-        entries.append(AblateEntry(layer, measurement, scale, sparsity))
+        components = _parse_components(source, raw.get("components"))
+        entries.append(AblateEntry(layer, measurement, scale, sparsity, components))
 
     options = {k: data.get(k, default) for k, default in OPTIONS.items()}
-    for key in ("ablate_individual_experts", "norm_preserve", "projected", "biprojected", "biases"):
+    for key in (
+        "ablate_individual_experts",
+        "norm_preserve",
+        "projected",
+        "biprojected",
+        "norm_scaled",
+        "biases",
+    ):
         if not isinstance(options[key], bool):
             raise _fail(source, key, "must be true or false", options[key])
     for key in ("gate_scale", "scale"):
@@ -254,6 +274,33 @@ class PlanEntry:
     direction_id: str  # tensor name in plan.safetensors
     direction: torch.Tensor = field(repr=False)
 
+    @classmethod
+    def for_target(
+        cls, target: Target, *, layer: int | None, direction_id: str, direction: torch.Tensor,
+        scale: float, norm_preserve: bool = True, preserve: str = "hidden",
+        bias_shard: str | None = None, with_bias: bool = False,
+    ) -> PlanEntry:  # fmt: skip
+        """The edit of one layout target (its key, axis, shape, dtype and shard)."""
+        bias = target.bias if with_bias and target.side == "write" else None
+        return cls(
+            key=target.key,
+            component=target.component,
+            side=target.side,
+            layer=layer,
+            expert=target.expert,
+            hidden_axis=target.hidden_axis,
+            shape=tuple(target.shape),
+            dtype=target.dtype,
+            shard=target.shard,
+            scale=scale,
+            norm_preserve=norm_preserve,
+            preserve=preserve,
+            bias=bias,
+            bias_shard=(bias_shard or target.shard) if bias else None,
+            direction_id=direction_id,
+            direction=direction,
+        )
+
     @property
     def mode(self) -> str:
         """'hidden' / 'other' (norm-preserving, which norms) or 'plain' (projection only)."""
@@ -289,6 +336,19 @@ class Plan:
             if entry.bias:
                 shards.setdefault(entry.bias_shard, []).append((entry.bias, entry))
         return shards
+
+    def edits(self, shard: str | None = None) -> dict[str, list[tuple[PlanEntry, bool]]]:
+        """key -> [(entry, is_bias)] in plan order, for one shard or the whole plan.
+
+        This is what every consumer applies: the exporter per shard, the verifier and the
+        in-memory evaluator for the whole plan, each through `edit_tensor`.
+        """
+        shards = self.by_shard()
+        edits: dict[str, list[tuple[PlanEntry, bool]]] = {}
+        for name in [shard] if shard is not None else list(shards):
+            for key, entry in shards.get(name, []):
+                edits.setdefault(key, []).append((entry, key != entry.key))
+        return edits
 
     def sha256(self) -> str:
         """Identity of what the plan does (entries and directions), for resume checks."""
@@ -374,30 +434,35 @@ class Plan:
         return "\n".join(lines)
 
 
+def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
+    """Apply one key's plan edits `[(entry, is_bias)]` in order (`Plan.edits`).
+
+    The exporter, the verifier and the in-memory evaluator all call this, so they can only
+    disagree if their input tensors differ.
+    """
+    for entry, is_bias in edits:
+        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
+    return weight
+
+
+def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
+    """(byte offset, shape, edits) pieces to stream a target in: per expert when fused.
+
+    `ablate_tensor` itself edits a 3-D tensor one leading slice at a time when the hidden
+    axis is not the leading one, so slice-wise streaming gives the same bits while holding
+    one expert instead of all of them. `info` is the tensor's `shards.TensorInfo`.
+    """
+    ndim = len(info.shape)
+    if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
+        return [(info.begin, tuple(info.shape), edits)]
+    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
+    step = info.nbytes // info.shape[0]
+    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
+
+
 # --------------------------------------------------------------------------------------
 # Resolution: recipe + layout + measurements -> plan
 # --------------------------------------------------------------------------------------
-
-
-def _get(obj, name, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _layout_targets(layout) -> dict[int, list[dict]]:
-    """layer index -> its targets as plain dicts (accepts a Layout or layout.json data)."""
-    by_layer: dict[int, list[dict]] = {}
-    for layer in _get(layout, "layers", []) or []:
-        index = int(_get(layer, "index"))
-        by_layer[index] = [
-            t if isinstance(t, dict) else asdict(t) for t in (_get(layer, "targets") or [])
-        ]
-    return by_layer
-
-
-def _global_targets(layout) -> list[dict]:
-    return [t if isinstance(t, dict) else asdict(t) for t in (_get(layout, "globals") or [])]
 
 
 def default_components(recipe: Recipe, is_moe: bool) -> tuple[str, ...]:
@@ -416,8 +481,8 @@ def default_components(recipe: Recipe, is_moe: bool) -> tuple[str, ...]:
 
 
 def _measurement_arrays(measurements) -> tuple[torch.Tensor, torch.Tensor]:
-    target = _get(measurements, "target_mean")
-    benign = _get(measurements, "benign_mean")
+    target = getattr(measurements, "target_mean", None)
+    benign = getattr(measurements, "benign_mean", None)
     if target is None or benign is None:
         raise AbliterateError("measurements lack target_mean/benign_mean tensors.")
     return torch.as_tensor(target), torch.as_tensor(benign)
@@ -434,26 +499,26 @@ def entry_direction(
     (clipped to the measured range) and renormalizes before sparsifying, so neighbouring
     layers' estimates smooth out one noisy index.
     """
-    from .directions import direction, normalize, sparsify
-
     options = dict(
         projected=recipe.projected or recipe.biprojected,
         biprojected_at=entry.layer if recipe.biprojected else None,
+        norm_scaled=recipe.norm_scaled,
     )
+    means = IndexedMeans(measurements)
     m, k = entry.measurement, recipe.ensemble
     if k == 0:
-        r = direction(measurements, m, sparsity=entry.sparsity, **options)
+        r = direction_at(means, m, sparsity=entry.sparsity, **options)
     else:
-        last = _measurement_arrays(measurements)[0].shape[0] - 1
-        window = range(max(0, m - k), min(last, m + k) + 1)
-        r = normalize(sum(direction(measurements, i, **options) for i in window))
+        last = means.num_indices - 1
+        window = [m + offset for offset in range(-k, k + 1) if 0 <= m + offset <= last]
+        r = normalize(sum(direction_at(means, i, **options) for i in window))
         r = sparsify(r, entry.sparsity)
     return r.to(torch.float32)
 
 
-def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
-    num_layers = int(_get(layout, "num_layers"))
-    hidden = int(_get(layout, "hidden_size"))
+def _check_ranges(recipe: Recipe, layout: Layout, measurements) -> None:
+    """Entries name existing layers and measurement indices of the model's width."""
+    num_layers, hidden = layout.num_layers, layout.hidden_size
     target, benign = _measurement_arrays(measurements)
     if target.ndim != 2 or target.shape != benign.shape:
         raise AbliterateError(
@@ -466,30 +531,49 @@ def _check_ranges(recipe: Recipe, layout, measurements) -> tuple[int, int]:
             f"components but the model's hidden_size is {hidden}; were they measured on "
             "another model?"
         )
-    indices = target.shape[0]
+    indices = IndexedMeans(measurements).num_indices  # + 1 when the final norm was measured
+    _check_measured_depth(recipe, measurements, num_layers, indices)
     for i, entry in enumerate(recipe.ablate):
         if entry.layer >= num_layers:
             raise AbliterateError(
                 f"{recipe.source}: recipe key 'ablate[{i}].layer' is {entry.layer}, but the "
                 f"model has {num_layers} decoder layers (0-{num_layers - 1})."
             )
-        if entry.measurement >= indices:
+        if entry.measurement > indices - 1:
             raise AbliterateError(
                 f"{recipe.source}: recipe key 'ablate[{i}].measurement' is {entry.measurement}, "
                 f"but the measurements have indices 0-{indices - 1}."
             )
-    return num_layers, hidden
 
 
-def _check_experts(recipe: Recipe, layout) -> None:
+def _check_measured_depth(recipe: Recipe, measurements, num_layers: int, indices: int) -> None:
+    """Measurements of a model with another depth but the same width would pass the width
+    check and put every direction at the wrong depth, so the layer counts must agree."""
+    meta = getattr(measurements, "meta", None) or {}
+    measured = meta.get("num_layers")
+    source = recipe.measurements or meta.get("source_file") or "measurements"
+    if isinstance(measured, int) and measured != num_layers:
+        raise AbliterateError(
+            f"{source}: measured on a model with {measured} decoder layers, but the model has "
+            f"{num_layers}; were they measured on another model?"
+        )
+    if indices > num_layers + 2:
+        raise AbliterateError(
+            f"{source}: holds {indices} measurement indices, but a model with {num_layers} "
+            f"decoder layers has at most {num_layers + 2} (0-{num_layers}, and the final norm's "
+            "output); were they measured on another model?"
+        )
+
+
+def _check_experts(recipe: Recipe, layout: Layout) -> None:
     if recipe.expert_subset is None:
         return
-    if not _get(layout, "is_moe"):
+    if not layout.is_moe:
         raise AbliterateError(
             f"{recipe.source}: recipe key 'expert_subset' is set, but the model has no routed "
             "experts."
         )
-    count = int(_get(layout, "num_experts") or 0)
+    count = layout.num_experts
     for expert in recipe.expert_subset:
         if expert >= count:
             raise AbliterateError(
@@ -498,9 +582,68 @@ def _check_experts(recipe: Recipe, layout) -> None:
             )
 
 
+def _warn_about(recipe: Recipe, layout: Layout, components: tuple[str, ...]) -> None:
+    """Say when the chosen components leave writers unedited or also edit the lm_head."""
+    if layout.is_moe and not layout.num_shared_experts and "expert_down" not in components:
+        logger.warning(
+            "This MoE model has no shared experts: without ablate_individual_experts its "
+            "MLP writes into the residual stream are left unedited."
+        )
+    if "embed" in components and layout.tie_word_embeddings:
+        logger.warning(
+            "The embedding is tied to the output head: editing it also edits the lm_head."
+        )
+
+
+def _entry_components(
+    recipe: Recipe, layout: Layout, components: tuple[str, ...]
+) -> list[tuple[str, ...]]:
+    """Each ablate entry's components: its own `components` list when it has one (the
+    search gives every component its own strength per layer), else the recipe's."""
+    base = MOE_DEFAULT if layout.is_moe else DENSE_DEFAULT
+    return [
+        components
+        if item.components is None
+        else tuple(
+            dict.fromkeys(c for n in item.components for c in (base if n == "default" else [n]))
+        )
+        for item in recipe.ablate
+    ]
+
+
+def _selected_targets(
+    recipe: Recipe, layout: Layout, per_entry: list[tuple[str, ...]], index: int
+) -> list[Target]:
+    """The layout targets ablate entry `index` edits: its layer's tensors of its components
+    (routed experts restricted to `expert_subset`), plus the embedding for the lowest-layer
+    entry among those that edit it (it writes into the residual before any layer, so it is
+    edited once)."""
+    item, components = recipe.ablate[index], per_entry[index]
+    candidates = list(layout.layer(item.layer).targets)
+    with_embed = [i for i, chosen in enumerate(per_entry) if "embed" in chosen]
+    embed_owner = min(with_embed, key=lambda i: (recipe.ablate[i].layer, i), default=None)
+    if index == embed_owner:
+        candidates += list(layout.globals)
+    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
+    chosen = []
+    for target in candidates:
+        if target.component not in components:
+            continue
+        if target.component in EXPERT_COMPONENTS and subset is not None:
+            if target.fused:
+                raise AbliterateError(
+                    f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
+                    f"the fused tensor {target.key}; edit all experts or none."
+                )
+            if target.expert not in subset:
+                continue
+        chosen.append(target)
+    return chosen
+
+
 def resolve(
     recipe: Recipe | dict,
-    layout,
+    layout: Layout,
     measurements,
     *,
     weight_map: dict[str, str] | None = None,
@@ -508,73 +651,38 @@ def resolve(
 ) -> Plan:
     """Turn a recipe into the explicit per-tensor plan.
 
-    `layout` is an `abliterate.layout.Layout` (or layout.json data); `measurements` an
-    `abliterate.measure.Measurements` (anything with `target_mean`/`benign_mean`).
-    `weight_map` (key -> shard) locates writers' biases; without it a bias is assumed to
-    live in its weight's shard.
+    Steps: check the entries against the layout and measurements, choose the components,
+    then per ablate entry derive its direction and make one `PlanEntry` per selected
+    target (effective scale: entry scale x `scale`, x `gate_scale` for the router).
+    `measurements` is an `abliterate.measure.Measurements` (anything with
+    `target_mean`/`benign_mean`). `weight_map` (key -> shard) locates writers' biases;
+    without it a bias is assumed to live in its weight's shard.
     """
     if isinstance(recipe, dict):
         recipe = load_recipe(recipe)
-    num_layers, _ = _check_ranges(recipe, layout, measurements)
+    _check_ranges(recipe, layout, measurements)
     _check_experts(recipe, layout)
-    is_moe = bool(_get(layout, "is_moe"))
-    components = default_components(recipe, is_moe)
-    if is_moe and not _get(layout, "num_shared_experts") and "expert_down" not in components:
-        logger.warning(
-            "This MoE model has no shared experts: without ablate_individual_experts its "
-            "MLP writes into the residual stream are left unedited."
-        )
-    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
-    targets = _layout_targets(layout)
-    # The embedding writes into the residual before any layer: it is edited once, with
-    # the direction of the entry for the lowest layer.
-    embed_owner = min(range(len(recipe.ablate)), key=lambda i: (recipe.ablate[i].layer, i))
-    if "embed" in components and _get(layout, "tie_word_embeddings"):
-        logger.warning(
-            "The embedding is tied to the output head: editing it also edits the lm_head."
-        )
+    components = default_components(recipe, layout.is_moe)
+    per_entry = _entry_components(recipe, layout, components)
+    _warn_about(recipe, layout, tuple(dict.fromkeys(c for chosen in per_entry for c in chosen)))
     entries: list[PlanEntry] = []
     for index, item in enumerate(recipe.ablate):
-        r = entry_direction(recipe, item, measurements, num_layers)
-        direction_id = f"entry{index}"
-        candidates = list(targets.get(item.layer, []))
-        if "embed" in components and index == embed_owner:
-            candidates += _global_targets(layout)
-        for target in candidates:
-            component = target["component"]
-            if component not in components:
-                continue
-            expert = target.get("expert")
-            if component in EXPERT_COMPONENTS and subset is not None:
-                if target.get("fused"):
-                    raise AbliterateError(
-                        f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
-                        f"the fused tensor {target['key']}; edit all experts or none."
-                    )
-                if expert not in subset:
-                    continue
+        r = entry_direction(recipe, item, measurements, layout.num_layers)
+        for target in _selected_targets(recipe, layout, per_entry, index):
             scale = item.scale * recipe.scale
-            if component == "router":
+            if target.component == "router":
                 scale *= recipe.gate_scale
-            bias = target.get("bias") if recipe.biases and target["side"] == "write" else None
             entries.append(
-                PlanEntry(
-                    key=target["key"],
-                    component=component,
-                    side=target["side"],
-                    layer=item.layer if component != "embed" else None,
-                    expert=expert,
-                    hidden_axis=int(target["hidden_axis"]),
-                    shape=tuple(target["shape"]),
-                    dtype=target["dtype"],
-                    shard=target["shard"],
+                PlanEntry.for_target(
+                    target,
+                    layer=item.layer if target.component != "embed" else None,
+                    direction_id=f"entry{index}",
+                    direction=r,
                     scale=scale,
                     norm_preserve=recipe.norm_preserve,
                     preserve=recipe.preserve,
-                    bias=bias,
-                    bias_shard=(weight_map or {}).get(bias, target["shard"]) if bias else None,
-                    direction_id=direction_id,
-                    direction=r,
+                    with_bias=recipe.biases,
+                    bias_shard=(weight_map or {}).get(target.bias) if target.bias else None,
                 )
             )
     if not entries:
@@ -584,17 +692,17 @@ def resolve(
         )
     return Plan(
         entries=entries,
-        model_dir=str(_get(layout, "model_dir") or recipe.model or ""),
+        model_dir=str(layout.model_dir or recipe.model or ""),
         recipe=recipe.to_dict(),
         measurements=str(measurements_path or recipe.measurements or "") or None,
         measurements_sha256=file_sha256(measurements_path) if measurements_path else None,
         info={
-            "layer_prefix": _get(layout, "layer_prefix"),
-            "is_moe": is_moe,
-            "num_layers": num_layers,
-            "hidden_size": int(_get(layout, "hidden_size")),
-            "num_experts": _get(layout, "num_experts"),
-            "model_type": _get(layout, "model_type"),
+            "layer_prefix": layout.layer_prefix,
+            "is_moe": layout.is_moe,
+            "num_layers": layout.num_layers,
+            "hidden_size": layout.hidden_size,
+            "num_experts": layout.num_experts,
+            "model_type": layout.model_type,
             "components": list(components),
         },
     )
@@ -621,10 +729,6 @@ def build_plan(
     `model`/`measurements` override the recipe's own paths (the workflow passes its own);
     `layout` may be a `Layout`, a layout.json path, or None to inspect the model's headers.
     """
-    from .layout import Layout, inspect_checkpoint
-    from .measure import load_measurements
-    from .shards import read_weight_map
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     model = model or recipe.model

@@ -124,7 +124,42 @@ def read_header(path: str | Path) -> ShardHeader:
         tensors[name] = TensorInfo(
             name, path.name, dtype, shape, data_start + begin, data_start + end
         )
+    _check_byte_ranges(path, tensors, data_start, file_size)
     return ShardHeader(path, header_size, tensors, metadata)
+
+
+def _check_byte_ranges(
+    path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int
+) -> None:
+    """Tensors must tile the data buffer exactly: ordered, no overlap, no hole, no tail.
+
+    Why: the exporter copies byte ranges and rewrites target ranges in place, so two tensors
+    sharing bytes would let an edit of one silently change the other, and bytes that belong
+    to no tensor would be carried into the output unchecked (the safetensors format itself
+    forbids both).
+    """
+    position = data_start
+    previous = None
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin < position:
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header (tensor {info.name!r} at data_offsets "
+                f"[{info.begin - data_start}, {info.end - data_start}] overlaps tensor "
+                f"{previous!r}; expected non-overlapping byte ranges)."
+            )
+        if info.begin > position:
+            raise AbliterateError(
+                f"{path}: corrupt safetensors header ({info.begin - position} bytes before "
+                f"tensor {info.name!r} belong to no tensor; expected the tensors to cover the "
+                "data buffer without holes)."
+            )
+        position = info.end
+        previous = info.name
+    if position != file_size:
+        raise AbliterateError(
+            f"{path}: corrupt safetensors header (the tensors end at byte {position} of a "
+            f"{file_size}-byte file; expected them to cover the data buffer to the end)."
+        )
 
 
 def read_weight_map(model_dir: str | Path) -> dict[str, str]:

@@ -1,304 +1,34 @@
-"""Sweep grids of edit recipes, aggregate their evaluations, and pick the one to export.
+"""Evaluate sweep variants in memory, aggregate their tables, and pick the one to export.
 
-Why a static grid: Snakemake must know every job when it builds the DAG, before the
-analysis has run. A variant therefore keeps "suggested" as a symbolic value in its id
-(`msug`, `Lsug`) and is resolved against `analysis/suggested.yaml` only when it is
-evaluated; the resolved measurement index and layer range are recorded in the table.
+The grid itself (variants, ids, chunks, the recipe of a variant) is `abliterate.grid`;
+this module runs it: one job evaluates a chunk of variants on one loaded model
+(`evaluate_chunk`), and `aggregate` merges the jobs' tables, draws the figures and
+selects the recipe to export (`select_best`).
 """
 
 from __future__ import annotations
 
-import itertools
+import html
 import json
-import math
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from .errors import AbliterateError
+from .evaluate import EvalSettings, Evaluator, render_prompts
 from .files import write_text_atomic
+from .grid import SWEEP_KEYS, Variant, load_suggested, variant_columns, variant_recipe
+from .layout import Layout
 from .logs import logger
+from .measure import load_measurements
+from .model import load_model
+from .plots import plot_pareto, plot_sweep_heatmap
+from .recipe import load_recipe, resolve
 
-SWEEP_KEYS = (
-    "scale",
-    "sparsity",
-    "measurement",
-    "layers",
-    "components",
-    "norm_preserve",
-    "experts",
-)
 KL_COLUMNS = {"first_token": "kl_first_token", "multi_token": "kl_multi_token"}
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-_SUBSET = re.compile(r"^\d+(,\d+)*$")
-_COMPONENT = re.compile(r"^[a-z_]+(\+[a-z_]+)*$")
-
-
-def format_number(value: float, min_decimals: int = 1) -> str:
-    """Shortest stable decimal text for a grid value: 0.3 -> '0.3', never
-    '0.30000000000000004'; at least `min_decimals` decimals (1 -> '1.0')."""
-    value = round(float(value), 6)
-    if value == 0:
-        value = 0.0  # no "-0.0"
-    text = f"{value:.6f}".rstrip("0")
-    whole, _, decimals = text.partition(".")
-    return f"{whole}.{decimals.ljust(min_decimals, '0')}"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One point of the sweep grid, with symbolic values kept symbolic."""
-
-    scale: float = 1.0
-    sparsity: float = 0.0
-    measurement: int | str = "suggested"
-    layers: str = "suggested"
-    components: str = "default"
-    norm_preserve: bool = True
-    experts: str = "none"
-
-    @property
-    def id(self) -> str:
-        """Readable and stable, e.g. `s1.0_p0.00_m3_L1-4_np1_c-default_e-none`."""
-        measurement = "sug" if self.measurement == "suggested" else str(self.measurement)
-        layers = "sug" if self.layers == "suggested" else self.layers
-        experts = self.experts.replace(",", "+")
-        return (
-            f"s{format_number(self.scale)}_p{format_number(self.sparsity, 2)}_m{measurement}"
-            f"_L{layers}_np{int(self.norm_preserve)}_c-{self.components}_e-{experts}"
-        )
-
-    def params(self) -> dict:
-        return asdict(self)
-
-
-def _check_value(key: str, value) -> object:
-    """Validate one grid value (the schema checks types; this checks meaning)."""
-    where = f"sweep.{key}"
-    if key in ("scale", "sparsity"):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise AbliterateError(f"{where}: expected numbers, got {value!r}.")
-        if key == "sparsity" and not 0 <= value < 1:
-            raise AbliterateError(f"{where}: expected values in [0, 1), got {value!r}.")
-        return float(value)
-    if key == "measurement":
-        if value == "suggested" or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        ):
-            return value
-        raise AbliterateError(
-            f"{where}: expected measurement indices (>= 0) or 'suggested', got {value!r}."
-        )
-    if key == "layers":
-        text = str(value)
-        match = _RANGE.match(text)
-        if text in ("suggested", "all") or (match and int(match[1]) <= int(match[2])):
-            return text
-        raise AbliterateError(
-            f"{where}: expected 'suggested', 'all' or a range like '2-5', got {value!r}."
-        )
-    if key == "components":
-        text = str(value)
-        if text == "default":
-            return text
-        if _COMPONENT.match(text):
-            from .recipe import COMPONENTS  # lazily: the Snakefile imports this module
-
-            unknown = [n for n in text.split("+") if n != "default" and n not in COMPONENTS]
-            if not unknown:
-                return text
-            raise AbliterateError(
-                f"{where}: unknown component {unknown[0]!r} in {text!r}; expected 'default' "
-                f"or '+'-joined names from {', '.join(COMPONENTS)}."
-            )
-        raise AbliterateError(
-            f"{where}: expected 'default' or '+'-joined component names such as "
-            f"'attn_out+mlp_down', got {value!r}."
-        )
-    if key == "norm_preserve":
-        if isinstance(value, bool):
-            return value
-        raise AbliterateError(f"{where}: expected true/false, got {value!r}.")
-    if key == "experts":
-        text = str(value).replace(" ", "")
-        if text in ("none", "all") or _SUBSET.match(text):
-            return text
-        raise AbliterateError(
-            f"{where}: expected 'none', 'all' or a subset like '0,1,2,3', got {value!r}."
-        )
-    raise AbliterateError(
-        f"sweep.{key}: unknown sweep parameter; expected one of {', '.join(SWEEP_KEYS)}."
-    )
-
-
-def variants(sweep: dict, moe: bool = True) -> list[Variant]:
-    """Every grid point of the config's `sweep:` block, in a stable order, ids unique.
-
-    For a dense model (`moe=False`) the expert strategies collapse to "none": without
-    routed experts, "all" or a subset would repeat the "none" variant.
-    """
-    defaults = Variant()
-    grids: list[list] = []
-    for key in SWEEP_KEYS:
-        values = sweep.get(key, [getattr(defaults, key)])
-        if not isinstance(values, (list, tuple)) or not values:
-            raise AbliterateError(f"sweep.{key}: expected a non-empty list, got {values!r}.")
-        values = [_check_value(key, v) for v in values]
-        grids.append(["none"] if key == "experts" and not moe else values)
-    seen: dict[str, Variant] = {}
-    for combo in itertools.product(*grids):
-        variant = Variant(**dict(zip(SWEEP_KEYS, combo, strict=True)))
-        seen.setdefault(variant.id, variant)
-    return list(seen.values())
-
-
-def varying_parameters(variant_list: Sequence[Variant]) -> list[str]:
-    """Grid parameters that take more than one value, in SWEEP_KEYS order."""
-    return [k for k in SWEEP_KEYS if len({getattr(v, k) for v in variant_list}) > 1]
-
-
-def chunks(variant_list: Sequence[Variant], size: int) -> list[list[Variant]]:
-    """Consecutive groups of `size` variants: one evaluation job (one model load) each."""
-    return [list(variant_list[i : i + size]) for i in range(0, len(variant_list), size)]
-
-
-def find_variants(variant_list: Sequence[Variant], ids: Iterable[str]) -> list[Variant]:
-    by_id = {v.id: v for v in variant_list}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise AbliterateError(
-            f"unknown sweep variant {missing[0]!r}; the config's grid does not contain it."
-        )
-    return [by_id[i] for i in ids]
-
-
-# --------------------------------------------------------------------------------------
-# Variant -> recipe (the seed's YAML format + options)
-# --------------------------------------------------------------------------------------
-
-
-def load_suggested(path: str | Path) -> dict:
-    """`analysis/suggested.yaml` (seed format); it must name at least one ablate entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise AbliterateError(f"{path}: suggested recipe not found (run the analyze step first).")
-    data = yaml.safe_load(path.read_text()) or {}
-    entries = data.get("ablate") if isinstance(data, dict) else None
-    if not entries or not all(
-        isinstance(e, dict) and "layer" in e and "measurement" in e for e in entries
-    ):
-        raise AbliterateError(
-            f"{path}: expected an 'ablate' list of {{layer, measurement, ...}} entries."
-        )
-    return data
-
-
-def resolve_layers(spec: str, suggested: dict | None, num_layers: int) -> list[int]:
-    if spec == "suggested":
-        if suggested is None:
-            raise AbliterateError(
-                "sweep.layers uses 'suggested' but no suggested recipe was given."
-            )
-        return sorted({int(e["layer"]) for e in suggested["ablate"]})
-    if spec == "all":
-        return list(range(num_layers))
-    first, last = (int(n) for n in _RANGE.match(spec).groups())
-    if last >= num_layers:
-        raise AbliterateError(
-            f"sweep.layers: range '{spec}' reaches layer {last}, but the model has {num_layers} "
-            f"layers (0-{num_layers - 1})."
-        )
-    return list(range(first, last + 1))
-
-
-def resolve_measurement(value: int | str, suggested: dict | None, num_layers: int) -> int:
-    if value == "suggested":
-        if suggested is None:
-            raise AbliterateError(
-                "sweep.measurement uses 'suggested' but no suggested recipe was given."
-            )
-        counts: dict[int, int] = {}
-        for entry in suggested["ablate"]:
-            counts[int(entry["measurement"])] = counts.get(int(entry["measurement"]), 0) + 1
-        return max(counts, key=lambda m: (counts[m], -m))
-    if value > num_layers:
-        raise AbliterateError(
-            f"sweep.measurement: index {value} is out of range; the model has measurement "
-            f"indices 0-{num_layers}."
-        )
-    return int(value)
-
-
-def variant_recipe(
-    variant: Variant,
-    *,
-    num_layers: int,
-    suggested: dict | None = None,
-    base: dict | None = None,
-) -> dict:
-    """The complete recipe a variant stands for, in the seed's format plus options.
-
-    `base` holds the config's `recipe:` options (gate_scale, projected, ...) that the
-    grid does not sweep; its own `ablate` list is ignored.
-    """
-    recipe = {k: v for k, v in (base or {}).items() if k != "ablate"}
-    layers = resolve_layers(variant.layers, suggested, num_layers)
-    measurement = resolve_measurement(variant.measurement, suggested, num_layers)
-    recipe["ablate"] = [
-        {
-            "layer": layer,
-            "measurement": measurement,
-            "scale": float(format_number(variant.scale)),
-            "sparsity": float(format_number(variant.sparsity, 2)),
-        }
-        for layer in layers
-    ]
-    recipe["norm_preserve"] = variant.norm_preserve
-    recipe["components"] = (
-        None if variant.components == "default" else variant.components.split("+")
-    )
-    if variant.experts == "none":
-        recipe["ablate_individual_experts"] = False
-        recipe["expert_subset"] = None
-    elif variant.experts == "all":
-        recipe["ablate_individual_experts"] = True
-        recipe["expert_subset"] = None
-    else:
-        recipe["ablate_individual_experts"] = True
-        recipe["expert_subset"] = [int(e) for e in variant.experts.split(",")]
-    return recipe
-
-
-def describe_layers(layers: Sequence[int]) -> str:
-    """Compact text for a layer list: [1, 2, 3, 5] -> '1-3,5'."""
-    parts, run = [], []
-    for layer in sorted(layers):
-        if run and layer == run[-1] + 1:
-            run.append(layer)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [layer]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
-
-
-def variant_columns(variant: Variant, recipe: dict) -> dict:
-    """The parameter columns of a variant's row: grid values plus their resolution."""
-    return {
-        **{k: getattr(variant, k) for k in SWEEP_KEYS},
-        "measurement_resolved": recipe["ablate"][0]["measurement"] if recipe["ablate"] else None,
-        "layers_resolved": describe_layers([e["layer"] for e in recipe["ablate"]]),
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -359,10 +89,7 @@ def select_best(
 
 
 def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    tmp.replace(path)
+    write_text_atomic(path, table.to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
 def write_best(recipe: dict, reason: str, yaml_path: str | Path, txt_path: str | Path) -> None:
@@ -392,70 +119,24 @@ def read_chunk_details(paths: Iterable[str | Path]) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------
 
 
-def evaluate_recipes(
-    model_dir: str | Path,
-    recipes: dict[str, dict],
-    *,
-    layout,
-    measurements,
-    target_prompts: str | Path,
-    benign_prompts: str | Path,
-    table_path: str | Path | None = None,
-    details_path: str | Path | None = None,
-    columns: dict[str, dict] | None = None,
-    evaluate_config: dict | None = None,
-    prompts_config: dict | None = None,
-    trust_remote_code: bool = False,
-) -> pd.DataFrame:
-    """Load the model once; evaluate the base model and every named recipe in memory.
-
-    Every recipe is resolved to a plan before the model is loaded, so a bad recipe fails
-    in seconds, not after a long load. Writes the table (base row first) and a JSON with
-    each recipe and its sample answers when paths are given; returns the table.
-    """
-    from .evaluate import Evaluator, load_model, render_prompts, settings_from_config
-    from .prompts import load_prompts
-    from .recipe import load_recipe, resolve
-
-    evaluate_config = evaluate_config or {}
-    prompts_config = prompts_config or {}
-    columns = columns or {}
-    plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
-    settings = settings_from_config(evaluate_config)
-    model, tokenizer = load_model(
-        model_dir,
-        evaluate_config.get("device", "auto"),
-        trust_remote_code,
-        device_map=evaluate_config.get("device_map"),
-    )
+def _prompt_sets(tokenizer, target_prompts, benign_prompts, settings: EvalSettings):
+    """The held-out target and benign prompts, rendered as the measurement rendered them."""
+    held_out = replace(settings.prompts, max_count=settings.max_prompts)
 
     def prompt_set(path):
-        texts = load_prompts(
-            path,
-            field=prompts_config.get("field"),
-            max_count=evaluate_config.get("max_prompts"),
-            seed=prompts_config.get("seed", 0),
-        )
-        return render_prompts(
-            tokenizer,
-            texts,
-            system=prompts_config.get("system"),
-            fallback=prompts_config.get("fallback_template", False),
-        )
+        return render_prompts(tokenizer, held_out.load(path), held_out)
 
-    evaluator = Evaluator(
-        model,
-        tokenizer,
-        prompt_set(target_prompts),
-        prompt_set(benign_prompts),
-        settings,
-        model_dir=model_dir,
-    )
+    return prompt_set(target_prompts), prompt_set(benign_prompts)
+
+
+def _evaluate_plans(evaluator: Evaluator, plans: dict, recipes: dict, columns: dict):
+    """Rows (base first) and sample answers; identical recipes (e.g. "suggested" == "all")
+    are evaluated once and their row repeated under each name."""
     base = evaluator.evaluate_base()
     empty = {k: None for k in next(iter(columns.values()), {})}
     rows = [{**empty, **base.row()}]
     samples = {"base": base.samples}
-    done: dict[str, dict] = {}  # identical recipes (e.g. "suggested" == "all") run once
+    done: dict[str, dict] = {}
     for name, plan in plans.items():
         same = json.dumps(recipes[name], sort_keys=True, default=str)
         if same in done:
@@ -468,9 +149,44 @@ def evaluate_recipes(
             samples[name] = result.samples
         samples.setdefault(name, samples[done[same]["variant"]])
         rows.append({**columns.get(name, {}), **row})
+    return rows, samples
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, variant and grid columns first."""
     table = pd.DataFrame(rows)
     front = ["variant", *SWEEP_KEYS, "measurement_resolved", "layers_resolved"]
-    table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
+    return table[[c for c in front if c in table] + [c for c in table if c not in front]]
+
+
+def evaluate_recipes(
+    model_dir: str | Path,
+    recipes: dict[str, dict],
+    *,
+    layout: Layout,
+    measurements,
+    target_prompts: str | Path,
+    benign_prompts: str | Path,
+    table_path: str | Path | None = None,
+    details_path: str | Path | None = None,
+    columns: dict[str, dict] | None = None,
+    settings: EvalSettings | None = None,
+) -> pd.DataFrame:
+    """Load the model once; evaluate the base model and every named recipe in memory.
+
+    Steps: resolve every recipe to a plan (before the model is loaded, so a bad recipe
+    fails in seconds, not after a long load), load the model, render the prompts, evaluate
+    the base and each plan, then write the table (base row first) and a JSON with each
+    recipe and its sample answers when paths are given; returns the table.
+    `settings` is an `abliterate.evaluate.EvalSettings` (default: its defaults).
+    """
+    settings = settings or EvalSettings()
+    plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
+    model, tokenizer, _ = load_model(model_dir, settings.load)
+    target, benign = _prompt_sets(tokenizer, target_prompts, benign_prompts, settings)
+    evaluator = Evaluator(model, tokenizer, target, benign, settings, model_dir=model_dir)
+    rows, samples = _evaluate_plans(evaluator, plans, recipes, columns or {})
+    table = _table(rows)
     if table_path:
         write_table(table, table_path)
     if details_path:
@@ -491,9 +207,6 @@ def evaluate_chunk(
     **kwargs,
 ) -> pd.DataFrame:
     """One sweep job: the variants' recipes (seed format + options), evaluated in memory."""
-    from .layout import Layout
-    from .measure import load_measurements
-
     layout = Layout.load(layout_path)
     suggested = load_suggested(suggested_path) if suggested_path else None
     recipes, columns = {}, {}
@@ -527,8 +240,6 @@ def heatmap_axes(table: pd.DataFrame) -> list[str]:
 
 def samples_html(samples: dict, best: str, reason: str) -> str:
     """Sample answers before (base) and after (the selected variant), as an HTML page."""
-    import html
-
     parts = [
         "<html><head><meta charset='utf-8'><title>Sample answers</title>",
         "<style>body{font-family:sans-serif} table{border-collapse:collapse;margin-bottom:2em}"
@@ -569,8 +280,6 @@ def aggregate(
     kl: str = "first_token",
 ) -> tuple[str, str]:
     """sweep.tsv, plots, best.yaml/best.txt (and the samples page) from the chunk outputs."""
-    from .plots import plot_pareto, plot_sweep_heatmap
-
     table = read_chunk_tables(table_paths)
     recipes, samples = read_chunk_details(details_paths)
     best, reason = select_best(table, max_refusal_rate, kl)
@@ -589,5 +298,5 @@ def aggregate(
             table, heatmap_png, axes=heatmap_axes(table), best=best, kl_column=kl_column
         )
     if samples_out:
-        Path(samples_out).write_text(samples_html(samples, best, reason))
+        write_text_atomic(samples_out, samples_html(samples, best, reason))
     return best, reason

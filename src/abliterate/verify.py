@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import AbliterateError
-from .export import edit_tensor, entries_by_key, tensor_chunks
-from .recipe import Plan, file_sha256
+from .files import write_json, write_text_atomic
+from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import COPY_CHUNK, DTYPES, read_checkpoint, read_tensor
 
 SMALL_MODEL_BYTES = 2 * 1024**3  # generate / hash checks only below this size
@@ -72,26 +72,8 @@ def invariant_errors(
     return residual, drift
 
 
-def verify(
-    model_dir: str | Path,
-    output: str | Path,
-    plan: Plan,
-    *,
-    generate: bool | None = None,
-    device: str | None = None,
-) -> dict:
-    """Check `output` against `model_dir` and `plan`; returns the report (never raises on a
-    failed check: a failing report is the answer). `generate=None`: only for small models."""
-    model_dir, output = Path(model_dir), Path(output)
-    if not output.is_dir():
-        raise AbliterateError(f"{output}: exported model directory not found.")
-    source = read_checkpoint(model_dir)
-    result = read_checkpoint(output)
-    failures: list[str] = []
-
-    def fail(message: str) -> None:
-        failures.append(message)
-
+def _check_structure(source: dict, result: dict, fail) -> dict:
+    """Same tensor names, dtypes and shapes in the output as in the source."""
     missing = sorted(set(source) - set(result))
     extra = sorted(set(result) - set(source))
     for key in missing[:MAX_FAILURES]:
@@ -104,93 +86,138 @@ def verify(
         if a.dtype != b.dtype or a.shape != b.shape:
             reshaped += 1
             fail(f"{key}: {a.dtype} {list(a.shape)} became {b.dtype} {list(b.shape)}")
+    return {"missing": len(missing), "extra": len(extra), "dtype_or_shape_changed": reshaped}
 
-    by_key: dict[str, list] = {}
-    for shard in {e.shard for e in plan.entries} | {e.bias_shard for e in plan.entries if e.bias}:
-        by_key.update(entries_by_key(plan, shard))
-    stats = {"untouched": 0, "untouched_linked": 0, "edited": 0, "invariants_checked": 0}
-    worst = {"residual": 0.0, "norm_drift": 0.0}
-    handles: dict[Path, object] = {}
 
-    def handle(path: Path):
-        if path not in handles:
-            handles[path] = open(path, "rb")  # noqa: SIM115 - closed in the finally below
-        return handles[path]
+class _Files:
+    """Read handles on the shards, opened once each and closed together."""
 
+    def __init__(self):
+        self._handles: dict[Path, object] = {}
+
+    def __call__(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        return self._handles[path]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+
+
+class _Tally:
+    """The counters and worst invariant errors the report carries."""
+
+    def __init__(self):
+        self.stats = {"untouched": 0, "untouched_linked": 0, "edited": 0, "invariants_checked": 0}
+        self.worst = {"residual": 0.0, "norm_drift": 0.0}
+
+
+def _check_untouched(key, a, b, src_path, dst_path, files: _Files, tally: _Tally, fail) -> None:
+    """A tensor the plan does not name is the source's, bit for bit (or the same file)."""
+    if os.path.samefile(src_path, dst_path):
+        tally.stats["untouched_linked"] += 1
+    elif _same_bytes(files(src_path), files(dst_path), a, b):
+        tally.stats["untouched"] += 1
+    else:
+        fail(f"{key}: not in the plan but its bytes differ from the source")
+
+
+def _check_invariants(key, original, written, entry, dtype: str, tally: _Tally, fail) -> None:
+    """At scale 1 nothing is left along r and the preserved norms are unchanged."""
+    residual, drift = invariant_errors(original, written, entry, entry.hidden_axis)
+    tally.stats["invariants_checked"] += 1
+    tally.worst["residual"] = max(tally.worst["residual"], residual)
+    tol = tolerance(dtype)
+    if (entry.preserve == "hidden" or not entry.norm_preserve) and residual > tol:
+        fail(f"{key}: component along r is {residual:.2e} of the norm after a scale-1 edit "
+             f"(tolerance {tol:.1e})")  # fmt: skip
+    if entry.norm_preserve:
+        tally.worst["norm_drift"] = max(tally.worst["norm_drift"], drift)
+        if drift > tol:
+            fail(f"{key}: preserved norms changed by {drift:.2e} (tolerance {tol:.1e})")
+
+
+def _check_edited(key, a, b, src_path, dst_path, edits, files, tally, fail, device) -> None:
+    """An edited tensor equals the plan's edit of the source, recomputed here."""
+    tally.stats["edited"] += 1
+    offset = b.begin - a.begin
+    for begin, shape, chunk_edits in tensor_chunks(a, edits):
+        original = read_tensor(files(src_path), a, begin=begin, shape=shape)
+        written = read_tensor(files(dst_path), b, begin=begin + offset, shape=shape)
+        if not _bit_equal(edit_tensor(original, chunk_edits, device), written):
+            fail(f"{key}: differs from the plan's edit of the source tensor")
+            return
+        plain = [e for e, is_bias in chunk_edits if not is_bias]
+        if len(chunk_edits) == 1 and plain and plain[0].scale == 1.0:
+            _check_invariants(key, original, written, plain[0], a.dtype, tally, fail)
+
+
+def _check_tensors(model_dir, output, source, result, by_key, fail, device) -> _Tally:
+    """Every tensor present in both: untouched ones bit-identical, edited ones the plan's."""
+    tally, files = _Tally(), _Files()
     try:
         for key in sorted(set(source) & set(result)):
             a, b = source[key], result[key]
             if a.dtype != b.dtype or a.shape != b.shape:
-                continue
+                continue  # already reported by _check_structure
             src_path, dst_path = model_dir / a.shard, output / b.shard
-            if key not in by_key:
-                if os.path.samefile(src_path, dst_path):
-                    stats["untouched_linked"] += 1
-                elif _same_bytes(handle(src_path), handle(dst_path), a, b):
-                    stats["untouched"] += 1
-                else:
-                    fail(f"{key}: not in the plan but its bytes differ from the source")
-                continue
-            stats["edited"] += 1
-            edits = by_key[key]
-            offset = b.begin - a.begin
-            for begin, shape, chunk_edits in tensor_chunks(a, edits):
-                original = read_tensor(handle(src_path), a, begin=begin, shape=shape)
-                written = read_tensor(handle(dst_path), b, begin=begin + offset, shape=shape)
-                expected = edit_tensor(original, chunk_edits, device)
-                if not _bit_equal(expected, written):
-                    fail(f"{key}: differs from the plan's edit of the source tensor")
-                    break
-                plain = [e for e, is_bias in chunk_edits if not is_bias]
-                if len(chunk_edits) == 1 and plain and plain[0].scale == 1.0:
-                    entry = plain[0]
-                    residual, drift = invariant_errors(original, written, entry, entry.hidden_axis)
-                    stats["invariants_checked"] += 1
-                    worst["residual"] = max(worst["residual"], residual)
-                    tol = tolerance(a.dtype)
-                    if entry.preserve == "hidden" or not entry.norm_preserve:
-                        if residual > tol:
-                            fail(f"{key}: component along r is {residual:.2e} of the norm after "
-                                 f"a scale-1 edit (tolerance {tol:.1e})")  # fmt: skip
-                    if entry.norm_preserve:
-                        worst["norm_drift"] = max(worst["norm_drift"], drift)
-                        if drift > tol:
-                            fail(f"{key}: preserved norms changed by {drift:.2e} (tolerance "
-                                 f"{tol:.1e})")  # fmt: skip
+            if key in by_key:
+                _check_edited(key, a, b, src_path, dst_path, by_key[key], files, tally, fail,
+                              device)  # fmt: skip
+            else:
+                _check_untouched(key, a, b, src_path, dst_path, files, tally, fail)
     finally:
-        for h in handles.values():
-            h.close()
-
-    plan_keys = set(by_key)
-    not_found = sorted(plan_keys - set(result))
-    for key in not_found[:MAX_FAILURES]:
+        files.close()
+    for key in sorted(set(by_key) - set(result))[:MAX_FAILURES]:
         fail(f"{key}: the plan edits it but the output lacks it")
+    return tally
 
-    total_bytes = sum(info.nbytes for info in result.values())
-    small = total_bytes <= SMALL_MODEL_BYTES
+
+def verify(
+    model_dir: str | Path,
+    output: str | Path,
+    plan: Plan,
+    *,
+    generate: bool | None = None,
+    device: str | None = None,
+) -> dict:
+    """Check `output` against `model_dir` and `plan`; returns the report (never raises on a
+    failed check: a failing report is the answer). `generate=None`: only for small models.
+
+    Steps: structure (names, dtypes, shapes), tensors (untouched bit-identical, edited
+    equal to the recomputed plan edit and its invariants), manifest, generation.
+    """
+    model_dir, output = Path(model_dir), Path(output)
+    if not output.is_dir():
+        raise AbliterateError(f"{output}: exported model directory not found.")
+    source = read_checkpoint(model_dir)
+    result = read_checkpoint(output)
+    failures: list[str] = []
+    fail = failures.append
+    structure = _check_structure(source, result, fail)
+    by_key = plan.edits()
+    tally = _check_tensors(model_dir, output, source, result, by_key, fail, device)
+    small = sum(info.nbytes for info in result.values()) <= SMALL_MODEL_BYTES
     manifest = _check_manifest(output, small, fail)
     generation = None
     if generate or (generate is None and small):
         generation = _generate_check(output, fail)
-
-    report = {
+    return {
         "ok": not failures,
         "model": str(model_dir),
         "output": str(output),
         "tensors": len(source),
-        "missing": len(missing),
-        "extra": len(extra),
-        "dtype_or_shape_changed": reshaped,
-        **stats,
-        "plan_tensors": len(plan_keys),
-        "max_residual_along_direction": worst["residual"],
-        "max_norm_drift": worst["norm_drift"],
+        **structure,
+        **tally.stats,
+        "plan_tensors": len(by_key),
+        "max_residual_along_direction": tally.worst["residual"],
+        "max_norm_drift": tally.worst["norm_drift"],
         "manifest": manifest,
         "generation": generation,
         "failures": failures[:MAX_FAILURES],
         "failure_count": len(failures),
     }
-    return report
 
 
 def _check_manifest(output: Path, small: bool, fail) -> dict:
@@ -277,8 +304,6 @@ def summary(report: dict) -> str:
 
 
 def write_report(report: dict, json_path: str | Path, text_path: str | Path | None = None) -> None:
-    from .export import write_json
-
     write_json(report, json_path)
     if text_path is not None:
-        Path(text_path).write_text(summary(report))
+        write_text_atomic(text_path, summary(report))

@@ -1,6 +1,6 @@
 # Stage: export. Resolve the recipe to a per-tensor plan, list the shards it touches
 # (a checkpoint), edit each such shard in its own job, assemble the output directory
-# (untouched shards hard-linked, index, config, tokenizer, model card, manifest), verify.
+# (untouched shards reflinked or copied, index, config, tokenizer, model card, manifest), verify.
 
 
 rule write_recipe:
@@ -50,6 +50,7 @@ checkpoint plan_shards:
         "../../envs/abliterate.yaml"
     params:
         model=model_dir,
+        allow_external_links=config["export"]["allow_external_links"],
     script:
         "../scripts/plan_shards.py"
 
@@ -61,8 +62,10 @@ rule ablate_shard:
         shards=f"{RESULTS}/export/shards.json",
         model=model_input,
     output:
-        shard=f"{RESULTS}/export/shards/{{shard}}",
-        digest=f"{RESULTS}/export/shards/{{shard}}.sha256",
+        # temporary: once assembled (hard-linked into abliterated/) they are deleted, so
+        # the export shares no inode with another file
+        shard=temp(f"{RESULTS}/export/shards/{{shard}}"),
+        digest=temp(f"{RESULTS}/export/shards/{{shard}}.sha256"),
     log:
         f"{RESULTS}/logs/ablate_shard/{{shard}}.log",
     benchmark:
@@ -95,6 +98,8 @@ rule assemble_model:
     params:
         model=model_dir,
         edited_dir=f"{RESULTS}/export/shards",
+        link=config["export"]["link"],
+        allow_external_links=config["export"]["allow_external_links"],
     script:
         "../scripts/assemble_model.py"
 

@@ -1,5 +1,37 @@
 # Shared helpers: paths and input functions. No logic beyond wiring lives here.
+import sys
 from pathlib import Path
+
+
+def check_finite(node, key="config"):
+    """JSON schema lets `.nan` and `.inf` through every number bound; refuse them here."""
+    import math
+
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_finite(value, f"{key}.{name}" if key != "config" else name)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_finite(value, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise SystemExit(
+            f"error: config key {key} is {node}; expected a finite number."
+        )
+
+
+check_finite(config)
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from abliterate.errors import AbliterateError
+from abliterate.grid import (
+    check_base_recipe as _check_base_recipe,
+    chunks as _sweep_chunks,
+    variants as _sweep_variants,
+)
+from abliterate.files import claim_workdir
+
+# held for the life of this process: a later run after a kill clears the stale locks
+WORKDIR_CLAIM = claim_workdir()
 
 MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
@@ -14,12 +46,16 @@ def model_dir(wildcards=None):
 
 def prompt_file(cls, split):
     """A prompt set path: the config's, or the demo organism's own."""
-    configured = config["prompts"][cls][split]
+    prompts = config["prompts"][cls]
+    if not DEMO and prompts["test"] is None and prompts["train"] is not None:
+        # one file per class: split_prompts (prompts.smk) splits it
+        return f"{RESULTS}/prompts/{cls}_{split}.json"
+    configured = prompts[split]
     if configured is not None:
         return configured
     if DEMO:
         return f"{DEMO_DIR}/prompts/{cls}_{split}.txt"
-    raise ValueError(
+    raise AbliterateError(
         f"config key prompts.{cls}.{split} is required when model.path names a model."
     )
 
@@ -30,14 +66,12 @@ def model_input(wildcards=None):
 
 
 # ---- sweep (evaluate.smk): the variant grid is static, so the DAG is known up front ----
-import sys
-
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from abliterate.sweep import chunks as _sweep_chunks, variants as _sweep_variants
-
-
 def sweep_chunks():
     """The grid's variants in groups of sweep.chunk_size (dense models: experts "none")."""
+    if not config["recipe"][
+        "ablate"
+    ]:  # sweeping: recipe keys the grid sets stay default
+        _check_base_recipe(config["recipe"])
     variants = _sweep_variants(config["sweep"], moe=model_is_moe())
     return _sweep_chunks(variants, config["sweep"]["chunk_size"])
 
@@ -71,8 +105,10 @@ def measure_inputs(wildcards):
     """The model (demo: its directory) and a user's local prompt files (not hub dataset ids)."""
     inputs = {"model": model_input()}
     for cls in ("target", "benign"):
-        configured = config["prompts"][cls]["train"]
-        if configured is not None and Path(configured).is_file():
+        configured = prompt_file(cls, "train") if not DEMO else None
+        if configured is not None and (
+            Path(configured).is_file() or configured.startswith(RESULTS)
+        ):
             inputs[cls] = configured
     return inputs
 
@@ -82,8 +118,12 @@ def model_is_moe():
     if DEMO:
         return config["model"]["demo"]["arch"] == "glm4_moe"
     from abliterate.analyze import checkpoint_is_moe
+    from abliterate.errors import AbliterateError
 
-    return checkpoint_is_moe(config["model"]["path"])
+    try:
+        return checkpoint_is_moe(config["model"]["path"])
+    except AbliterateError as error:  # at parse time: the sentence, not a traceback
+        raise SystemExit(f"error: {error}")
 
 
 def analysis_outputs(wildcards=None):

@@ -1,13 +1,11 @@
 """Snakemake adapter: one shard, streamed through the plan's edits (+ its SHA-256)."""
 
-from pathlib import Path
-
 from abliterate.export import ablate_shard
-from abliterate.logs import setup_logging
+from abliterate.files import write_text_atomic
+from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     digest = ablate_shard(
         snakemake.params.model,
         snakemake.wildcards.shard,
@@ -16,4 +14,4 @@ with open(snakemake.log[0], "w") as log:
         device=snakemake.params.device,
         digest=True,
     )
-    Path(snakemake.output.digest).write_text(digest + "\n")
+    write_text_atomic(snakemake.output.digest, digest + "\n")

@@ -1,10 +1,9 @@
 """Snakemake adapter: sweep.tsv, plots and best.yaml (abliterate.sweep.aggregate)."""
 
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.sweep import aggregate
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     aggregate(
         snakemake.input.tables,
         snakemake.input.details,

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 from abliterate.analyze import write_analysis
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.measure import load_measurements
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     write_analysis(
         load_measurements(snakemake.input.measurements),
         Path(snakemake.output.table).parent,

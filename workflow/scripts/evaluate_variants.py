@@ -1,10 +1,15 @@
-"""Snakemake adapter: evaluate one chunk of sweep variants (abliterate.sweep.evaluate_chunk)."""
+"""Snakemake adapter: evaluate one chunk of sweep variants (abliterate.sweep.evaluate_chunk).
 
-from abliterate.logs import setup_logging
-from abliterate.sweep import evaluate_chunk, find_variants, variants
+The rule's params name the config sections this job depends on (a change reruns it); the
+settings themselves come from the validated config in one call.
+"""
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+from abliterate.evaluate import EvalSettings
+from abliterate.grid import find_variants, variants
+from abliterate.logs import rule_log
+from abliterate.sweep import evaluate_chunk
+
+with rule_log(snakemake):
     evaluate_chunk(
         snakemake.params.model,
         find_variants(variants(snakemake.params.sweep), snakemake.params.variants),
@@ -16,7 +21,5 @@ with open(snakemake.log[0], "w") as log:
         benign_prompts=snakemake.params.benign,
         table_path=snakemake.output.table,
         details_path=snakemake.output.details,
-        evaluate_config=snakemake.params.evaluate,
-        prompts_config=snakemake.params.prompts,
-        trust_remote_code=snakemake.params.trust_remote_code,
+        settings=EvalSettings.from_config(snakemake.config),
     )

@@ -1,32 +1,17 @@
-"""Snakemake adapter: measure class means (abliterate.measure.measure_to_file)."""
+"""Snakemake adapter: measure class means (abliterate.measure.measure_to_file).
 
-from abliterate.logs import setup_logging
-from abliterate.measure import measure_to_file
+The rule's params name the config sections this job depends on (a change reruns it); the
+options themselves come from the validated config in one call.
+"""
 
-prompts = snakemake.params.prompts
-options = snakemake.params.measure
+from abliterate.logs import rule_log
+from abliterate.measure import MeasureOptions, measure_to_file
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     measure_to_file(
         snakemake.params.model,
         snakemake.params.target,
         snakemake.params.benign,
         snakemake.output.measurements,
-        field=prompts["field"],
-        split=prompts["split"],
-        max_count=prompts["max"],
-        seed=prompts["seed"],
-        system=prompts["system"],
-        fallback_template=prompts["fallback_template"],
-        position=options["position"],
-        batch_size=options["batch_size"],
-        clip=options["clip"],
-        device=options["device"],
-        dtype=options["dtype"],
-        device_map=options["device_map"],
-        load_in_4bit=options["load_in_4bit"],
-        load_in_8bit=options["load_in_8bit"],
-        trust_remote_code=snakemake.params.trust_remote_code,
-        progress=False,
+        MeasureOptions.from_config(snakemake.config),
     )

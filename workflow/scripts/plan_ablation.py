@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-from abliterate.logs import setup_logging
+from abliterate.logs import rule_log
 from abliterate.recipe import build_plan
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake):
     plan = build_plan(
         snakemake.input.recipe,
         model=snakemake.params.model,

@@ -1,11 +1,11 @@
 """Snakemake adapter: verify.json + verify.txt for the exported model."""
 
-from abliterate.logs import setup_logging
+from abliterate.errors import AbliterateError
+from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 from abliterate.verify import summary, verify, write_report
 
-with open(snakemake.log[0], "w") as log:
-    setup_logging(stream=log)
+with rule_log(snakemake) as log:
     report = verify(
         snakemake.params.model,
         snakemake.input.output,
@@ -16,4 +16,6 @@ with open(snakemake.log[0], "w") as log:
     write_report(report, snakemake.output.json, snakemake.output.text)
     log.write(summary(report))
     if not report["ok"]:
-        raise SystemExit(f"verification failed: {report['failures'][0]}")
+        raise AbliterateError(
+            f"verification of {snakemake.input.output} failed: {report['failures'][0]}"
+        )

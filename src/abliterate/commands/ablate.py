@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import AbliterateError
 from ..export import export_model
+from ..files import LINK_MODES
 from ..recipe import build_plan, load_recipe
 from ..verify import summary, verify, write_report
 from .plan import add_recipe_arguments, recipe_overrides
@@ -26,6 +27,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the verification pass")
     parser.add_argument(
         "--no-hash", action="store_true", help="leave shard SHA-256s out of manifest.json"
+    )
+    parser.add_argument(
+        "--link",
+        choices=LINK_MODES,
+        default="auto",
+        help="how unedited shards reach the output: auto (reflink where the file system can, "
+        "else copy), reflink, copy, or hardlink (shares the source's inodes: an in-place write "
+        "to the output then changes the source)",
+    )
+    parser.add_argument(
+        "--allow-external-links",
+        action="store_true",
+        help="follow links in the model directory that point outside it",
     )
 
 
@@ -47,6 +61,8 @@ def run(args) -> int:
         device=args.device,
         force=args.force,
         hash_shards=not args.no_hash,
+        link_mode=args.link,
+        allow_external_links=args.allow_external_links,
     )
     if args.no_verify:
         return 0

@@ -9,6 +9,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import AbliterateError
+from ..evaluate import EvalSettings, load_markers
+from ..prompts import PromptOptions
+from .measure import add_load_arguments, load_options
 
 HELP = "evaluate the base model and recipes in memory (refusal rate, KL, benign answers kept)"
 
@@ -26,20 +29,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--measurements", help="measurements file (default: each recipe's 'measurements')"
     )
     p.add_argument("--layout", help="layout.json (default: inspect MODEL's headers)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--kl-tokens", type=int, default=8)
-    p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=EvalSettings.max_new_tokens)
+    p.add_argument("--kl-tokens", type=int, default=EvalSettings.kl_tokens)
+    p.add_argument("--max-prompts", type=int, default=EvalSettings.max_prompts)
+    p.add_argument("--batch-size", type=int, default=EvalSettings.batch_size)
     p.add_argument(
         "--markers", help="text file of refusal markers, one per line (default: built-in)"
     )
     p.add_argument("--judge", help="local causal LM directory used as refusal judge")
     p.add_argument("--text-file", help="text for a cross-entropy check")
-    p.add_argument("--samples", type=int, default=3, help="sample answers kept per class")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    p.add_argument(
+        "--samples", type=int, default=EvalSettings.samples, help="sample answers kept per class"
+    )
+    add_load_arguments(p)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--fallback-template", action="store_true")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", help="write the results table (TSV) here")
     p.add_argument("--details", help="write recipes and sample answers (JSON) here")
 
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         )
     measurements = load_measurements(sources.pop()) if recipes else None
     layout = Layout.load(args.layout) if args.layout else inspect_checkpoint(model)
-    markers = None
+    markers = None  # the built-in list
     if args.markers:
         markers_path = Path(args.markers)
         if not markers_path.is_file():
@@ -95,19 +99,18 @@ def run(args: argparse.Namespace) -> int:
         benign_prompts=_default_prompts(model, args.benign, "benign"),
         table_path=args.out,
         details_path=args.details,
-        evaluate_config={
-            "device": args.device,
-            "max_new_tokens": args.max_new_tokens,
-            "kl_tokens": args.kl_tokens,
-            "max_prompts": args.max_prompts,
-            "batch_size": args.batch_size,
-            "refusal_markers": markers,
-            "judge": args.judge,
-            "text_file": args.text_file,
-            "samples": args.samples,
-        },
-        prompts_config={"system": args.system, "fallback_template": args.fallback_template},
-        trust_remote_code=args.trust_remote_code,
+        settings=EvalSettings(
+            max_new_tokens=args.max_new_tokens,
+            kl_tokens=args.kl_tokens,
+            batch_size=args.batch_size,
+            markers=load_markers(markers),
+            samples=args.samples,
+            max_prompts=args.max_prompts,
+            text_file=args.text_file,
+            judge=args.judge,
+            load=load_options(args),
+            prompts=PromptOptions(system=args.system, fallback_template=args.fallback_template),
+        ),
     )
     columns = [
         "variant",

@@ -6,9 +6,27 @@
 
 from __future__ import annotations
 
-from ..measure import POSITIONS, measure_to_file
+from ..measure import POSITIONS, MeasureOptions, measure_to_file
+from ..model import DEVICES, DTYPES, LoadOptions, option_values
+from ..prompts import PromptOptions
 
 HELP = "measure the refusal direction: class means at every layer (one forward pass per batch)"
+
+
+def add_load_arguments(parser) -> None:
+    """The model-loading flags (`LoadOptions`), shared by `measure` and `evaluate`."""
+    parser.add_argument("--device", default=LoadOptions.device, choices=DEVICES)
+    parser.add_argument("--dtype", default=LoadOptions.dtype, choices=["auto", *DTYPES])
+    parser.add_argument("--device-map", help="'auto' spreads a large model over GPUs")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4)")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def load_options(args) -> LoadOptions:
+    """`LoadOptions` from the flags `add_load_arguments` added (same names as the fields)."""
+    return LoadOptions(**option_values(LoadOptions, vars(args)))
 
 
 def add_arguments(parser) -> None:
@@ -22,27 +40,23 @@ def add_arguments(parser) -> None:
         "--benign", "--data-harmless", required=True, help="prompts to answer (file or dataset id)"
     )
     parser.add_argument("--field", help="csv/parquet column, jsonl/json field or dataset column")
-    parser.add_argument("--split", default="train", help="dataset split (hub datasets only)")
+    parser.add_argument(
+        "--split", default=PromptOptions.split, help="dataset split (hub datasets only)"
+    )
     parser.add_argument("--max", type=int, dest="max_count", help="keep at most N prompts per set")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --max shuffle")
+    parser.add_argument(
+        "--seed", type=int, default=PromptOptions.seed, help="seed of the --max shuffle"
+    )
     parser.add_argument("--system", help="system prompt for every rendered prompt")
     parser.add_argument(
         "--fallback-template",
         action="store_true",
         help="render 'User: ...\\nAssistant:' text when the tokenizer has no chat template",
     )
-    parser.add_argument("--position", choices=POSITIONS, default="last")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--position", choices=POSITIONS, default=MeasureOptions.position)
+    parser.add_argument("--batch-size", type=int, default=MeasureOptions.batch_size)
     parser.add_argument("--clip", type=float, help="winsorize each dimension at this quantile")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
-    )
-    parser.add_argument("--device-map", help="'auto' spreads a large model over GPUs")
-    quant = parser.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4)")
-    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    add_load_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -52,28 +66,13 @@ def run(args) -> int:
         from ..errors import AbliterateError
 
         raise AbliterateError("no model given; pass the model directory (MODEL or -m MODEL).")
-    meas = measure_to_file(
-        model,
-        args.target,
-        args.benign,
-        args.output,
-        field=args.field,
-        split=args.split,
-        max_count=args.max_count,
-        seed=args.seed,
-        system=args.system,
-        fallback_template=args.fallback_template,
-        position=args.position,
-        batch_size=args.batch_size,
-        clip=args.clip,
-        device=args.device,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        load_in_4bit=args.load_in_4bit,
-        load_in_8bit=args.load_in_8bit,
-        trust_remote_code=args.trust_remote_code,
+    options = MeasureOptions(
+        **option_values(MeasureOptions, vars(args)),
         progress=not args.no_progress,
+        load=load_options(args),
+        prompts=PromptOptions(**option_values(PromptOptions, vars(args))),
     )
+    meas = measure_to_file(model, args.target, args.benign, args.output, options)
     counts = meas.meta["counts"]
     print(
         f"wrote {args.output}: {meas.num_indices} measurement indices, hidden size "

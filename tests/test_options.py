@@ -1,0 +1,130 @@
+"""One set of defaults: the workflow schema and the library's option dataclasses agree.
+
+The schema fills the workflow's defaults; `MeasureOptions`, `EvalSettings`, `LoadOptions`
+and `PromptOptions` are the library's (and the CLI's). If someone changes one side only,
+the workflow and `abliterate measure/evaluate` would silently measure different things.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from abliterate.errors import AbliterateError
+from abliterate.evaluate import DEFAULT_JUDGE_TEMPLATE, DEFAULT_REFUSAL_MARKERS, EvalSettings
+from abliterate.measure import MeasureOptions
+from abliterate.model import LoadOptions
+from abliterate.prompts import PromptOptions
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# Keys that only the workflow reads (job resources, prompt file paths, how it splits them).
+WORKFLOW_ONLY = {"gpu", "target", "benign", "fractions"}
+# Schema keys whose null default means "the library's built-in value".
+BUILT_IN = {"refusal_markers": DEFAULT_REFUSAL_MARKERS, "judge_template": DEFAULT_JUDGE_TEMPLATE}
+# Schema spellings of dataclass fields.
+RENAMED = {"max": "max_count", "refusal_markers": "markers"}
+
+
+def schema_defaults(section: str) -> dict:
+    schema = yaml.safe_load(SCHEMA.read_text())
+    properties = schema["properties"][section]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if key not in WORKFLOW_ONLY}
+
+
+def default_config() -> dict:
+    """An empty config after the workflow's own validation (which fills the defaults)."""
+    config: dict = {}
+    validate(config, str(SCHEMA), set_default=True)
+    return config
+
+
+def library_defaults(*objects) -> dict:
+    """Field name -> default over the given option objects (nested options flattened)."""
+    values = {}
+    for obj in objects:
+        for f in fields(obj):
+            if f.name not in ("load", "prompts"):
+                values[f.name] = getattr(obj, f.name)
+    return values
+
+
+def check_section(section: str, *objects) -> None:
+    library = library_defaults(*objects)
+    for key, default in schema_defaults(section).items():
+        name = RENAMED.get(key, key)
+        assert name in library, f"schema key {section}.{key} has no library option"
+        expected = BUILT_IN[key] if key in BUILT_IN and default is None else default
+        assert library[name] == expected, f"{section}.{key}: schema {default!r}"
+
+
+def test_measure_defaults_are_the_schema_defaults():
+    options = MeasureOptions()
+    check_section("measure", options, options.load)
+    check_section("prompts", options.prompts)
+    assert MeasureOptions.from_config(default_config()) == replace(options, progress=False)
+
+
+def test_evaluate_defaults_are_the_schema_defaults():
+    settings = EvalSettings()
+    check_section("evaluate", settings, settings.load)
+    assert EvalSettings.from_config(default_config()) == settings
+
+
+def test_every_library_option_is_configurable():
+    """Options the workflow cannot set are the few library-only ones, named here."""
+    measure_keys = set(schema_defaults("measure"))
+    assert set(library_defaults(MeasureOptions(), LoadOptions())) - measure_keys == {
+        "padding_side",
+        "progress",
+        "trust_remote_code",  # model.trust_remote_code
+    }
+    evaluate_keys = {RENAMED.get(k, k) for k in schema_defaults("evaluate")}
+    assert set(library_defaults(EvalSettings(), LoadOptions())) - evaluate_keys == {
+        "text_max_tokens",
+        "trust_remote_code",
+    }
+    prompt_keys = {RENAMED.get(k, k) for k in schema_defaults("prompts")}
+    assert set(library_defaults(PromptOptions())) == prompt_keys
+
+
+def test_config_values_reach_the_options():
+    config = default_config()
+    config["model"]["trust_remote_code"] = True
+    config["measure"].update(position="post_instruction", load_in_4bit=True, clip=0.01)
+    config["evaluate"].update(refusal_markers=["nope"], max_prompts=5, device="cpu")
+    config["prompts"].update(max=7, system="be brief")
+    measure = MeasureOptions.from_config(config)
+    assert (measure.position, measure.clip, measure.load.load_in_4bit) == (
+        "post_instruction",
+        0.01,
+        True,
+    )
+    assert measure.load.trust_remote_code and measure.prompts.max_count == 7
+    settings = EvalSettings.from_config(config)
+    assert settings.markers == ("nope",) and settings.max_prompts == 5
+    assert settings.load.device == "cpu" and settings.load.trust_remote_code
+    assert settings.prompts.system == "be brief"
+
+
+def test_bad_measure_options_are_one_sentence():
+    with pytest.raises(AbliterateError, match="clip quantile 0.7"):
+        MeasureOptions(clip=0.7)
+    with pytest.raises(AbliterateError, match="padding side 'middle'"):
+        MeasureOptions(padding_side="middle")
+
+
+def test_bad_evaluation_settings_and_prompt_limits_are_one_sentence(tmp_path):
+    from abliterate.prompts import load_prompts
+
+    with pytest.raises(AbliterateError, match="evaluate.batch_size is 0"):
+        EvalSettings(batch_size=0)
+    with pytest.raises(AbliterateError, match="evaluate.max_prompts is -2"):
+        EvalSettings(max_prompts=-2)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    with pytest.raises(AbliterateError, match=r"p\.txt is invalid .*prompts\.max"):
+        load_prompts(prompts, max_count=-1)

@@ -1,0 +1,297 @@
+"""The recipe search (sweep.method: tpe): space, study, workers, resumption, held-out numbers.
+
+The worker tests run real search workers (subprocesses, as Snakemake runs them) on the
+cached dense demo organism with a handful of trials; the workflow tests run the whole
+search through Snakemake and check the numbers a user reads on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from search_fixtures import search_inputs, start_study, worker_process
+from snakemake_runner import demo_model_config, snakemake
+
+from abliterate.errors import AbliterateError
+from abliterate.recipe import load_recipe
+from abliterate.search import (
+    SearchSpace,
+    layer_strengths,
+    params_recipe,
+    parse_settings,
+    resolve_space,
+    wilson_interval,
+)
+from abliterate.splits import split_list, split_prompt_sets
+
+EVALUATE = {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4}
+
+
+# ---------------------------------------------------------------- space and configuration
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"n_trials": 0}, r"sweep\.n_trials: expected an integer >= 1, got 0"),
+        ({"search": {"layer": [1, 2]}}, r"sweep\.search\.layer: unknown search key"),
+        ({"search": {"strength": [-0.5, 1.0]}}, r"sweep\.search\.strength: expected values >= 0"),
+        ({"search": {"projection": ["sideways"]}}, r"sweep\.search\.projection"),
+        ({"search": {"sparsity": [0.0, 1.0]}}, r"sweep\.search\.sparsity: expected values below"),
+    ],
+)
+def test_bad_search_config_is_one_sentence_naming_the_key(sweep, message):
+    with pytest.raises(AbliterateError, match=message):
+        parse_settings(sweep)
+
+
+def test_ranges_outside_the_model_name_the_key():
+    with pytest.raises(AbliterateError, match=r"sweep\.search\.direction: index 9 is above"):
+        resolve_space({"direction": [1, 9]}, num_layers=4, num_indices=6, is_moe=False)
+    with pytest.raises(AbliterateError, match=r"sweep\.search\.peak: layer 4 is above"):
+        resolve_space({"peak": [0, 4]}, num_layers=4, num_indices=6, is_moe=False)
+    with pytest.raises(AbliterateError, match="need an MoE model"):
+        resolve_space({"components": ["router"]}, num_layers=4, num_indices=6, is_moe=False)
+    space = resolve_space({}, num_layers=4, num_indices=6, is_moe=True)
+    assert space.direction == (1.0, 5.0)  # up to the final norm (index L + 1)
+    assert space.groups == ("attn_out", "mlp_down", "experts", "router")
+
+
+def test_strength_curve_peaks_and_falls_to_the_floor():
+    curve = layer_strengths(6, strength=1.2, peak=2, width=2, floor=0.25)
+    assert curve[2] == pytest.approx(1.2)
+    assert curve[1] == curve[3] == pytest.approx(1.2 * (0.25 + 0.75 * 0.5))
+    assert curve[0] == curve[4] == curve[5] == pytest.approx(0.3)
+
+
+def test_trial_parameters_become_a_valid_recipe_per_component():
+    space = resolve_space({}, num_layers=4, num_indices=6, is_moe=True)
+    params = {
+        "direction": 2.5,
+        "projection": "biprojected",
+        "norm_preserve": False,
+        "sparsity": 0.0,
+        "attn_out.on": True,
+        **{f"attn_out.{k}": v for k, v in dict(strength=1, peak=1, width=1, floor=0).items()},
+        "mlp_down.on": False,
+        "experts": "all",
+        "experts.on": True,
+        **{f"experts.{k}": v for k, v in dict(strength=0.5, peak=3, width=9, floor=1).items()},
+        "router.on": False,
+    }
+    recipe = load_recipe(params_recipe(params, space, {"biases": False}))
+    by_component = {}
+    for entry in recipe.ablate:
+        by_component.setdefault(entry.components, []).append((entry.layer, entry.scale))
+    assert by_component == {
+        ("attn_out",): [(1, 1.0)],  # width 1, floor 0: only the peak layer
+        ("expert_down",): [(0, 0.5), (1, 0.5), (2, 0.5), (3, 0.5)],
+    }
+    assert {e.measurement for e in recipe.ablate} == {2.5}
+    assert recipe.biprojected and not recipe.projected and not recipe.norm_preserve
+    assert recipe.gate_scale == 1.0 and recipe.biases is False
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(0.0713, abs=1e-4)
+    low, high = wilson_interval(25, 50)
+    assert low < 0.5 < high and high - 0.5 == pytest.approx(0.5 - low)
+
+
+def test_splits_are_seeded_disjoint_and_sized(tmp_path):
+    items = [f"prompt {i}" for i in range(100)]
+    parts = split_list(items, (0.6, 0.2, 0.2), seed=3)
+    assert [len(p) for p in parts] == [60, 20, 20]
+    assert sorted(sum(parts, [])) == sorted(items)
+    assert parts == split_list(items, (0.6, 0.2, 0.2), seed=3)
+    assert parts != split_list(items, (0.6, 0.2, 0.2), seed=4)
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("\n".join(items[:80]))
+    test.write_text("\n".join(items[80:]))
+    two = split_prompt_sets(train, None, test, seed=0)
+    assert len(two["train"]) == 80 and len(two["validation"]) == len(two["test"]) == 10
+    assert not set(two["validation"]) & set(two["test"])
+    with pytest.raises(AbliterateError, match="prompts.fractions"):
+        split_prompt_sets(train, None, None, fractions=(0.5, 0.5, 0.5))
+
+
+# ---------------------------------------------------------------- workers on one journal
+
+
+@pytest.fixture(scope="module")
+def search_setup(tmp_path_factory, demo_dense):
+    """Layout, measurements and 16 validation prompts per class of the dense demo."""
+    return search_inputs(demo_dense, tmp_path_factory.mktemp("search"), 16, EVALUATE)
+
+
+def study_trials(study_json: Path, sweep: dict):
+    from abliterate.search import open_study
+
+    data = json.loads(study_json.read_text())
+    return open_study(data["journal"], data["fingerprint"], parse_settings(sweep)).get_trials()
+
+
+SWEEP = {"n_trials": 5, "n_startup_trials": 2, "search": {"projection": ["biprojected", "none"]}}
+
+
+@pytest.mark.slow
+def test_two_workers_fill_one_study_without_duplicate_trials(search_setup, tmp_path):
+    study_json = start_study(search_setup, tmp_path, SWEEP)
+    workers = [worker_process(search_setup, study_json, SWEEP, i) for i in (0, 1)]
+    for process in workers:
+        _, err = process.communicate(timeout=900)
+        assert process.returncode == 0, err[-3000:]
+    done = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in (0, 1)]
+    numbers = [n for d in done for n in d["completed_trials"]]
+    assert len(numbers) == len(set(numbers))  # no trial number twice
+    assert all(d["completed_trials"] for d in done)  # both workers contributed
+    complete = [t for t in study_trials(study_json, SWEEP) if t.state.name == "COMPLETE"]
+    assert sorted(t.number for t in complete) == sorted(numbers)  # the union, nothing lost
+    assert SWEEP["n_trials"] <= len(complete) <= SWEEP["n_trials"] + 1
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_the_study(search_setup, tmp_path):
+    study_json = start_study(search_setup, tmp_path, SWEEP)
+    process = worker_process(search_setup, study_json, SWEEP, 0)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        finished = [t for t in study_trials(study_json, SWEEP) if t.state.name == "COMPLETE"]
+        if len(finished) >= 2:
+            break
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {
+        t.number: (t.values, t.params)
+        for t in study_trials(study_json, SWEEP)
+        if t.state.name == "COMPLETE"
+    }
+    assert 2 <= len(before) < SWEEP["n_trials"]
+    # the rerun (what Snakemake does for the failed job) continues the same study
+    again = worker_process(search_setup, study_json, SWEEP, 0)
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    trials = study_trials(study_json, SWEEP)
+    complete = {t.number: (t.values, t.params) for t in trials if t.state.name == "COMPLETE"}
+    assert len(complete) == SWEEP["n_trials"]
+    assert {n: complete[n] for n in before} == before  # completed trials were not redone
+    redone = json.loads((tmp_path / "worker-0.json").read_text())["completed_trials"]
+    assert len(redone) == SWEEP["n_trials"] - len(before) and not set(redone) & set(before)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def test_a_journal_from_another_config_is_refused_naming_the_file(search_setup, tmp_path):
+    start_study(search_setup, tmp_path, SWEEP)
+    other = {**SWEEP, "search": {"projection": ["projected"]}}
+    with pytest.raises(AbliterateError, match=r"study\.journal: this search journal was written"):
+        start_study(search_setup, tmp_path, other)
+
+
+def test_a_missing_judge_is_one_sentence(search_setup, tmp_path):
+    setup = dict(search_setup, evaluate_config={**EVALUATE, "judge": str(tmp_path / "nope")})
+    with pytest.raises(AbliterateError, match=r"evaluate\.judge: .*nope does not exist"):
+        start_study(setup, tmp_path, SWEEP)
+    assert not (tmp_path / "study.journal").exists()
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+def search_config(model_dir: Path, name: str, prompts_dir: Path, **sweep) -> dict:
+    config = demo_model_config(model_dir, name)
+    for cls in ("target", "benign"):
+        for split in ("validation", "test"):
+            config["prompts"][cls][split] = str(prompts_dir / f"{cls}_{split}.txt")
+    return {
+        **config,
+        "measure": {"device": "cpu"},
+        "sweep": {"method": "tpe", "n_trials": 8, "n_startup_trials": 4, "workers": 1, **sweep},
+        "evaluate": EVALUATE,
+        "select": {"max_refusal_rate": 0.05},
+        "export": {"device": "cpu"},
+    }
+
+
+def held_out_prompts(model_dir: Path, directory: Path, poison: bool = False) -> Path:
+    """The demo's held-out prompts cut in half: validation, test (poisoned: test replaced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for cls in ("target", "benign"):
+        lines = (model_dir / "prompts" / f"{cls}_test.txt").read_text().splitlines()
+        half = len(lines) // 2
+        (directory / f"{cls}_validation.txt").write_text("\n".join(lines[:half]) + "\n")
+        test = ["zzz " * (i % 5 + 1) for i in range(half)] if poison else lines[half:]
+        (directory / f"{cls}_test.txt").write_text("\n".join(test) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dense_search(tmp_path_factory, demo_dense) -> Path:
+    work = tmp_path_factory.mktemp("search-workflow")
+    prompts = held_out_prompts(demo_dense, work / "prompts")
+    config = search_config(demo_dense, "demo", prompts)
+    result = snakemake(work, "results/demo/sweep.tsv", "--cores", "2", config=config)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    return work
+
+
+@pytest.mark.slow
+def test_search_finds_a_recipe_meeting_the_targets_on_the_test_split(dense_search):
+    table = pd.read_csv(dense_search / "results/demo/sweep.tsv", sep="\t")
+    best = table[table["selected"]].iloc[0]
+    base = table[table["variant"] == "base"].iloc[0]
+    plain = table[table["variant"] == "plain"].iloc[0]
+    assert best["split"] == base["split"] == plain["split"] == "test"
+    assert (
+        (table[table["variant"].str.startswith("trial-") & ~table["selected"]]["split"])
+        .eq("validation")
+        .all()
+    )
+    assert base["refusal_rate"] >= 0.95
+    assert best["refusal_rate"] <= 0.05
+    assert best["benign_kept"] >= 0.98
+    assert best["kl_first_token"] <= 0.02 and best["kl_first_token"] < plain["kl_first_token"]
+    assert best["refusal_rate_ci_low"] <= best["refusal_rate"] <= best["refusal_rate_ci_high"]
+    assert "benign_refusal_rate" in table and "benign_refusal_rate_ci_high" in table
+    text = (dense_search / "results/demo/best.txt").read_text()
+    assert "test prompts the search never saw" in text and "95 % CI" in text
+    recipe = yaml.safe_load((dense_search / "results/demo/best.yaml").read_text())
+    assert recipe["ablate"] and load_recipe(recipe).gate_scale == 1.0
+
+
+@pytest.mark.slow
+def test_the_search_never_reads_the_test_split(dense_search, tmp_path, demo_dense):
+    """Poison the test prompts: the search's trials (validation) must not change at all."""
+    prompts = held_out_prompts(demo_dense, tmp_path / "prompts", poison=True)
+    config = search_config(demo_dense, "demo", prompts)
+    result = snakemake(tmp_path, "results/demo/search/trials.tsv", "--cores", "2", config=config)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    clean = pd.read_csv(dense_search / "results/demo/search/trials.tsv", sep="\t")
+    poisoned = pd.read_csv(tmp_path / "results/demo/search/trials.tsv", sep="\t")
+    pd.testing.assert_frame_equal(clean.drop(columns="seconds"), poisoned.drop(columns="seconds"))
+    assert not (tmp_path / "results/demo/sweep.tsv").exists()
+
+
+@pytest.mark.slow
+def test_bad_search_config_stops_the_workflow_with_one_sentence(tmp_path, demo_dense):
+    config = search_config(demo_dense, "demo", tmp_path, n_trials=0)
+    result = snakemake(tmp_path, "-n", "--cores", "1", config=config)
+    assert result.returncode == 1
+    assert "sweep.n_trials: expected an integer >= 1, got 0." in result.stderr + result.stdout
+    config = search_config(demo_dense, "demo", tmp_path, search={"directionn": [1, 2]})
+    result = snakemake(tmp_path, "-n", "--cores", "1", config=config)
+    assert result.returncode == 1
+    assert "sweep.search.directionn: unknown search key" in result.stderr + result.stdout
+
+
+def test_search_space_round_trips_through_study_json():
+    space = resolve_space({}, num_layers=4, num_indices=6, is_moe=False)
+    assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space
