@@ -15,6 +15,7 @@ from abliterate.edit import ablate_tensor
 from abliterate.errors import AbliterateError
 from abliterate.layout import inspect_checkpoint
 from abliterate.measure import prompt_rows
+from abliterate.recipe import Plan, PlanEntry
 
 PROMPT_SETS = ("target_train", "target_test", "benign_train", "benign_test")
 
@@ -396,19 +397,15 @@ def writer_plan(layout, direction):
     """Every residual writer the layout lists (embedding, attention out, dense/shared/expert
     down projections and their biases), plainly projected: the tool's own in-memory edit.
     A tied embedding is left out: editing it would edit the output head as well."""
-    return [
-        dict(
-            key=t.key,
-            direction=direction,
-            scale=1.0,
-            hidden_axis=t.hidden_axis,
-            norm_preserve=False,
-            bias=t.bias,
-            shape=t.shape,
+    entries = [
+        PlanEntry.for_target(
+            t, layer=None, direction_id="r", direction=direction, scale=1.0,
+            norm_preserve=False, with_bias=True,
         )
         for t in layout.targets(side="write")
         if not (t.component == "embed" and layout.tie_word_embeddings)
-    ]
+    ]  # fmt: skip
+    return Plan(entries=entries, model_dir=layout.model_dir, recipe={})
 
 
 ARCH_CLASS = {
