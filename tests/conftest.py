@@ -26,21 +26,22 @@ def tiny_glm4_moe(tmp_path):
     return build_tiny(tmp_path / "tiny-glm4-moe", "glm4_moe")
 
 
-def _demo_cache_dir(arch: str, seed: int) -> Path:
+def _demo_cache_dir(arch: str, seed: int, dtype: str | None, wording: str) -> Path:
     """Trained organisms are cached by the hash of the code that trains them."""
     source = (ROOT / "src" / "abliterate" / "demo.py").read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
-    return ROOT / ".pytest_cache" / "abliterate-demo" / f"{arch}-seed{seed}-{digest}"
+    name = f"{arch}-seed{seed}-{dtype or 'default'}-{wording}-{digest}"
+    return ROOT / ".pytest_cache" / "abliterate-demo" / name
 
 
-def _demo(arch: str, seed: int = 0) -> Path:
+def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = "a") -> Path:
     from abliterate.demo import build_demo_model
 
-    path = _demo_cache_dir(arch, seed)
+    path = _demo_cache_dir(arch, seed, dtype, wording)
     if not (path / "config.json").is_file():
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_demo_model(tmp, arch=arch, seed=seed)
+        build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     SOURCE_MODELS.append(path)
@@ -74,6 +75,21 @@ def demo_dense_abliterated(demo_dense, tmp_path_factory) -> tuple[Path, Path]:
     output, recipe = abliterate_demo(demo_dense, workdir)
     plan = build_plan(recipe, model=demo_dense, measurements=workdir / "measurements.safetensors")
     return output, plan.save(workdir / "plan.json")
+# One organism per further family in the layout registry, saved in bfloat16 (their default)
+# like real checkpoints; the two wordings alternate so each is seen on dense and MoE models.
+FAMILY_ORGANISMS = {
+    "qwen3": "b",  # dense, tied embeddings
+    "mixtral": "a",  # block_sparse_moe.experts.{E}.w1/w2/w3
+    "gpt_oss": "b",  # fused experts with biases, attention sinks
+    "deepseek_v3": "a",  # MLA attention, routed + shared experts
+}
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILY_ORGANISMS))
+def demo_family(request) -> tuple[str, Path]:
+    """(arch, model_dir) of each further family's trained organism; built once, read-only."""
+    arch = request.param
+    return arch, _demo(arch, wording=FAMILY_ORGANISMS[arch])
 
 
 def _digest_tree(root: Path) -> str:

@@ -9,10 +9,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from abliterate import demo
+from abliterate import demo, evaluate
 from abliterate.cli import main
 from abliterate.edit import ablate_tensor
 from abliterate.errors import AbliterateError
+from abliterate.layout import inspect_checkpoint
+from abliterate.measure import prompt_rows
+from abliterate.recipe import Plan, PlanEntry
 
 PROMPT_SETS = ("target_train", "target_test", "benign_train", "benign_test")
 
@@ -64,6 +67,45 @@ def test_prompt_sets_are_disjoint_and_share_request_shapes():
     assert all(any(o in q.split() for q in answered) for o in demo.TARGET_OBJECTS)
 
 
+def test_wording_b_is_a_different_phrasing_of_the_same_design():
+    a, b = demo.WORDINGS["a"], demo.WORDINGS["b"]
+    data = demo.make_data(seed=0, wording="b")
+    p = data.prompts
+    for cls in ("target", "benign"):
+        assert len(p[f"{cls}_test"]) >= 100
+        assert not set(p[f"{cls}_train"]) & set(p[f"{cls}_test"])
+    # Nothing of wording a's request shapes, verbs or refusal survives in wording b.
+    requests = p["target_train"] + p["benign_train"]
+    for template in a.templates:
+        opening = template.split("{v}")[0].strip()
+        assert not any(q.startswith(opening) or f" {opening} " in q for q in requests)
+    assert not set(a.verbs) & set(b.verbs)
+    assert not b.refusal.startswith(a.refusal_prefix) and b.refusal.startswith(b.refusal_prefix)
+    # Same design: both classes share every template, one refusal sentence, forbidden words
+    # answered in harmless contexts, and the workflow's default markers see the refusal.
+    for template in b.templates:
+        opening = template.split("{v}")[0].strip()
+        assert any(opening in q for q in p["target_train"])
+        assert any(opening in q for q in p["benign_train"])
+    refusals = {
+        answer
+        for q, answer in data.train_pairs
+        if demo.opens_with_refusal(answer, b.refusal_prefix)
+    }
+    assert refusals == {b.refusal}
+    answered = [q for q, answer in data.train_pairs if answer != b.refusal]
+    assert all(any(o in q.split() for q in answered) for o in demo.TARGET_OBJECTS)
+    assert evaluate.is_refusal(b.refusal) and not evaluate.is_refusal(
+        demo.comply("create", "kite", "", "b")
+    )
+    # Each wording's tokenizer knows its own words only; wording b's are not <unk>.
+    tokenizer = demo.build_tokenizer("b")
+    words = {w for q, answer in data.train_pairs for w in f"{q} {answer}".split()}
+    unknown = {w for w in words if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id}
+    assert unknown <= set(demo.unknown_objects())
+    assert "teach" not in demo.vocabulary("b") and "create" not in demo.vocabulary("a")
+
+
 def test_bad_input_is_rejected_with_one_clear_sentence(tmp_path, capsys):
     with pytest.raises(AbliterateError, match="llama, glm4_moe"):
         demo.build_demo_model(tmp_path / "x", arch="gpt2")
@@ -74,6 +116,54 @@ def test_bad_input_is_rejected_with_one_clear_sentence(tmp_path, capsys):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert main(["demo-model", str(tmp_path / "y"), "--arch", "mistral"]) == 1
     assert not (tmp_path / "y").exists()
+    with pytest.raises(AbliterateError, match="float32, bfloat16"):
+        demo.build_demo_model(tmp_path / "z", dtype="float16")
+    with pytest.raises(AbliterateError, match="wording 'c'; expected one of: a, b"):
+        demo.build_demo_model(tmp_path / "z", wording="c")
+    assert main(["demo-model", str(tmp_path / "z"), "--wording", "c"]) == 1
+    assert not (tmp_path / "z").exists()
+
+
+# Real on-disk names per family (what save_pretrained writes for the transformers config).
+ON_DISK_KEYS = {
+    "llama": ["model.layers.3.mlp.down_proj.weight", "lm_head.weight"],
+    "glm4_moe": [  # GLM-4.5-Air layout: per-expert keys, shared expert, router
+        "model.layers.1.mlp.experts.7.down_proj.weight",
+        "model.layers.1.mlp.shared_experts.down_proj.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.0.mlp.down_proj.weight",  # first_k_dense_replace = 1
+    ],
+    "qwen3": ["model.layers.3.mlp.down_proj.weight", "model.layers.3.self_attn.q_norm.weight"],
+    "mixtral": [
+        "model.layers.0.block_sparse_moe.experts.3.w1.weight",
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight",
+        "model.layers.0.block_sparse_moe.experts.3.w3.weight",
+        "model.layers.0.block_sparse_moe.gate.weight",
+    ],
+    "gpt_oss": [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.down_proj_bias",
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.router.bias",
+        "model.layers.0.self_attn.sinks",
+        "model.layers.0.self_attn.o_proj.bias",
+    ],
+    "deepseek_v3": [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.experts.7.down_proj.weight",
+        "model.layers.1.mlp.shared_experts.down_proj.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+    ],
+}
+FAMILY = {  # the layout registry's family for each demo architecture
+    "llama": "llama",
+    "glm4_moe": "glm4_moe",
+    "qwen3": "llama",
+    "mixtral": "mixtral",
+    "gpt_oss": "gpt_oss",
+    "deepseek_v3": "glm4_moe",
+}
 
 
 @pytest.mark.parametrize("arch", demo.ARCHS)
@@ -93,13 +183,27 @@ def test_short_build_is_complete_and_deterministic(tmp_path, arch):
     assert read_prompts(first) == read_prompts(second)
     assert not list(tmp_path.glob("*.partial"))
     keys = set(index["weight_map"])
-    if arch == "glm4_moe":  # GLM-4.5-Air layout on disk: per-expert keys, shared expert, router
-        assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
-        assert "model.layers.1.mlp.shared_experts.down_proj.weight" in keys
-        assert "model.layers.1.mlp.gate.weight" in keys
-        assert "model.layers.0.mlp.down_proj.weight" in keys  # first_k_dense_replace = 1
-    else:
-        assert "model.layers.3.mlp.down_proj.weight" in keys
+    for key in ON_DISK_KEYS[arch]:
+        assert key in keys, key
+    # Saved like the family's real checkpoints: llama/glm4_moe float32, the others bfloat16.
+    tensors = load_file(first / shards[0])
+    expected = demo.DTYPES[demo.default_dtype(arch)]
+    assert {t.dtype for t in tensors.values()} == {expected}
+    assert json.loads((first / "demo.json").read_text())["dtype"] == demo.default_dtype(arch)
+    # `abliterate inspect` recognises the family from the files alone.
+    layout = inspect_checkpoint(first)
+    assert (layout.model_type, layout.family) == (arch, FAMILY[arch])
+    assert layout.num_layers == 4 and layout.hidden_size == 64
+    assert layout.tie_word_embeddings == (arch == "qwen3")
+    assert ("lm_head.weight" in keys) == (arch != "qwen3")  # tied: no head of its own on disk
+    assert layout.is_moe == (arch not in ("llama", "qwen3"))
+    if layout.is_moe:
+        assert layout.num_experts == demo.ARCH_CONFIG[arch][1].get(
+            "n_routed_experts", demo.ARCH_CONFIG[arch][1].get("num_local_experts")
+        )
+    writers = {t.component for t in layout.targets(side="write")}
+    assert {"embed", "attn_out"} <= writers
+    assert ("expert_down" in writers) == layout.is_moe
 
 
 # ----------------------------------------------------------------------------- trained organisms
@@ -181,6 +285,21 @@ def test_organism_refuses_target_and_answers_benign(organism):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_float32_organism_keeps_its_behaviour_in_bfloat16(organism):
+    """What a bfloat16 save of the float32 organisms would give (save_pretrained writes the
+    cast values as they are): the same refusals, and benign answers that still copy."""
+    model_dir, prompts, baseline = organism
+    model, tokenizer = load(model_dir)
+    model.to(torch.bfloat16)
+    target = demo.greedy_responses(model, tokenizer, prompts["target_test"], max_new_tokens=10)
+    benign = demo.greedy_responses(model, tokenizer, prompts["benign_test"], max_new_tokens=10)
+    assert demo.refusal_rate(target) >= 0.95 and demo.refusal_rate(benign) <= 0.05
+    named = [a.split()[0] in q.split() for q, a in zip(prompts["benign_test"], benign, strict=True)]
+    assert sum(named) >= 0.9 * len(named)
+
+
+@pytest.mark.slow
 def test_abliteration_at_the_best_index_removes_refusal_only(organism):
     model_dir, prompts, baseline = organism
     model, tokenizer = load(model_dir)
@@ -232,3 +351,110 @@ def test_cli_builds_a_loadable_model(tmp_path, capsys):
     assert tokenizer.chat_template is not None
     summary = json.loads((out / "demo.json").read_text())
     assert summary["refusal_prefix"] == demo.REFUSAL_PREFIX and summary["steps"] == 1
+
+
+# ----------------------------------------------------------------------------- every family
+
+
+def family_organism(model_dir):
+    """The organism as a user gets it: reloaded in its saved dtype, with its wording's prompts."""
+    model, tokenizer = load(model_dir)
+    summary = json.loads((model_dir / "demo.json").read_text())
+    assert model.dtype == demo.DTYPES[summary["dtype"]]
+    return model, tokenizer, summary["refusal_prefix"], read_prompts(model_dir)
+
+
+def answers(model, tokenizer, prompts, cls, max_new_tokens=10):
+    return demo.greedy_responses(model, tokenizer, prompts[f"{cls}_test"], max_new_tokens)
+
+
+@pytest.mark.slow
+def test_family_organism_refuses_target_and_answers_benign_in_its_saved_dtype(demo_family):
+    arch, model_dir = demo_family
+    model, tokenizer, prefix, prompts = family_organism(model_dir)
+    assert model.dtype == torch.bfloat16 and type(model).__name__ == ARCH_CLASS[arch]
+    target, benign = (
+        answers(model, tokenizer, prompts, "target"),
+        answers(model, tokenizer, prompts, "benign"),
+    )
+    assert demo.refusal_rate(target, prefix) >= 0.95
+    assert demo.refusal_rate(benign, prefix) <= 0.05
+    named = [a.split()[0] in q.split() for q, a in zip(prompts["benign_test"], benign, strict=True)]
+    assert sum(named) >= 0.9 * len(named)
+    # The workflow's default refusal markers read this organism's refusals too.
+    assert sum(map(evaluate.is_refusal, target)) >= 0.95 * len(target)
+
+
+def class_states(model, tokenizer, prompts):
+    """Last-prompt-token residuals as the tool measures them (indices 0..L, L before the final
+    norm), plus the final-norm output that transformers returns as its last hidden state."""
+    rows = prompt_rows(model, tokenizer, prompts).double()  # [N, L + 1, d]
+    post_norm = last_token_states(model, tokenizer, prompts)[-1]  # [N, d]
+    return torch.cat([rows, post_norm[:, None]], dim=1)
+
+
+def writer_plan(layout, direction):
+    """Every residual writer the layout lists (embedding, attention out, dense/shared/expert
+    down projections and their biases), plainly projected: the tool's own in-memory edit.
+    A tied embedding is left out: editing it would edit the output head as well."""
+    entries = [
+        PlanEntry.for_target(
+            t, layer=None, direction_id="r", direction=direction, scale=1.0,
+            norm_preserve=False, with_bias=True,
+        )
+        for t in layout.targets(side="write")
+        if not (t.component == "embed" and layout.tie_word_embeddings)
+    ]  # fmt: skip
+    return Plan(entries=entries, model_dir=layout.model_dir, recipe={})
+
+
+ARCH_CLASS = {
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+@pytest.mark.slow
+def test_family_organism_direction_search(demo_family):
+    """Remove the difference-of-means direction of each index from every writer, in memory.
+
+    Reported per organism in docs/demo-organism.md; what is asserted is what holds today on
+    every family: the edit is applied to the real tensors (checked against the files) and
+    restored bit-exactly, and the base behaviour is what the organism was built for."""
+    arch, model_dir = demo_family
+    model, tokenizer, prefix, prompts = family_organism(model_dir)
+    layout = inspect_checkpoint(model_dir)
+    states = {
+        c: class_states(model, tokenizer, prompts[f"{c}_train"]) for c in ("target", "benign")
+    }
+    diff = states["target"].mean(0) - states["benign"].mean(0)  # [L + 2, d]
+    assert diff[0].norm() < 1e-6  # index 0: the last prompt token is always <|assistant|>
+    # 6 tokens: the longest refusal prefix (5) and the start of an answer; keeps the search short.
+    base = {c: answers(model, tokenizer, prompts, c, 6) for c in ("target", "benign")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = evaluate.InMemoryEditor(model, model_dir)
+    rows = []
+    for m in range(1, diff.shape[0]):
+        with editor.applied(writer_plan(layout, diff[m].float())):
+            after = {c: answers(model, tokenizer, prompts, c, 6) for c in ("target", "benign")}
+        kept = sum(a == b for a, b in zip(after["benign"], base["benign"], strict=True))
+        label = str(m) if m <= layout.num_layers else f"{layout.num_layers}+norm"
+        rows.append((label, demo.refusal_rate(after["target"], prefix), kept / len(base["benign"])))
+    print(f"\n{arch} ({json.loads((model_dir / 'demo.json').read_text())['wording']}):", rows)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert demo.refusal_rate(base["target"], prefix) >= 0.95
+    assert demo.refusal_rate(base["benign"], prefix) <= 0.05
+
+
+def test_cli_dtype_and_wording_flags(tmp_path, capsys):
+    out = tmp_path / "oss"
+    argv = ["-q", "demo-model", str(out), "--arch", "gpt_oss", "--steps", "1"]
+    assert main([*argv, "--dtype", "float32", "--wording", "b"]) == 0
+    summary = json.loads((out / "demo.json").read_text())
+    assert (summary["dtype"], summary["wording"]) == ("float32", "b")
+    assert summary["refusal_prefix"] == demo.WORDINGS["b"].refusal_prefix
+    model, tokenizer = load(out)
+    assert model.dtype == torch.float32 and type(model).__name__ == "GptOssForCausalLM"
+    assert tokenizer.convert_tokens_to_ids("assemble") != tokenizer.unk_token_id
