@@ -56,3 +56,12 @@ def demo_dense() -> Path:
 def demo_moe() -> Path:
     """The trained GLM-4.5-Air-style MoE demo organism; read-only, shared by the session."""
     return _demo("glm4_moe")
+
+
+@pytest.fixture(scope="session")
+def own_model_run(tmp_path_factory, demo_dense):
+    """The README's own-model block, run once in a fresh checkout: (checkout, result)."""
+    from checkout import first_bash_block, make_checkout, run_block
+
+    checkout = make_checkout(tmp_path_factory.mktemp("own-model"), demo_dense)
+    return checkout, run_block(checkout, first_bash_block("Your own model"))

@@ -93,12 +93,12 @@ def test_visible_gpus_prefers_declared_then_cuda_visible_devices():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
 
 
-def test_job_devices_hide_gpus_from_cpu_jobs_and_trust_slurm(tmp_path, monkeypatch):
+def test_job_devices_claim_only_what_the_job_declares_and_trust_slurm(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = {"ABLITERATE_GPUS": "0,1"}
     assert use_job_devices(0, environ=env) == []
-    assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job cannot crowd a GPU job
-    env = {"ABLITERATE_GPUS": "0,1"}
+    assert "CUDA_VISIBLE_DEVICES" not in env  # no GPU declared: nothing claimed or changed
+    assert not (tmp_path / ".snakemake").exists()
     assert use_job_devices(1, environ=env) == ["0"]
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
     assert (tmp_path / ".snakemake" / "gpu-slots").is_dir()

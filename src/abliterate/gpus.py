@@ -151,7 +151,8 @@ def use_job_devices(
     """Give this job `gpus` GPUs of its own and `threads` CPU threads; return the GPU ids.
 
     Call before anything touches CUDA. The GPUs stay claimed until the process exits.
-    A job that asked for no GPU is shown none, so it cannot crowd one that did.
+    A job that asks for no GPU is left as it is (its device setting decides), so a
+    config that never declared GPUs behaves as before.
     """
     environ = os.environ if environ is None else environ
     if threads is not None:
@@ -162,8 +163,6 @@ def use_job_devices(
     if scheduler_assigned(environ):
         return _ids(environ.get("CUDA_VISIBLE_DEVICES", ""))
     if gpus == 0:
-        if visible_gpus(environ):
-            environ["CUDA_VISIBLE_DEVICES"] = ""
         return []
     claim = claim_gpus(gpus, environ=environ)
     _HELD.append(claim)

@@ -1,10 +1,12 @@
 """Snakemake adapter: evaluate one chunk of sweep variants (abliterate.sweep.evaluate_chunk)."""
 
+from abliterate.gpus import use_job_devices
 from abliterate.logs import setup_logging
 from abliterate.sweep import evaluate_chunk, find_variants, variants
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
+    use_job_devices(snakemake.resources.gpu, snakemake.threads)  # own GPU(s), threads
     evaluate_chunk(
         snakemake.params.model,
         find_variants(variants(snakemake.params.sweep), snakemake.params.variants),

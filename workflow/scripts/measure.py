@@ -1,5 +1,6 @@
 """Snakemake adapter: measure class means (abliterate.measure.measure_to_file)."""
 
+from abliterate.gpus import use_job_devices
 from abliterate.logs import setup_logging
 from abliterate.measure import measure_to_file
 
@@ -8,6 +9,7 @@ options = snakemake.params.measure
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
+    use_job_devices(snakemake.resources.gpu, snakemake.threads)  # own GPU(s), threads
     measure_to_file(
         snakemake.params.model,
         snakemake.params.target,
