@@ -251,6 +251,8 @@ class SlurmCluster:
             # for slurmdbd connections this names the munge socket (slurm.conf(5))
             f"AccountingStoragePass={self.munge_socket}\n"
             "JobCompType=jobcomp/none\n"
+            # the plugin names each job's rule in --comment; keep it for sacct
+            "AccountingStoreFlags=job_comment\n"
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs=16 RealMemory={memory} State=UNKNOWN\n"
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
         )

@@ -93,7 +93,9 @@ def test_demo_workflow_runs_every_rule_as_a_slurm_job_and_exports_the_local_mode
         env=cluster.env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     jobs = [line.split("|") for line in accounting.splitlines() if line.strip()]
-    rules = {re.match(r"rule_([A-Za-z0-9_]+?)(_wildcards_.*)?$", job[1]).group(1) for job in jobs}
+    comments = [re.match(r"rule_([A-Za-z0-9_]+?)(_wildcards_.*)?$", job[1]) for job in jobs]
+    assert all(comments), accounting  # the plugin names each job's rule in its comment
+    rules = {match.group(1) for match in comments}
     assert rules == CLUSTER_RULES, accounting
     assert {(job[2], job[3]) for job in jobs} == {("COMPLETED", ACCOUNT)}, accounting
     shard_jobs = [job for job in jobs if job[1].startswith("rule_ablate_shard")]
