@@ -7,10 +7,8 @@ BIN     = $(VENV)/bin
 #   make TORCH_SPEC="torch" demo     (or install your CUDA torch into .venv first)
 TORCH_SPEC ?= torch==2.13.0
 CORES  ?= all
-# Rules call the `abliterate` console script, so the venv's bin/ goes first on PATH.
-export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint install install-test bench clean chromium
+.PHONY: demo test test-slurm lint install install-test bench clean chromium slurm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +47,22 @@ chromium:
 	      || echo "could not install chromium: the report rendering test will be skipped"; \
 	  else echo "chromium missing and not root: the report rendering test will be skipped"; fi; }
 
-test: install-test chromium
+# The SLURM test starts Debian's munged, mariadbd, slurmdbd, slurmctld and slurmd itself
+# (tests/slurm_cluster.py); without root, apt or the packages it is skipped and says why.
+SLURM_PACKAGES = slurmctld slurmd slurm-client slurmdbd munge mariadb-server
+slurm:
+	@{ command -v slurmctld && command -v slurmd && command -v slurmdbd && command -v sacct \
+	    && command -v munged && command -v mariadbd; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(SLURM_PACKAGES); } \
+	      || echo "could not install the SLURM packages: the SLURM test will be skipped"; \
+	  else echo "SLURM missing and not root: the SLURM test will be skipped"; fi; }
+
+test: install-test chromium slurm
 	$(BIN)/python -m pytest -q
+
+test-slurm: install-test slurm
+	$(BIN)/python -m pytest -q -rs tests/test_slurm.py
 
 bench: install-test
 	$(BIN)/python bench/ablate_bench.py

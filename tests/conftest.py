@@ -75,6 +75,8 @@ def demo_dense_abliterated(demo_dense, tmp_path_factory) -> tuple[Path, Path]:
     output, recipe = abliterate_demo(demo_dense, workdir)
     plan = build_plan(recipe, model=demo_dense, measurements=workdir / "measurements.safetensors")
     return output, plan.save(workdir / "plan.json")
+
+
 # One organism per further family in the layout registry, saved in bfloat16 (their default)
 # like real checkpoints; the two wordings alternate so each is seen on dense and MoE models.
 FAMILY_ORGANISMS = {
@@ -141,3 +143,11 @@ def pytest_sessionfinish(session, exitstatus):
     if _CHANGED:
         print("changed source models:\n  " + "\n  ".join(_CHANGED))
         session.exitstatus = 1
+
+
+def own_model_run(tmp_path_factory, demo_dense):
+    """The README's own-model block, run once in a fresh checkout: (checkout, result)."""
+    from checkout import first_bash_block, make_checkout, run_block
+
+    checkout = make_checkout(tmp_path_factory.mktemp("own-model"), demo_dense)
+    return checkout, run_block(checkout, first_bash_block("Your own model"))

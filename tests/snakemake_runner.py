@@ -30,11 +30,14 @@ def demo_model_config(model_dir: Path, name: str) -> dict:
     }
 
 
-def snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, config: dict | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run Snakemake on the project's Snakefile in `workdir` (writing `config` first)."""
     if config is not None:
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"  # tiny models, shared cores: one thread per job is fastest
     command = [str(BIN / "snakemake"), *args, "--snakefile", str(ROOT / "Snakefile")]
     command += ["--configfile", str(workdir / "config.yaml")]

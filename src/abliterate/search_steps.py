@@ -357,23 +357,6 @@ def _rate(row, column: str) -> str:
     return f"{value:.3f} (95 % CI {low:.3f}-{high:.3f})"
 
 
-def run_logged(log_path: str | Path, step, **kwargs):
-    """Run one workflow step with its log in `log_path`; bad input (an AbliterateError)
-    ends the job with that one sentence in the log and on stderr, exit status 1."""
-    import sys
-
-    from .logs import setup_logging
-
-    with open(log_path, "w") as log:
-        setup_logging(stream=log)
-        try:
-            return step(**kwargs)
-        except AbliterateError as error:
-            print(error, file=log)
-            print(error, file=sys.stderr)
-            sys.exit(1)
-
-
 def rule_arguments(snakemake, *, validation: bool = True) -> dict:
     """The keyword arguments every search step takes from its rule (inputs and params of
     `search_inputs` and the config sections), so the adapters list only what differs."""

@@ -31,6 +31,9 @@ rule plan_ablation:
         f"{RESULTS}/logs/plan_ablation.log",
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         model=model_dir,
     script:
@@ -48,6 +51,9 @@ checkpoint plan_shards:
         f"{RESULTS}/logs/plan_shards.log",
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
     params:
         model=model_dir,
         allow_external_links=config["export"]["allow_external_links"],
@@ -74,8 +80,10 @@ rule ablate_shard:
         shard=r"[^/]+\.safetensors",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 2
     resources:
         mem_mb=config["export"]["mem_mb"],
+        runtime=60,
         gpu=int(config["export"]["gpu"]),
     params:
         model=model_dir,
@@ -95,6 +103,9 @@ rule assemble_model:
         f"{RESULTS}/benchmarks/assemble_model.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=60,
     params:
         model=model_dir,
         edited_dir=f"{RESULTS}/export/shards",
@@ -123,6 +134,11 @@ rule verify_model:
         f"{RESULTS}/benchmarks/verify_model.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=int(config["export"]["gpu"]),
     params:
         model=model_dir,
         device=config["export"]["device"],

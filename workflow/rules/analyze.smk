@@ -11,6 +11,9 @@ rule analyze:
         f"{RESULTS}/logs/analyze.log",
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         min_layer_fraction=config["analyze"]["min_layer_fraction"],
         title=MODEL,

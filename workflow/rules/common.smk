@@ -36,7 +36,11 @@ WORKDIR_CLAIM = claim_workdir()
 MODEL = config["model"]["name"]
 RESULTS = f"results/{MODEL}"
 DEMO = config["model"]["path"] is None
-DEMO_DIR = "resources/demo/{arch}-seed{seed}".format(**config["model"]["demo"])
+DEMO_DIR = "resources/demo/{arch}-seed{seed}".format(**config["model"]["demo"]) + (
+    ""
+    if config["model"]["demo"]["wording"] == "a"
+    else "-wording-{wording}".format(**config["model"]["demo"])
+)
 
 
 def model_dir(wildcards=None):
@@ -116,7 +120,7 @@ def measure_inputs(wildcards):
 def model_is_moe():
     """Whether the model routes tokens to experts (then analyze also draws experts.png)."""
     if DEMO:
-        return config["model"]["demo"]["arch"] == "glm4_moe"
+        return config["model"]["demo"]["arch"] in ("glm4_moe", "mixtral", "gpt_oss", "deepseek_v3")
     from abliterate.analyze import checkpoint_is_moe
     from abliterate.errors import AbliterateError
 

@@ -28,6 +28,10 @@ rule compare_models:
         f"{RESULTS}/benchmarks/compare_models.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=120,
     params:
         model=model_dir,
         target=prompt_file("target", "test"),

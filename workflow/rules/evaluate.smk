@@ -16,7 +16,10 @@ rule evaluate_variants:
         chunk=r"\d+",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
     resources:
+        mem_mb=16000,
+        runtime=240,
         gpu=int(config["evaluate"]["gpu"]),
     params:
         model=model_dir,
@@ -67,6 +70,9 @@ rule aggregate_sweep:
         f"{RESULTS}/logs/aggregate_sweep.log",
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=20,
     params:
         max_refusal_rate=config["select"]["max_refusal_rate"],
         kl=config["select"]["kl"],

@@ -14,7 +14,10 @@ rule measure:
         f"{RESULTS}/benchmarks/measure.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
     resources:
+        mem_mb=16000,
+        runtime=120,
         gpu=int(config["measure"]["gpu"]),
     params:
         model=model_dir,

@@ -10,12 +10,17 @@ rule build_demo_model:
         "resources/demo/benchmarks/build_demo_model.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         arch=config["model"]["demo"]["arch"],
         seed=config["model"]["demo"]["seed"],
+        wording=config["model"]["demo"]["wording"],
     shell:
-        "abliterate demo-model {output.model} --arch {params.arch} --seed {params.seed} "
-        "> {log} 2>&1"
+        "python -m abliterate demo-model {output.model} --arch {params.arch} --seed {params.seed} "
+        "--wording {params.wording} > {log} 2>&1"
 
 
 rule inspect_model:
@@ -27,7 +32,10 @@ rule inspect_model:
         f"{RESULTS}/logs/inspect_model.log",
     conda:
         "../../envs/abliterate.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
     params:
         model=model_dir,
     shell:
-        "abliterate inspect {params.model} --json {output.layout} > {log} 2>&1"
+        "python -m abliterate inspect {params.model} --json {output.layout} > {log} 2>&1"

@@ -15,6 +15,10 @@ rule split_prompts:
         cls="target|benign",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         train=lambda wildcards: prompt_source(wildcards.cls, "train"),
         validation=lambda wildcards: prompt_source(wildcards.cls, "validation"),

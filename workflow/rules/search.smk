@@ -12,6 +12,10 @@ rule search_init:
         f"{RESULTS}/logs/search_init.log",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         journal=f"{SEARCH}/study.journal",
         model=model_dir,
@@ -38,7 +42,10 @@ rule search_worker:
         worker=r"\d+",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
     resources:
+        mem_mb=16000,
+        runtime=240,
         gpu=int(config["evaluate"]["gpu"]),
     params:
         model=model_dir,
@@ -65,6 +72,10 @@ rule search_trials:
         f"{RESULTS}/logs/search_trials.log",
     conda:
         "../../envs/abliterate.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         sweep=config["sweep"],
     script:
@@ -107,7 +118,10 @@ rule aggregate_search:
         f"{RESULTS}/benchmarks/aggregate_search.tsv"
     conda:
         "../../envs/abliterate.yaml"
+    threads: 4
     resources:
+        mem_mb=16000,
+        runtime=120,
         gpu=int(config["evaluate"]["gpu"]),
     params:
         model=model_dir,

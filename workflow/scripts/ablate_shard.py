@@ -2,10 +2,12 @@
 
 from abliterate.export import ablate_shard
 from abliterate.files import write_text_atomic
+from abliterate.gpus import use_job_devices
 from abliterate.logs import rule_log
 from abliterate.recipe import Plan
 
 with rule_log(snakemake):
+    use_job_devices(snakemake.resources.gpu, snakemake.threads)
     digest = ablate_shard(
         snakemake.params.model,
         snakemake.wildcards.shard,

@@ -5,11 +5,13 @@ settings themselves come from the validated config in one call.
 """
 
 from abliterate.evaluate import EvalSettings
+from abliterate.gpus import use_job_devices
 from abliterate.grid import find_variants, variants
 from abliterate.logs import rule_log
 from abliterate.sweep import evaluate_chunk
 
 with rule_log(snakemake):
+    use_job_devices(snakemake.resources.gpu, snakemake.threads)
     evaluate_chunk(
         snakemake.params.model,
         find_variants(variants(snakemake.params.sweep), snakemake.params.variants),

@@ -4,10 +4,12 @@ The rule's params name the config sections this job depends on (a change reruns 
 options themselves come from the validated config in one call.
 """
 
+from abliterate.gpus import use_job_devices
 from abliterate.logs import rule_log
 from abliterate.measure import MeasureOptions, measure_to_file
 
 with rule_log(snakemake):
+    use_job_devices(snakemake.resources.gpu, snakemake.threads)
     measure_to_file(
         snakemake.params.model,
         snakemake.params.target,

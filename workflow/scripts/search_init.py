@@ -1,12 +1,12 @@
 """Snakemake adapter: create (or check) the search study (abliterate.search_steps.init_study)."""
 
-from abliterate.search_steps import init_study, rule_arguments, run_logged
+from abliterate.logs import rule_log
+from abliterate.search_steps import init_study, rule_arguments
 
-run_logged(
-    snakemake.log[0],
-    init_study,
-    journal=snakemake.params.journal,
-    study_json=snakemake.output.study,
-    suggested_path=snakemake.input.suggested,
-    **rule_arguments(snakemake),
-)
+with rule_log(snakemake):
+    init_study(
+        journal=snakemake.params.journal,
+        study_json=snakemake.output.study,
+        suggested_path=snakemake.input.suggested,
+        **rule_arguments(snakemake),
+    )
