@@ -120,7 +120,12 @@ def measure_inputs(wildcards):
 def model_is_moe():
     """Whether the model routes tokens to experts (then analyze also draws experts.png)."""
     if DEMO:
-        return config["model"]["demo"]["arch"] in ("glm4_moe", "mixtral", "gpt_oss", "deepseek_v3")
+        return config["model"]["demo"]["arch"] in (
+            "glm4_moe",
+            "mixtral",
+            "gpt_oss",
+            "deepseek_v3",
+        )
     from abliterate.analyze import checkpoint_is_moe
     from abliterate.errors import AbliterateError
 
