@@ -12,6 +12,7 @@ leaves something that looks finished, and a rerun picks up where it stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -282,6 +283,7 @@ def assemble(
     hash_shards: bool = True,
     link_mode: str = "auto",
     allow_external_links: bool = False,
+    locked: bool = False,
 ) -> Path:
     """Build the output checkpoint directory from edited shards + the untouched source.
 
@@ -293,19 +295,76 @@ def assemble(
     """
     model_dir, output, edited_dir = Path(model_dir), Path(output), Path(edited_dir)
     check_output_location(model_dir, output)
-    with exclusive_lock(output):
-        return _assemble_locked(
-            model_dir,
-            output,
-            plan,
-            edited_dir,
-            metrics,
-            digests,
-            jobs,
-            hash_shards,
-            link_mode,
-            allow_external_links,
+    with contextlib.nullcontext() if locked else exclusive_lock(output):
+        jobs_info = plan_shards(plan, model_dir, allow_external_links)
+        staging_path = output.with_name(output.name + ".partial")
+        in_place = edited_dir.absolute() == staging_path.absolute()
+        keep = set(jobs_info["edit"]) | {MARKER} if in_place else set()
+        staging = _fresh_staging(output, keep)
+        actions: dict[str, str] = {}
+        for shard in jobs_info["edit"]:
+            edited = edited_dir / shard
+            if not edited.is_file():
+                raise AbliterateError(f"{edited}: edited shard missing; run its ablate_shard job.")
+            if not in_place:
+                link_or_copy(edited, staging / shard)
+            actions[shard] = "edited"
+        for shard in jobs_info["link"]:
+            source = resolve_source(model_dir, shard, allow_external=allow_external_links)
+            actions[shard] = place_copy(source, staging / shard, link_mode)
+        if link_mode == "hardlink" and "hardlinked" in actions.values():
+            logger.warning(
+                "Unedited shards of %s are hard links to the base model's files "
+                "(export.link: hardlink): writing to them in place changes the base model.",
+                output,
+            )
+        if (model_dir / INDEX_NAME).is_file():
+            index_path = resolve_source(model_dir, INDEX_NAME, allow_external=allow_external_links)
+            index = json.loads(index_path.read_text())
+            index.setdefault("metadata", {})["abliterated"] = True
+            write_json(index, staging / INDEX_NAME)
+        copied = []
+        for path in sorted(model_dir.iterdir()):
+            if path.name in METADATA_FILES or path.suffix == ".py":
+                if not path.is_file():
+                    continue
+                source = resolve_source(model_dir, path.name, allow_external=allow_external_links)
+                place_copy(source, staging / path.name, "copy")
+                copied.append(path.name)
+        write_text_atomic(staging / "README.md", _model_card(plan, model_dir, metrics, link_mode))
+        (staging / MARKER).unlink(missing_ok=True)
+        files = sorted(
+            p
+            for p in staging.iterdir()
+            if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
         )
+        manifest = {
+            "base_model": model_dir.resolve().name,
+            "link_mode": link_mode,
+            "recipe": plan.recipe,
+            "measurements": plan.measurements,
+            "measurements_sha256": plan.measurements_sha256,
+            "plan_sha256": plan.sha256(),
+            "edited_tensors": len(plan.entries),
+            "shards": actions,
+            "copied_files": copied,
+            "metrics": metrics,
+            "sha256": _sha256_files(files, digests or {}, jobs, hash_shards),
+        }
+        write_json(manifest, staging / "manifest.json")
+        if output.is_symlink():
+            output.unlink()
+        elif output.exists():
+            shutil.rmtree(output)
+        staging.replace(output)
+        logger.info(
+            "Wrote %s: %d edited shard(s), %d linked/copied, %d metadata files",
+            output,
+            len(jobs_info["edit"]),
+            len(jobs_info["link"]),
+            len(copied),
+        )
+        return output
 
 
 def _fresh_staging(output: Path, keep: set[str]) -> Path:
@@ -326,89 +385,6 @@ def _fresh_staging(output: Path, keep: set[str]) -> Path:
         logger.info("Removing stale %s", path)
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return staging
-
-
-def _assemble_locked(
-    model_dir,
-    output,
-    plan,
-    edited_dir,
-    metrics,
-    digests,
-    jobs,
-    hash_shards,
-    link_mode,
-    allow_external_links,
-) -> Path:
-    jobs_info = plan_shards(plan, model_dir, allow_external_links)
-    staging_path = output.with_name(output.name + ".partial")
-    in_place = edited_dir.absolute() == staging_path.absolute()
-    keep = set(jobs_info["edit"]) | {MARKER} if in_place else set()
-    staging = _fresh_staging(output, keep)
-    actions: dict[str, str] = {}
-    for shard in jobs_info["edit"]:
-        edited = edited_dir / shard
-        if not edited.is_file():
-            raise AbliterateError(f"{edited}: edited shard missing; run its ablate_shard job.")
-        if not in_place:
-            link_or_copy(edited, staging / shard)
-        actions[shard] = "edited"
-    for shard in jobs_info["link"]:
-        source = resolve_source(model_dir, shard, allow_external=allow_external_links)
-        actions[shard] = place_copy(source, staging / shard, link_mode)
-    if link_mode == "hardlink" and "hardlinked" in actions.values():
-        logger.warning(
-            "Unedited shards of %s are hard links to the base model's files "
-            "(export.link: hardlink): writing to them in place changes the base model.",
-            output,
-        )
-    if (model_dir / INDEX_NAME).is_file():
-        index_path = resolve_source(model_dir, INDEX_NAME, allow_external=allow_external_links)
-        index = json.loads(index_path.read_text())
-        index.setdefault("metadata", {})["abliterated"] = True
-        write_json(index, staging / INDEX_NAME)
-    copied = []
-    for path in sorted(model_dir.iterdir()):
-        if path.name in METADATA_FILES or path.suffix == ".py":
-            if not path.is_file():
-                continue
-            source = resolve_source(model_dir, path.name, allow_external=allow_external_links)
-            place_copy(source, staging / path.name, "copy")
-            copied.append(path.name)
-    write_text_atomic(staging / "README.md", _model_card(plan, model_dir, metrics, link_mode))
-    (staging / MARKER).unlink(missing_ok=True)
-    files = sorted(
-        p
-        for p in staging.iterdir()
-        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
-    )
-    manifest = {
-        "base_model": model_dir.resolve().name,
-        "link_mode": link_mode,
-        "recipe": plan.recipe,
-        "measurements": plan.measurements,
-        "measurements_sha256": plan.measurements_sha256,
-        "plan_sha256": plan.sha256(),
-        "edited_tensors": len(plan.entries),
-        "shards": actions,
-        "copied_files": copied,
-        "metrics": metrics,
-        "sha256": _sha256_files(files, digests or {}, jobs, hash_shards),
-    }
-    write_json(manifest, staging / "manifest.json")
-    if output.is_symlink():
-        output.unlink()
-    elif output.exists():
-        shutil.rmtree(output)
-    staging.replace(output)
-    logger.info(
-        "Wrote %s: %d edited shard(s), %d linked/copied, %d metadata files",
-        output,
-        len(jobs_info["edit"]),
-        len(jobs_info["link"]),
-        len(copied),
-    )
-    return output
 
 
 # --------------------------------------------------------------------------------------
@@ -452,16 +428,63 @@ def export_model(
             f"{output}: output directory already exists; remove it or pass --force."
         )
     with exclusive_lock(output):
-        return _export_locked(
-            plan,
-            output,
+        jobs_info = plan_shards(plan, model_dir, allow_external_links)
+        staging = output.with_name(output.name + ".partial")
+        marker = staging / MARKER
+        plan_id = plan.sha256()
+        same_plan = (
+            staging.is_dir()
+            and not staging.is_symlink()
+            and marker.is_file()
+            and marker.read_text() == plan_id
+        )
+        if staging.exists() or staging.is_symlink():
+            if not same_plan:
+                logger.info("Discarding %s (started for another plan)", staging)
+            # only finished shards of this very plan survive; links and strays are removed
+            _fresh_staging(output, set(jobs_info["edit"]) | {MARKER} if same_plan else set())
+        staging.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, plan_id)
+        todo = [s for s in jobs_info["edit"] if not (staging / s).is_file()]
+        done = len(jobs_info["edit"]) - len(todo)
+        if done:
+            logger.info("Resuming: %d of %d edited shards already complete", done, len(todo) + done)
+        digests: dict[str, str] = {}
+        if jobs <= 1 or len(todo) <= 1:
+            for shard in todo:
+                digests[shard] = ablate_shard(
+                    model_dir, shard, plan, staging / shard, device=device, digest=hash_shards
+                )
+        else:
+            # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
+            # and a thread needs no second interpreter importing torch.
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                futures = {
+                    pool.submit(
+                        ablate_shard,
+                        model_dir,
+                        s,
+                        plan,
+                        staging / s,
+                        device=device,
+                        digest=hash_shards,
+                    ): s
+                    for s in todo
+                }
+                for future in concurrent.futures.as_completed(futures):
+                    digests[futures[future]] = future.result()
+        return assemble(
             model_dir,
-            jobs,
-            device,
-            metrics,
-            hash_shards,
-            link_mode,
-            allow_external_links,
+            output,
+            plan,
+            staging,
+            metrics=metrics,
+            digests=digests,
+            jobs=jobs,
+            hash_shards=hash_shards,
+            link_mode=link_mode,
+            allow_external_links=allow_external_links,
+            locked=True,  # this export holds the lock already
         )
 
 
@@ -474,62 +497,6 @@ def _holds_export_of(output: Path, plan: Plan) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("plan_sha256") == plan.sha256()
-
-
-def _export_locked(
-    plan, output, model_dir, jobs, device, metrics, hash_shards, link_mode, allow_external_links
-) -> Path:
-    jobs_info = plan_shards(plan, model_dir, allow_external_links)
-    staging = output.with_name(output.name + ".partial")
-    marker = staging / MARKER
-    plan_id = plan.sha256()
-    same_plan = (
-        staging.is_dir()
-        and not staging.is_symlink()
-        and marker.is_file()
-        and marker.read_text() == plan_id
-    )
-    if staging.exists() or staging.is_symlink():
-        if not same_plan:
-            logger.info("Discarding %s (started for another plan)", staging)
-        # only finished shards of this very plan survive; links and strays are removed
-        _fresh_staging(output, set(jobs_info["edit"]) | {MARKER} if same_plan else set())
-    staging.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, plan_id)
-    todo = [s for s in jobs_info["edit"] if not (staging / s).is_file()]
-    done = len(jobs_info["edit"]) - len(todo)
-    if done:
-        logger.info("Resuming: %d of %d edited shards already complete", done, len(todo) + done)
-    digests: dict[str, str] = {}
-    if jobs <= 1 or len(todo) <= 1:
-        for shard in todo:
-            digests[shard] = ablate_shard(
-                model_dir, shard, plan, staging / shard, device=device, digest=hash_shards
-            )
-    else:
-        # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
-        # and a thread needs no second interpreter importing torch.
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futures = {
-                pool.submit(
-                    ablate_shard, model_dir, s, plan, staging / s, device=device, digest=hash_shards
-                ): s
-                for s in todo
-            }
-            for future in concurrent.futures.as_completed(futures):
-                digests[futures[future]] = future.result()
-    return _assemble_locked(
-        model_dir,
-        output,
-        plan,
-        staging,
-        metrics,
-        digests,
-        jobs,
-        hash_shards,
-        link_mode,
-        allow_external_links,
-    )
 
 
 def read_digests(paths) -> dict[str, str]:
