@@ -351,3 +351,55 @@ def test_the_cli_converges_after_sigkill_at_every_stage(glm, tmp_path, point):
         manifest["sha256"].pop("README.md")
     assert manifests[0]["sha256"] == manifests[1]["sha256"]
     assert not (tmp_path / "out.partial").exists()
+
+
+# ---- SIGKILL of the whole workflow at every stage, then the same command again
+
+KILL_POINTS = (  # the log a stage's job opens once it has started
+    "measure.log",
+    "evaluate_variants-0.log",
+    "ablate_shard/*.log",
+    "assemble_model.log",
+    "verify_model.log",
+)
+
+
+def _run_until(workdir: Path, command: list[str], env: dict, log_glob: str) -> bool:
+    """Start the workflow, SIGKILL its whole process group as soon as `log_glob` exists
+    under results/demo/logs; True if the kill landed, False if the run ended first."""
+    logs = workdir / "results" / "demo" / "logs"
+    process = subprocess.Popen(
+        command, cwd=workdir, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while process.poll() is None and time.monotonic() < deadline:
+        if list(logs.glob(log_glob)):
+            os.killpg(process.pid, signal.SIGKILL)  # Snakemake and every job it started
+            process.wait()
+            return True
+        time.sleep(0.01)
+    process.wait()
+    return False
+
+
+@pytest.mark.slow
+def test_the_workflow_converges_after_sigkill_at_every_stage(dense_run, demo_dense, tmp_path):
+    """Kill the workflow in measurement, the sweep, a shard job, assembly and
+    verification in turn, rerunning the same command each time (stale Snakemake locks are
+    cleared, incomplete jobs redone): the final export equals an uninterrupted run's."""
+    from snakemake_runner import BIN, ROOT
+
+    (tmp_path / "config.yaml").write_text((dense_run / "config.yaml").read_text())
+    command = [str(BIN / "snakemake"), "--cores", "2", "--snakefile", str(ROOT / "Snakefile")]
+    command += ["--configfile", str(tmp_path / "config.yaml")]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    landed = [point for point in KILL_POINTS if _run_until(tmp_path, command, env, point)]
+    assert len(landed) >= 4, landed  # the fast stages may finish before the poll sees them
+    final = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    ours, reference = (d / "results" / "demo" for d in (tmp_path, dense_run))
+    assert json.loads((ours / "verify.json").read_text())["ok"] is True
+    assert shard_bytes(ours / "abliterated") == shard_bytes(reference / "abliterated")
+    assert (ours / "best.yaml").read_text() == (reference / "best.yaml").read_text()
+    assert not list((ours.parent.parent / "results").rglob("*.partial"))
