@@ -1,0 +1,225 @@
+"""Quantized checkpoints: FP8 block scales and MXFP4 experts round-trip through the edit,
+bad scale tensors are one sentence naming the key, and pre-quantized bitsandbytes
+checkpoints are measured but never exported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abliterate import quant
+from abliterate.edit import ablate_tensor
+from abliterate.errors import AbliterateError
+from abliterate.shards import TensorInfo
+
+
+def info(name: str, dtype: str, shape) -> TensorInfo:
+    return TensorInfo(name, "model.safetensors", dtype, tuple(shape), 0, 0)
+
+
+def llm_like(shape, seed: int) -> torch.Tensor:
+    """Gaussian weights with rare large outliers, as trained LLM weights have."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=generator) * 0.02
+    return torch.where(torch.rand(shape, generator=generator) < 2e-3, w * 20, w)
+
+
+def unit(n: int, seed: int) -> torch.Tensor:
+    r = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm()
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+def test_fp8_dequantize_multiplies_each_block_by_its_scale_inv_partial_blocks_included():
+    """DeepSeek-V3's convention: 128 x 128 blocks, ceil-divided, value = fp8 * scale_inv."""
+    weight = torch.ones(130, 260).to(quant.FP8_DTYPE)
+    scale_inv = torch.arange(1, 1 + 2 * 3, dtype=torch.float32).reshape(2, 3)
+    assert quant.fp8_scale_shape(weight.shape, (128, 128)) == (2, 3)
+    values = quant.dequantize_fp8_blocks(weight, scale_inv, (128, 128))
+    assert values.dtype == torch.float32
+    assert values[0, 0] == 1 and values[127, 127] == 1 and values[0, 128] == 2
+    assert values[0, 259] == 3 and values[128, 0] == 4 and values[129, 259] == 6
+
+
+def test_fp8_round_trip_is_bounded_and_requantizing_shipped_values_is_exact():
+    w = llm_like((300, 520), seed=0)  # partial blocks on both axes
+    q, s = quant.quantize_fp8_blocks(w, (128, 128))
+    assert q.dtype == quant.FP8_DTYPE and q.shape == w.shape and s.shape == (3, 5)
+    back = quant.dequantize_fp8_blocks(q, s, (128, 128))
+    # e4m3 keeps 3 mantissa bits: at most half a step (1/16 relative) per value
+    assert ((back - w).abs() <= w.abs() / 16 + s.max() * 2**-9).all()
+    assert (back - w).norm() / w.norm() < 0.03
+    # a checkpoint as shipped (already on the FP8 grid) survives dequant -> requant unchanged
+    q2, s2 = quant.quantize_fp8_blocks(back, (128, 128))
+    assert torch.equal(quant.dequantize_fp8_blocks(q2, s2, (128, 128)), back)
+
+
+def test_fp8_edit_removes_the_direction_to_fp8_precision_versus_bf16():
+    """The numbers of docs/quantized.md in small: requantizing to FP8 costs ~5x the error
+    of storing the edit in bf16, and leaves a bounded part of the removed component."""
+    q, s = quant.quantize_fp8_blocks(llm_like((256, 384), seed=1))
+    source = quant.dequantize_fp8_blocks(q, s)
+    r = unit(256, seed=2)
+
+    def edit(w):
+        assert w.dtype == torch.float32
+        return ablate_tensor(w, r, 1.0, hidden_axis=0)
+
+    exact = edit(source)
+    q2, s2 = quant.edit_fp8(q, s, edit)
+    assert q2.dtype == q.dtype and s2.dtype == s.dtype and s2.shape == s.shape
+    as_fp8 = quant.dequantize_fp8_blocks(q2, s2)
+    as_bf16 = ablate_tensor(source.to(torch.bfloat16), r, 1.0, hidden_axis=0).float()
+    fp8_error = ((as_fp8 - exact).norm() / exact.norm()).item()
+    bf16_error = ((as_bf16 - exact).norm() / exact.norm()).item()
+    assert bf16_error < 0.005 and fp8_error < 0.03 and fp8_error > bf16_error
+    before = (r @ source).norm()
+    assert (r @ as_fp8).norm() / before < 0.5  # what FP8's grid leaves of r^T W
+    assert (r @ as_bf16).norm() / before < 0.05
+    norms = as_fp8.norm(dim=0) / source.norm(dim=0)  # norm preservation, to FP8 precision
+    assert ((norms - 1).abs() < 0.05).all()
+
+
+def test_fp8_per_tensor_scale_round_trips():
+    w = llm_like((64, 48), seed=3)
+    q, s = quant.quantize_fp8_blocks(w, None)
+    assert s.shape == ()
+    back = quant.dequantize_fp8_blocks(q, s, None)
+    assert (back - w).norm() / w.norm() < 0.03
+
+
+# --------------------------------------------------------------------------- MXFP4
+
+
+def test_mxfp4_low_nibble_first_and_e8m0_bias_127():
+    blocks = torch.zeros(1, 16, dtype=torch.uint8)
+    blocks[0, 0] = 0x21  # low nibble 1 (0.5) is value 0, high nibble 2 (1.0) is value 1
+    blocks[0, 1] = 0xF7  # 7 (6.0) then 15 (-6.0)
+    for byte, factor in ((127, 1.0), (128, 2.0), (125, 0.25)):
+        values = quant.dequantize_mxfp4(blocks, torch.tensor([byte], dtype=torch.uint8))
+        assert values.shape == (32,)
+        assert values[:4].tolist() == [0.5 * factor, 1.0 * factor, 6.0 * factor, -6.0 * factor]
+        assert (values[4:] == 0).all()
+    assert quant.quantize_mxfp4(quant.dequantize_mxfp4(blocks, torch.tensor([127]).byte()))[
+        0
+    ].equal(blocks)
+
+
+def test_mxfp4_gpt_oss_layout_and_round_trip():
+    """gpt-oss down_proj: parameter [E, intermediate, hidden], blocks [E, hidden, I/32, 16]."""
+    parameter = llm_like((2, 64, 96), seed=4)
+    blocks, scales = quant.mxfp4_from_parameter(parameter)
+    assert blocks.shape == (2, 96, 2, 16) and scales.shape == (2, 96, 2)
+    assert blocks.dtype == scales.dtype == torch.uint8
+    assert quant.mxfp4_parameter_shape(blocks.shape) == (2, 64, 96)
+    back = quant.mxfp4_parameter(blocks, scales)
+    assert back.shape == parameter.shape
+    # e2m1 keeps 1 mantissa bit, and the power-of-two scale wastes up to half the range
+    assert (back - parameter).norm() / parameter.norm() < 0.2
+    # values already on the grid (a shipped checkpoint) requantize to the same values
+    again = quant.mxfp4_parameter(*quant.mxfp4_from_parameter(back))
+    assert torch.equal(again, back)
+
+
+@pytest.mark.parametrize("output", quant.MXFP4_OUTPUTS)
+def test_mxfp4_edit_meets_the_invariants_after_dequantization(output):
+    blocks, scales = quant.mxfp4_from_parameter(llm_like((2, 64, 96), seed=5))
+    source = quant.mxfp4_parameter(blocks, scales)
+    r = unit(96, seed=6)
+
+    def edit(w):
+        return ablate_tensor(w, r, 1.0, hidden_axis=2)
+
+    result = quant.edit_mxfp4(blocks, scales, edit, output=output)
+    if output == "bf16":
+        assert result.dtype == torch.bfloat16 and result.shape == source.shape
+        edited, bound = result.float(), 0.02
+    else:
+        assert [t.shape for t in result] == [blocks.shape, scales.shape]
+        edited, bound = quant.mxfp4_parameter(*result), 0.6
+    residual = (
+        torch.einsum("eih,h->ei", edited, r).norm() / torch.einsum("eih,h->ei", source, r).norm()
+    )
+    assert residual < bound, residual
+    norms = edited.norm(dim=2) / source.norm(dim=2)
+    assert ((norms - 1).abs() < (0.02 if output == "bf16" else 0.15)).all()
+
+
+def test_unknown_mxfp4_output_is_one_sentence():
+    blocks, scales = quant.mxfp4_from_parameter(torch.ones(1, 32, 32))
+    with pytest.raises(AbliterateError, match="mxfp4 output is 'fp16'"):
+        quant.edit_mxfp4(blocks, scales, lambda w: w, output="fp16")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_corrupt_fp8_scale_names_the_key_and_the_expected_block_count():
+    key = "model.layers.0.self_attn.o_proj.weight"
+    weight = info(key, "F8_E4M3", (256, 384))
+    with pytest.raises(AbliterateError) as caught:
+        quant.check_fp8_pair(key, weight, info(key + "_scale_inv", "F32", (2, 2)), (128, 128))
+    message = str(caught.value)
+    assert f"'{key}_scale_inv'" in message and "[2, 2]" in message and "[2, 3]" in message
+    with pytest.raises(AbliterateError, match="dtype U8; expected one of F32"):
+        quant.check_fp8_pair(key, weight, info(key + "_scale_inv", "U8", (2, 3)), (128, 128))
+    quant.check_fp8_pair(key, weight, info(key + "_scale_inv", "F32", (2, 3)), (128, 128))
+
+
+def test_fp8_weight_without_scale_or_scale_in_another_shard_is_refused():
+    key = "model.layers.0.mlp.down_proj.weight"
+    q = quant.CheckpointQuantization("fp8", (128, 128))
+    with pytest.raises(
+        AbliterateError, match=f"'{key}' is stored as F8_E4M3 .* no '{key}_scale_inv'"
+    ):
+        quant.quantized_tensors({key: info(key, "F8_E4M3", (128, 128))}, q)
+    scale = TensorInfo(key + "_scale_inv", "other.safetensors", "F32", (1, 1), 0, 0)
+    with pytest.raises(
+        AbliterateError, match="is in other.safetensors, not beside .* in model.safetensors"
+    ):
+        quant.quantized_tensors({key: info(key, "F8_E4M3", (128, 128)), scale.name: scale}, q)
+
+
+def test_corrupt_mxfp4_scales_name_the_key():
+    key = "model.layers.0.mlp.experts.down_proj"
+    blocks = info(key + "_blocks", "U8", (4, 32, 2, 16))
+    with pytest.raises(AbliterateError, match=f"'{key}_scales' has shape \\[4, 32, 3\\]"):
+        quant.check_mxfp4_pair(key, blocks, info(key + "_scales", "U8", (4, 32, 3)))
+    with pytest.raises(AbliterateError, match=f"'{key}_blocks' has shape"):
+        quant.check_mxfp4_pair(
+            key, info(key + "_blocks", "U8", (4, 32, 64)), info(key + "_scales", "U8", (4, 32))
+        )
+    q = quant.CheckpointQuantization("mxfp4", None)
+    with pytest.raises(AbliterateError, match="has no .*_scales' beside it"):
+        quant.quantized_tensors({blocks.name: blocks}, q)
+
+
+def test_detection_from_config_then_from_tensor_names():
+    fp8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    assert quant.checkpoint_quantization(fp8, {}) == quant.CheckpointQuantization(
+        "fp8", (128, 128), fp8["quantization_config"]
+    )
+    mx = quant.checkpoint_quantization({"quantization_config": {"quant_method": "mxfp4"}}, {})
+    assert mx.method == "mxfp4" and mx.editable
+    bnb = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    found = quant.checkpoint_quantization(bnb, {})
+    assert found.method == "bitsandbytes" and not found.editable
+    assert found.describe() == "bitsandbytes 4-bit"
+    # no quantization_config: the tensors decide
+    key = "model.layers.0.self_attn.o_proj.weight"
+    names = {key: info(key, "F8_E4M3", (128, 128)), key + "_scale_inv": info(key, "F32", (1, 1))}
+    assert quant.checkpoint_quantization({}, names).method == "fp8"
+    blocks = {"x.down_proj_blocks": None, "x.down_proj_scales": None}
+    assert quant.checkpoint_quantization({}, blocks).method == "mxfp4"
+    assert quant.checkpoint_quantization({}, {key: None}).method is None
+
+
+def test_pre_quantized_bitsandbytes_is_refused_in_one_sentence():
+    found = quant.CheckpointQuantization("bitsandbytes", None, {"load_in_4bit": True})
+    with pytest.raises(AbliterateError) as caught:
+        quant.require_editable(found, "models/x")
+    message = str(caught.value)
+    assert message.count(".") == 1 and message.endswith(").")
+    assert "bitsandbytes 4-bit" in message and "full-precision weights" in message
