@@ -4,13 +4,21 @@ checkpoints are measured but never exported."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from test_prompts import chat_tokenizer
+from tiny_models import build_tiny
+from transformers import AutoModelForCausalLM
 
 from abliterate import quant
 from abliterate.edit import ablate_tensor
 from abliterate.errors import AbliterateError
-from abliterate.shards import TensorInfo
+from abliterate.measure import load_model, measure
+from abliterate.shards import TensorInfo, read_checkpoint
 
 
 def info(name: str, dtype: str, shape) -> TensorInfo:
@@ -223,3 +231,141 @@ def test_pre_quantized_bitsandbytes_is_refused_in_one_sentence():
     message = str(caught.value)
     assert message.count(".") == 1 and message.endswith(").")
     assert "bitsandbytes 4-bit" in message and "full-precision weights" in message
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+INDEX = "model.safetensors.index.json"
+FIXTURE_BLOCK = (16, 16)  # the tiny model's widths (32, 48, 16) are multiples of 16
+
+
+def to_fp8_checkpoint(source: Path, output: Path, block=FIXTURE_BLOCK) -> Path:
+    """GLM-4.5-Air-FP8's layout from a tiny bf16 checkpoint: every `*_proj.weight` of the
+    decoder layers in float8_e4m3fn with its `weight_scale_inv` beside it in the same shard
+    (as DeepSeek-V3's index maps them); router, norms, embeddings and lm_head stay bf16."""
+    output.mkdir(parents=True)
+    index = json.loads((source / INDEX).read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for key, value in load_file(source / shard).items():
+            if ".layers." in key and key.endswith("_proj.weight"):
+                # uneven block scales, as trained weights have: row block i gets gain i + 1
+                gain = torch.arange(1, value.shape[0] // block[0] + 1).repeat_interleave(block[0])
+                value = value * gain[:, None].to(value.dtype)
+                tensors[key], tensors[quant.fp8_scale_key(key)] = quant.quantize_fp8_blocks(
+                    value, block
+                )
+                index["weight_map"][quant.fp8_scale_key(key)] = shard
+            else:
+                tensors[key] = value
+        save_file(tensors, output / shard, metadata={"format": "pt"})
+    (output / INDEX).write_text(json.dumps(index))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": list(block),
+    }
+    (output / "config.json").write_text(json.dumps(config))
+    return output
+
+
+def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def glm_fp8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glm-fp8")
+    bf16 = build_tiny(root / "bf16", "glm4_moe", dtype=torch.bfloat16, max_shard_size="20KB")
+    model = to_fp8_checkpoint(bf16, root / "fp8")
+    chat_tokenizer().save_pretrained(model)
+    return model
+
+
+def test_measurement_runs_on_an_fp8_checkpoint(glm_fp8):
+    """transformers dequantizes FP8 to bf16 where it has no FP8 kernels (this CPU)."""
+    model, tokenizer, info = load_model(glm_fp8, device="cpu")
+    key = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    stored = load_all(glm_fp8)
+    values = quant.dequantize_fp8_blocks(stored[key], stored[key + "_scale_inv"], FIXTURE_BLOCK)
+    assert torch.equal(model.state_dict()[key], values.to(torch.bfloat16))
+    meas = measure(model, tokenizer, ["w10 w11", "w12"], ["w20 w21", "w22"], progress=False)
+    assert meas.target_mean.shape == (4, 32) and torch.isfinite(meas.target_mean).all()
+
+
+def to_mxfp4_checkpoint(source: Path, output: Path) -> Path:
+    """The original gpt-oss layout from a tiny bf16 checkpoint: fused expert tensors as
+    `_blocks` [E, out, in / 32, 16] + `_scales` [E, out, in / 32], the rest bf16."""
+    output.mkdir(parents=True)
+    tensors = {}
+    for key, value in load_file(source / "model.safetensors").items():
+        if key.endswith(("experts.down_proj", "experts.gate_up_proj")):
+            blocks_key, scales_key = quant.mxfp4_keys(key)
+            tensors[blocks_key], tensors[scales_key] = quant.mxfp4_from_parameter(value)
+        else:
+            tensors[key] = value
+    save_file(tensors, output / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
+    }
+    (output / "config.json").write_text(json.dumps(config))
+    return output
+
+
+@pytest.mark.parametrize("output", quant.MXFP4_OUTPUTS)
+def test_mxfp4_experts_edited_in_either_format_load_in_transformers(tmp_path, output):
+    """Layer 0's fused experts edited (down_proj writes along its last axis, gate_up_proj
+    reads along axis 1); layer 1 stays MXFP4, so a bf16 result mixes both storages."""
+    bf16 = build_tiny(
+        tmp_path / "bf16",
+        "gpt_oss",
+        dtype=torch.bfloat16,
+        max_shard_size=None,
+        intermediate_size=64,
+    )
+    source_dir = to_mxfp4_checkpoint(bf16, tmp_path / "mxfp4")
+    source = load_file(source_dir / "model.safetensors")
+    headers = read_checkpoint(source_dir)
+    config = json.loads((source_dir / "config.json").read_text())
+    found = quant.quantized_tensors(headers, quant.checkpoint_quantization(config, headers))
+    r = unit(32, seed=7)
+    axes = {"model.layers.0.mlp.experts.down_proj": 2, "model.layers.0.mlp.experts.gate_up_proj": 1}
+    assert set(axes) < set(found) and found[next(iter(axes))].shape == (4, 64, 32)
+    tensors = dict(source)
+    for key, axis in axes.items():
+        blocks, scales = (tensors.pop(name) for name in quant.mxfp4_keys(key))
+        result = quant.edit_mxfp4(
+            blocks, scales, lambda w, a=axis: ablate_tensor(w, r, 1.0, hidden_axis=a), output=output
+        )
+        if output == "bf16":
+            tensors[key] = result
+        else:
+            tensors.update(zip(quant.mxfp4_keys(key), result, strict=True))
+    edited_dir = tmp_path / "edited"
+    edited_dir.mkdir()
+    save_file(tensors, edited_dir / "model.safetensors", metadata={"format": "pt"})
+    if output == "bf16":
+        config = quant.mxfp4_bf16_config(config, ["model.layers.0.mlp.experts"])
+    (edited_dir / "config.json").write_text(json.dumps(config))
+
+    original = AutoModelForCausalLM.from_pretrained(source_dir, dtype="auto").state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(edited_dir, dtype="auto").state_dict()
+    bound = 0.02 if output == "bf16" else 0.6  # 4-bit requantization leaves part of r^T W
+    for key, axis in axes.items():
+        before, after = original[key].float(), loaded[key].float()
+        assert after.shape == before.shape
+        assert (
+            torch.tensordot(after, r, dims=([axis], [0])).norm()
+            < bound * torch.tensordot(before, r, dims=([axis], [0])).norm()
+        ), key
+        norms = after.norm(dim=axis) / before.norm(dim=axis)  # norm-preserving, per vector
+        assert ((norms - 1).abs() < (0.02 if output == "bf16" else 0.15)).all(), key
+    untouched = "model.layers.1.mlp.experts.down_proj"
+    assert torch.equal(loaded[untouched], original[untouched])

@@ -505,3 +505,52 @@ def mxfp4_bf16_config(config: Mapping, edited_modules) -> dict:
     quant["modules_to_not_convert"] = keep
     config["quantization_config"] = quant
     return config
+
+
+# --------------------------------------------------------------------------- wiring helpers
+
+
+def _model_config(model_dir) -> dict:
+    from .layout import read_config  # layout imports this module
+
+    return read_config(model_dir)
+
+
+def require_full_precision(model_dir, tensor_names) -> None:
+    """The exporter's guard: refuse a pre-quantized checkpoint (bitsandbytes, GPTQ, ...)."""
+    require_editable(
+        checkpoint_quantization(_model_config(model_dir), dict.fromkeys(tensor_names)), model_dir
+    )
+
+
+def fp8_scales(model_dir, header, keys) -> dict:
+    """{key: (scale TensorInfo, block_size)} for the FP8 weights among one shard's `keys`.
+
+    `header` is the shard's `shards.ShardHeader`; the pairs are validated again here (a
+    plan may come from another copy of the model), and a scale must sit in the same shard.
+    """
+    fp8 = [k for k in keys if header.tensors[k].dtype == FP8_SAFETENSORS_DTYPE]
+    if not fp8:
+        return {}
+    quantization = checkpoint_quantization(_model_config(model_dir), header.tensors)
+    found = quantized_tensors(header.tensors, quantization)
+    return {k: (header.tensors[found[k].stored[1]], found[k].block_size) for k in fp8}
+
+
+def dequantizing_load_kwargs(model_dir) -> dict:
+    """from_pretrained kwargs that load an FP8/MXFP4 checkpoint as real-valued parameters.
+
+    Why: the in-memory evaluator edits parameters with the same function as the exporter,
+    which needs floats; transformers dequantizes to bf16 by itself on a CPU (or a GPU
+    without FP8 support), and this asks for the same on any machine.
+    """
+    method = checkpoint_quantization(_model_config(model_dir), {}).method
+    if method == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    if method == "mxfp4":
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}
