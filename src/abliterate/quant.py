@@ -511,9 +511,12 @@ def mxfp4_bf16_config(config: Mapping, edited_modules) -> dict:
 
 
 def _model_config(model_dir) -> dict:
+    """config.json, or {} where there is none (the exporter needs only headers; names decide)."""
+    from pathlib import Path
+
     from .layout import read_config  # layout imports this module
 
-    return read_config(model_dir)
+    return read_config(model_dir) if (Path(model_dir) / "config.json").is_file() else {}
 
 
 def require_full_precision(model_dir, tensor_names) -> None:
@@ -523,18 +526,19 @@ def require_full_precision(model_dir, tensor_names) -> None:
     )
 
 
-def fp8_scales(model_dir, header, keys) -> dict:
-    """{key: (scale TensorInfo, block_size)} for the FP8 weights among one shard's `keys`.
+def fp8_scales(model_dir, tensors: Mapping, keys) -> dict:
+    """{key: (scale TensorInfo, block_size)} for the FP8 weights among `keys`.
 
-    `header` is the shard's `shards.ShardHeader`; the pairs are validated again here (a
-    plan may come from another copy of the model), and a scale must sit in the same shard.
+    `tensors` maps names to `shards.TensorInfo` (one shard's header, or the checkpoint);
+    the pairs are validated again here (a plan may come from another copy of the model),
+    and a scale must sit in its weight's shard.
     """
-    fp8 = [k for k in keys if header.tensors[k].dtype == FP8_SAFETENSORS_DTYPE]
+    fp8 = [k for k in keys if k in tensors and tensors[k].dtype == FP8_SAFETENSORS_DTYPE]
     if not fp8:
         return {}
-    quantization = checkpoint_quantization(_model_config(model_dir), header.tensors)
-    found = quantized_tensors(header.tensors, quantization)
-    return {k: (header.tensors[found[k].stored[1]], found[k].block_size) for k in fp8}
+    quantization = checkpoint_quantization(_model_config(model_dir), tensors)
+    found = quantized_tensors(tensors, quantization)
+    return {k: (tensors[found[k].stored[1]], found[k].block_size) for k in fp8}
 
 
 def dequantizing_load_kwargs(model_dir) -> dict:
