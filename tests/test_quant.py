@@ -5,6 +5,7 @@ checkpoints are measured but never exported."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,16 @@ from test_prompts import chat_tokenizer
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
-from abliterate import quant
+from abliterate import evaluate, quant
 from abliterate.edit import ablate_tensor
 from abliterate.errors import AbliterateError
-from abliterate.measure import load_model, measure
+from abliterate.export import export_model
+from abliterate.layout import Layout, inspect_checkpoint
+from abliterate.measure import Measurements, load_model, measure
+from abliterate.quant import FP8_DTYPE
+from abliterate.recipe import resolve
 from abliterate.shards import TensorInfo, read_checkpoint
+from abliterate.verify import verify
 
 
 def info(name: str, dtype: str, shape) -> TensorInfo:
@@ -278,6 +284,13 @@ def load_all(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def fake_measurements(num_layers: int, hidden: int) -> Measurements:
+    g = torch.Generator().manual_seed(0)
+    means = [torch.randn(num_layers + 1, hidden, generator=g, dtype=torch.float64) for _ in "tb"]
+    empty = torch.zeros(num_layers + 1, 0)
+    return Measurements(means[0], means[1], empty, empty, meta={"num_layers": num_layers})
+
+
 @pytest.fixture(scope="module")
 def glm_fp8(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm-fp8")
@@ -285,6 +298,65 @@ def glm_fp8(tmp_path_factory):
     model = to_fp8_checkpoint(bf16, root / "fp8")
     chat_tokenizer().save_pretrained(model)
     return model
+
+
+def test_inspection_recognizes_fp8_targets_with_their_scales_beside_bf16_ones(glm_fp8):
+    layout = inspect_checkpoint(glm_fp8)
+    o_proj = layout.target("model.layers.0.self_attn.o_proj.weight")
+    assert o_proj.dtype == "F8_E4M3" and o_proj.quant == {
+        "format": "fp8",
+        "stored": [o_proj.key, o_proj.key + "_scale_inv"],
+        "block_size": [16, 16],
+    }
+    router = layout.target("model.layers.1.mlp.gate.weight")
+    assert router.dtype == "BF16" and router.quant is None  # a mixed checkpoint
+    assert len(layout.targets(component="expert_down")) == 2 * 8
+    assert all(t.quant for t in layout.targets(component="expert_down"))
+    assert Layout.from_dict(json.loads(layout.to_json())) == layout
+
+
+def test_fp8_export_edits_targets_and_scales_and_leaves_the_rest_bit_identical(glm_fp8, tmp_path):
+    layout = inspect_checkpoint(glm_fp8)
+    recipe = {
+        "ablate": [{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2}],
+        "ablate_individual_experts": True,
+    }
+    plan = resolve(recipe, layout, fake_measurements(3, 32))
+    plan.model_dir = str(glm_fp8)
+    output = export_model(plan, tmp_path / "out", jobs=2)
+    source, exported = load_all(glm_fp8), load_all(output)
+    assert exported.keys() == source.keys()
+    edited = {e.key for e in plan.entries}
+    rewritten = edited | {quant.fp8_scale_key(k) for k in edited if source[k].dtype == FP8_DTYPE}
+    assert "model.layers.1.mlp.gate.weight" in edited and len(rewritten) > len(edited)
+    for key, tensor in exported.items():
+        assert tensor.dtype == source[key].dtype and tensor.shape == source[key].shape, key
+        if key not in rewritten:
+            assert torch.equal(tensor.view(torch.uint8), source[key].view(torch.uint8)), key
+    for entry in plan.entries:
+        key, axis = entry.key, entry.hidden_axis
+        if source[key].dtype != FP8_DTYPE:  # the bf16 router: the plain shared edit
+            expected = ablate_tensor(source[key], entry.direction, entry.scale, hidden_axis=axis)
+            assert torch.equal(exported[key], expected), key
+            continue
+        scale = quant.fp8_scale_key(key)
+        assert not torch.equal(exported[scale], source[scale]), key  # fresh block scales
+        before = quant.dequantize_fp8_blocks(source[key], source[scale], FIXTURE_BLOCK)
+        after = quant.dequantize_fp8_blocks(exported[key], exported[scale], FIXTURE_BLOCK)
+        r = entry.direction / entry.direction.norm()
+        residual = torch.tensordot(after, r, dims=([axis], [0])).norm()
+        assert residual < 0.5 * torch.tensordot(before, r, dims=([axis], [0])).norm(), key
+        exact = ablate_tensor(before, entry.direction, entry.scale, hidden_axis=axis)
+        assert (after - exact).norm() < 0.05 * exact.norm(), key
+    report = verify(glm_fp8, output, plan)
+    assert report["ok"], report["failures"]
+    assert report["edited"] == len(edited)
+    assert report["untouched"] + report["untouched_linked"] == len(source) - len(rewritten)
+    # transformers loads the result the way it loads the source (dequantized to bf16 on CPU)
+    model = AutoModelForCausalLM.from_pretrained(output, dtype="auto")
+    key = "model.layers.0.self_attn.o_proj.weight"
+    expected = quant.dequantize_fp8_blocks(exported[key], exported[key + "_scale_inv"], (16, 16))
+    assert torch.equal(model.state_dict()[key], expected.to(torch.bfloat16))
 
 
 def test_measurement_runs_on_an_fp8_checkpoint(glm_fp8):
@@ -296,6 +368,42 @@ def test_measurement_runs_on_an_fp8_checkpoint(glm_fp8):
     assert torch.equal(model.state_dict()[key], values.to(torch.bfloat16))
     meas = measure(model, tokenizer, ["w10 w11", "w12"], ["w20 w21", "w22"], progress=False)
     assert meas.target_mean.shape == (4, 32) and torch.isfinite(meas.target_mean).all()
+
+
+def test_corrupt_scale_in_a_checkpoint_is_named_at_inspection(glm_fp8, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(glm_fp8, broken)
+    key = "model.layers.1.mlp.experts.3.down_proj.weight"
+    shard = json.loads((broken / INDEX).read_text())["weight_map"][key]
+    tensors = load_file(broken / shard)
+    tensors[key + "_scale_inv"] = torch.ones(2, 2)  # [32, 16] in 16 x 16 blocks needs [2, 1]
+    save_file(tensors, broken / shard, metadata={"format": "pt"})
+    with pytest.raises(AbliterateError) as caught:
+        inspect_checkpoint(broken)
+    assert f"'{key}_scale_inv' has shape [2, 2]" in str(caught.value)
+    assert "needs [2, 1] blocks" in str(caught.value)
+
+
+def test_pre_quantized_bitsandbytes_measures_but_does_not_export(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    path = build_tiny(
+        tmp_path / "llama64", "llama", hidden_size=64, intermediate_size=128, num_key_value_heads=4
+    )
+    chat_tokenizer().save_pretrained(path)
+    model, tokenizer, _ = load_model(path, device="cpu", load_in_4bit=True)
+    model.save_pretrained(tmp_path / "bnb")
+    tokenizer.save_pretrained(tmp_path / "bnb")
+    model, tokenizer, info = load_model(tmp_path / "bnb", device="cpu")  # no flags: as shipped
+    meas = measure(model, tokenizer, ["w10 w11", "w12"], ["w20 w21", "w22"], progress=False)
+    assert meas.meta["quantization"] == "4bit" and torch.isfinite(meas.target_mean).all()
+    with pytest.raises(AbliterateError, match="export needs full-precision weights"):
+        inspect_checkpoint(tmp_path / "bnb")
+    layout = inspect_checkpoint(path)
+    plan = resolve({"ablate": [{"layer": 0, "measurement": 1}]}, layout, meas)
+    with pytest.raises(AbliterateError) as caught:
+        export_model(plan, tmp_path / "out", model_dir=tmp_path / "bnb")
+    assert "pre-quantized (bitsandbytes 4-bit)" in str(caught.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def to_mxfp4_checkpoint(source: Path, output: Path) -> Path:
@@ -369,3 +477,17 @@ def test_mxfp4_experts_edited_in_either_format_load_in_transformers(tmp_path, ou
         assert ((norms - 1).abs() < (0.02 if output == "bf16" else 0.15)).all(), key
     untouched = "model.layers.1.mlp.experts.down_proj"
     assert torch.equal(loaded[untouched], original[untouched])
+
+
+def test_evaluation_loads_fp8_and_mxfp4_checkpoints_dequantized(glm_fp8, tmp_path):
+    """The in-memory evaluator edits parameters, so it asks transformers for real values
+    on every machine (a CPU would dequantize anyway; an FP8-capable GPU would not)."""
+    config = quant.dequantizing_load_kwargs(glm_fp8)["quantization_config"]
+    assert type(config).__name__ == "FineGrainedFP8Config" and config.dequantize
+    assert quant.dequantizing_load_kwargs(build_tiny(tmp_path / "plain", "llama")) == {}
+    model, _ = evaluate.load_model(glm_fp8, device="cpu")
+    weight = model.model.layers[0].self_attn.o_proj.weight
+    assert (
+        weight.dtype == torch.bfloat16
+        and type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .edit import apply_edit
 from .errors import AbliterateError
 from .logs import logger
@@ -764,13 +765,19 @@ def load_model(
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
+    # FP8/MXFP4 checkpoints load dequantized: the in-memory edit needs real-valued weights
+    dequantize = quant.dequantizing_load_kwargs(model_dir)
     if device_map:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype="auto", trust_remote_code=trust_remote_code, device_map=device_map
+            model_dir,
+            dtype="auto",
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            **dequantize,
         )
         return model.eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code, **dequantize
     )
     return model.to(pick_device(device)).eval(), tokenizer
 

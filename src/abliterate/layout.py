@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from . import quant
 from .errors import AbliterateError
 from .files import write_text_atomic
 from .logs import logger
@@ -251,10 +252,14 @@ class Target:
     dtype: str
     shard: str
     bias: str | None = None
+    # how a quantized target is stored (`quant.QuantizedTensor.to_dict()`); None: plain floats
+    quant: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["shape"] = list(self.shape)
+        if data["quant"] is None:
+            del data["quant"]
         return data
 
     @classmethod
@@ -632,6 +637,9 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
     config = read_config(model_dir)
     config_path = model_dir / "config.json"
     tensors = read_checkpoint(model_dir)
+    quantization = quant.checkpoint_quantization(config, tensors)
+    quant.require_editable(quantization, model_dir)
+    quantized = quant.quantized_tensors(tensors, quantization)
 
     prefix = detect_layer_prefix(tensors, model_dir)
     logger.info("Detected layer prefix: %s", prefix)
@@ -671,6 +679,7 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
         _layer_targets(family, prefix, i, by_layer[i], hidden_size, model_dir)
         for i in range(num_layers)
     )
+    layers = tuple(_mark_quantized(entry, quantized) for entry in layers)
     if not any(entry.targets for entry in layers):
         found = sorted({rest for layer in by_layer.values() for rest in layer})
         raise AbliterateError(
@@ -775,6 +784,17 @@ def _global_targets(tensors, prefix: str, hidden_size: int, model_dir) -> tuple[
     return ()
 
 
+def _mark_quantized(entry: LayerTargets, quantized: dict) -> LayerTargets:
+    """Targets stored quantized (FP8 + block scales) carry their storage, for the exporter."""
+    from dataclasses import replace
+
+    targets = tuple(
+        replace(t, quant=quantized[t.key].to_dict()) if t.key in quantized else t
+        for t in entry.targets
+    )
+    return LayerTargets(entry.index, targets)
+
+
 def _warn_quantized(by_layer: dict[int, dict[str, TensorInfo]], layers, model_dir) -> None:
     """Say so when quantized weights are present: the edit needs real-valued tensors."""
     blocks = sorted(
@@ -793,7 +813,10 @@ def _warn_quantized(by_layer: dict[int, dict[str, TensorInfo]], layers, model_di
             ", ".join(blocks[:4]),
         )
     quantized = Counter(
-        t.dtype for e in layers for t in e.targets if t.dtype not in EDITABLE_DTYPES
+        t.dtype
+        for e in layers
+        for t in e.targets
+        if t.dtype not in EDITABLE_DTYPES and t.quant is None
     )
     if quantized:
         logger.warning(

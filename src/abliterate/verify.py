@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .errors import AbliterateError
 from .export import edit_tensor, entries_by_key, tensor_chunks
 from .recipe import Plan, file_sha256
@@ -72,6 +73,23 @@ def invariant_errors(
     return residual, drift
 
 
+def _fp8_pair_matches(fp8, a, b, result, handle, model_dir, output, edits, device) -> bool:
+    """An FP8 target and its scale are exactly the exporter's dequant -> edit -> requant."""
+    scale_a, block = fp8
+    scale_b = result[scale_a.name]
+    source = handle(model_dir / a.shard)
+    weight, scale = quant.edit_fp8(
+        read_tensor(source, a),
+        read_tensor(source, scale_a),
+        lambda w: edit_tensor(w, edits, device),
+        block,
+    )
+    written = handle(output / b.shard)
+    return _bit_equal(weight, read_tensor(written, b)) and _bit_equal(
+        scale, read_tensor(written, scale_b)
+    )
+
+
 def verify(
     model_dir: str | Path,
     output: str | Path,
@@ -117,12 +135,20 @@ def verify(
             handles[path] = open(path, "rb")  # noqa: SIM115 - closed in the finally below
         return handles[path]
 
+    fp8 = quant.fp8_scales(model_dir, source, by_key)  # edited FP8 weights rewrite their scales
+    fp8_scale_keys = {scale.name for scale, _ in fp8.values()}
     try:
         for key in sorted(set(source) & set(result)):
             a, b = source[key], result[key]
-            if a.dtype != b.dtype or a.shape != b.shape:
+            if a.dtype != b.dtype or a.shape != b.shape or key in fp8_scale_keys:
                 continue
             src_path, dst_path = model_dir / a.shard, output / b.shard
+            if key in fp8:
+                stats["edited"] += 1
+                pair = (fp8[key], a, b, result, handle, model_dir, output, by_key[key], device)
+                if not _fp8_pair_matches(*pair):
+                    fail(f"{key}: differs from the plan's edit of the source (FP8 with scales)")
+                continue
             if key not in by_key:
                 if os.path.samefile(src_path, dst_path):
                     stats["untouched_linked"] += 1
