@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .errors import AbliterateError
 from .logs import logger
 from .model import (
@@ -44,7 +45,7 @@ from .model import (
 )
 from .prompts import PromptOptions
 from .recipe import Plan, PlanEntry, edit_tensor
-from .shards import DTYPES, read_weight_map
+from .shards import DTYPES, read_header, read_weight_map
 
 # --------------------------------------------------------------------------------------
 # Refusal markers
@@ -242,7 +243,8 @@ def check_against_disk(
     Why: a mapping that silently picks the wrong expert or half would make every sweep
     number meaningless; reading a handful of tensors is cheap insurance. The dtypes must
     agree, except for parameters the model class keeps in float32 (`kept_in_float32`);
-    those are compared after the same upcast transformers applied when loading.
+    those are compared after the same upcast transformers applied when loading. An FP8
+    weight is loaded dequantized, so its block-scaled values are compared instead.
     """
     from safetensors import safe_open
 
@@ -258,13 +260,18 @@ def check_against_disk(
         shard = weight_map.get(ref.key)
         if shard is None:
             raise AbliterateError(f"{ref.key}: not found in the checkpoint index of {model_dir}.")
-        with safe_open(str(Path(model_dir) / shard), framework="pt") as handle:
-            on_disk = handle.get_tensor(ref.key)
+        path = Path(model_dir) / shard
+        with safe_open(str(path), framework="pt") as handle:
+            stored = handle.get_tensor(ref.key)
+            on_disk = quant.stored_values(
+                model_dir, read_header(path).tensors, ref.key, handle.get_tensor
+            )
         in_memory = ref.view(model).detach().cpu()
         upcast = in_memory.dtype == torch.float32 and _matches_module(
             ref.param_name, float32_modules
         )
-        same_dtype = on_disk.dtype == in_memory.dtype or upcast
+        dequantized = stored.dtype == quant.FP8_DTYPE
+        same_dtype = on_disk.dtype == in_memory.dtype or upcast or dequantized
         if not same_dtype or not torch.equal(on_disk.to(in_memory.dtype), in_memory):
             raise AbliterateError(
                 f"{ref.key}: the in-memory parameter {ref.param_name} does not equal the "
@@ -282,9 +289,12 @@ def _checkpoint_dtype(entry: PlanEntry, fallback: torch.dtype) -> torch.dtype:
     """The torch dtype the plan says the checkpoint stores `entry`'s tensor in.
 
     A writer's bias is taken to be stored like its weight (as in every supported family).
+    An FP8 target is loaded dequantized, so it is edited in that dtype (the bf16 edit;
+    docs/quantized.md says how far the exported FP8 requantization is from it).
     """
     known = DTYPES.get(entry.dtype)
-    return known[0] if known and known[0].is_floating_point else fallback
+    editable = known and known[0].is_floating_point and entry.dtype != quant.FP8_SAFETENSORS_DTYPE
+    return known[0] if editable else fallback
 
 
 class InMemoryEditor:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import quant
 from .errors import AbliterateError
 from .files import exclusive_lock, place_copy, resolve_source, write_json, write_text_atomic
 from .logs import logger
@@ -90,6 +91,7 @@ def plan_shards(
     """
     model_dir = Path(model_dir or plan.model_dir)
     weight_map = read_weight_map(model_dir)
+    quant.require_full_precision(model_dir, weight_map)
     for shard in sorted(set(weight_map.values())):
         resolve_source(model_dir, shard, allow_external=allow_external_links)
     headers = {s: read_header(model_dir / s) for s in sorted(set(weight_map.values()))}
@@ -123,6 +125,16 @@ def plan_shards(
 # --------------------------------------------------------------------------------------
 
 
+def edit_fp8_pair(src, dst_fd: int, info, scale_info, block_size, edits, device) -> None:
+    """Dequantize an FP8 target, edit it in float32, write it and its fresh block scales."""
+    weight, scale = read_tensor(src, info), read_tensor(src, scale_info)
+    weight, scale = quant.edit_fp8(
+        weight, scale, lambda w: edit_tensor(w, edits, device), block_size
+    )
+    write_at(dst_fd, tensor_bytes(weight), info.begin)
+    write_at(dst_fd, tensor_bytes(scale), scale_info.begin)
+
+
 def ablate_shard(
     model_dir: str | Path,
     shard: str,
@@ -152,11 +164,13 @@ def ablate_shard(
     if missing:
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
     targets = sorted((header.tensors[k] for k in edits), key=lambda info: info.begin)
+    fp8 = quant.fp8_scales(model_dir, header.tensors, edits)  # FP8 targets rewrite their scale too
+    written = sorted(targets + [scale for scale, _ in fp8.values()], key=lambda i: i.begin)
     tmp = output.with_name(output.name + ".tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
     size = source.stat().st_size
     gaps, position = [], 0
-    for info in targets:
+    for info in written:
         gaps.append((position, info.begin))
         position = info.end
     gaps.append((position, size))
@@ -166,6 +180,11 @@ def ablate_shard(
 
             def edit_one(info) -> None:
                 logger.info("Modifying %s", info.name)
+                if info.name in fp8:
+                    edit_fp8_pair(
+                        src, dst.fileno(), info, *fp8[info.name], edits[info.name], device
+                    )
+                    return
                 for begin, shape, chunk_edits in tensor_chunks(info, edits[info.name]):
                     weight = read_tensor(src, info, begin=begin, shape=shape)
                     edited = edit_tensor(weight, chunk_edits, device)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from . import quant
 from .components import COMPONENTS, EXPERT_COMPONENTS
 from .components import side as component_side
 from .errors import AbliterateError
@@ -248,10 +249,14 @@ class Target:
     dtype: str
     shard: str
     bias: str | None = None
+    # how a quantized target is stored (`quant.QuantizedTensor.to_dict()`); None: plain floats
+    quant: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["shape"] = list(self.shape)
+        if data["quant"] is None:
+            del data["quant"]
         return data
 
     @classmethod
@@ -701,14 +706,18 @@ def _moe_fields(layers, config: dict, config_path: Path) -> dict:
 def inspect_checkpoint(model_dir: str | Path) -> Layout:
     """Find every editable tensor of a safetensors checkpoint from config.json + headers.
 
-    Steps: read config and headers, detect the layer prefix, count the decoder layers,
-    choose the architecture family, match every layer's targets, then describe the MoE
-    structure and the global (embedding) target.
+    Steps: read config and headers (a pre-quantized checkpoint is refused, FP8/MXFP4
+    storage validated), detect the layer prefix, count the decoder layers, choose the
+    architecture family, match every layer's targets (marking quantized ones), then
+    describe the MoE structure and the global (embedding) target.
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     config_path = model_dir / "config.json"
     tensors = read_checkpoint(model_dir)
+    quantization = quant.checkpoint_quantization(config, tensors)
+    quant.require_editable(quantization, model_dir)
+    quantized = quant.quantized_tensors(tensors, quantization)
 
     prefix = detect_layer_prefix(tensors, model_dir)
     logger.info("Detected layer prefix: %s", prefix)
@@ -721,6 +730,7 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
     model_type = config.get("model_type")
     family = choose_family(model_type, {i: by_layer[i] for i in range(num_layers)}, model_dir)
     layers = _decoder_targets(family, prefix, by_layer, num_layers, hidden_size, model_dir)
+    layers = tuple(_mark_quantized(entry, quantized) for entry in layers)
     _warn_quantized(by_layer, layers, model_dir)
     globals_ = _global_targets(tensors, prefix, hidden_size, model_dir)
     moe = _moe_fields(layers, config, config_path)
@@ -796,6 +806,17 @@ def _global_targets(tensors, prefix: str, hidden_size: int, model_dir) -> tuple[
     return ()
 
 
+def _mark_quantized(entry: LayerTargets, quantized: dict) -> LayerTargets:
+    """Targets stored quantized (FP8 + block scales) carry their storage, for the exporter."""
+    from dataclasses import replace
+
+    targets = tuple(
+        replace(t, quant=quantized[t.key].to_dict()) if t.key in quantized else t
+        for t in entry.targets
+    )
+    return LayerTargets(entry.index, targets)
+
+
 def _warn_quantized(by_layer: dict[int, dict[str, TensorInfo]], layers, model_dir) -> None:
     """Say so when quantized weights are present: the edit needs real-valued tensors."""
     blocks = sorted(
@@ -814,7 +835,10 @@ def _warn_quantized(by_layer: dict[int, dict[str, TensorInfo]], layers, model_di
             ", ".join(blocks[:4]),
         )
     quantized = Counter(
-        t.dtype for e in layers for t in e.targets if t.dtype not in EDITABLE_DTYPES
+        t.dtype
+        for e in layers
+        for t in e.targets
+        if t.dtype not in EDITABLE_DTYPES and t.quant is None
     )
     if quantized:
         logger.warning(

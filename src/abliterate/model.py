@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .errors import AbliterateError
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
@@ -129,8 +130,11 @@ def load_model(model_dir: str | Path, options: LoadOptions | None = None):
         quantization = "4bit" if options.load_in_4bit else "8bit"
         kwargs["quantization_config"] = _quantization_config(options, device)
         kwargs["device_map"] = options.device_map or device
-    elif options.device_map:
-        kwargs["device_map"] = options.device_map
+    else:
+        # FP8/MXFP4 checkpoints load dequantized: the in-memory edit needs real-valued weights
+        kwargs.update(quant.dequantizing_load_kwargs(path))
+        if options.device_map:
+            kwargs["device_map"] = options.device_map
     model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .errors import AbliterateError
 from .files import write_json, write_text_atomic
 from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
@@ -153,16 +154,44 @@ def _check_edited(key, a, b, src_path, dst_path, edits, files, tally, fail, devi
             _check_invariants(key, original, written, plain[0], a.dtype, tally, fail)
 
 
+def _check_fp8_pair(
+    key, a, b, src_path, dst_path, fp8, result, edits, files, tally, fail, device
+) -> None:
+    """An FP8 target and its block scales are exactly the exporter's dequant -> edit ->
+    requant of the source pair (recomputed here)."""
+    tally.stats["edited"] += 1
+    scale_a, block = fp8
+    scale_b = result.get(scale_a.name)
+    if scale_b is None or (scale_b.dtype, scale_b.shape) != (scale_a.dtype, scale_a.shape):
+        return  # already reported by _check_structure
+    weight, scale = quant.edit_fp8(
+        read_tensor(files(src_path), a),
+        read_tensor(files(src_path), scale_a),
+        lambda w: edit_tensor(w, edits, device),
+        block,
+    )
+    if not (
+        _bit_equal(weight, read_tensor(files(dst_path), b))
+        and _bit_equal(scale, read_tensor(files(dst_path.parent / scale_b.shard), scale_b))
+    ):
+        fail(f"{key}: differs from the plan's edit of the source (FP8 with scales)")
+
+
 def _check_tensors(model_dir, output, source, result, by_key, fail, device) -> _Tally:
     """Every tensor present in both: untouched ones bit-identical, edited ones the plan's."""
     tally, files = _Tally(), _Files()
+    fp8 = quant.fp8_scales(model_dir, source, by_key)  # edited FP8 weights rewrite their scales
+    fp8_scale_keys = {scale.name for scale, _ in fp8.values()}
     try:
         for key in sorted(set(source) & set(result)):
             a, b = source[key], result[key]
-            if a.dtype != b.dtype or a.shape != b.shape:
-                continue  # already reported by _check_structure
+            if a.dtype != b.dtype or a.shape != b.shape or key in fp8_scale_keys:
+                continue  # reported by _check_structure; a scale is checked with its weight
             src_path, dst_path = model_dir / a.shard, output / b.shard
-            if key in by_key:
+            if key in fp8:
+                _check_fp8_pair(key, a, b, src_path, dst_path, fp8[key], result, by_key[key],
+                                files, tally, fail, device)  # fmt: skip
+            elif key in by_key:
                 _check_edited(key, a, b, src_path, dst_path, by_key[key], files, tally, fail,
                               device)  # fmt: skip
             else:
@@ -186,7 +215,8 @@ def verify(
     failed check: a failing report is the answer). `generate=None`: only for small models.
 
     Steps: structure (names, dtypes, shapes), tensors (untouched bit-identical, edited
-    equal to the recomputed plan edit and its invariants), manifest, generation.
+    equal to the recomputed plan edit and its invariants; an FP8 target with its block
+    scales), manifest, generation.
     """
     model_dir, output = Path(model_dir), Path(output)
     if not output.is_dir():
