@@ -42,8 +42,8 @@ def expand(pattern: str) -> set[str]:
 def example_recipe(path: Path) -> tuple[dict, str]:
     """The example's recipe in the seed's format, and the model directory name it is for."""
     data = yaml.safe_load(path.read_text())
-    if "recipe" in data:  # a workflow config
-        return dict(data["recipe"]), Path(data["model"]["path"]).name
+    if isinstance(data.get("model"), dict):  # a workflow config
+        return dict(data.get("recipe") or {}), Path(data["model"]["path"] or "demo").name
     recipe = {k: v for k, v in data.items() if k not in ("model", "measurements", "output")}
     return recipe, Path(data["model"]).name
 
