@@ -145,6 +145,7 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="session")
 def own_model_run(tmp_path_factory, demo_dense):
     """The README's own-model block, run once in a fresh checkout: (checkout, result)."""
     from checkout import first_bash_block, make_checkout, run_block

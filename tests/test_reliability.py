@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_export import fake_measurements
+from test_workflow import dense_run  # noqa: F401 - the session's one workflow run
 
 from abliterate.errors import AbliterateError
 from abliterate.export import export_model, plan_shards
@@ -384,13 +385,14 @@ def _run_until(workdir: Path, command: list[str], env: dict, log_glob: str) -> b
 
 
 @pytest.mark.slow
-def test_the_workflow_converges_after_sigkill_at_every_stage(dense_run, demo_dense, tmp_path):
+def test_the_workflow_converges_after_sigkill_at_every_stage(request, demo_dense, tmp_path):
     """Kill the workflow in measurement, the sweep, a shard job, assembly and
     verification in turn, rerunning the same command each time (stale Snakemake locks are
     cleared, incomplete jobs redone): the final export equals an uninterrupted run's."""
     from snakemake_runner import BIN, ROOT
 
-    (tmp_path / "config.yaml").write_text((dense_run / "config.yaml").read_text())
+    reference_run = request.getfixturevalue("dense_run")  # uninterrupted, same config
+    (tmp_path / "config.yaml").write_text((reference_run / "config.yaml").read_text())
     command = [str(BIN / "snakemake"), "--cores", "2", "--snakefile", str(ROOT / "Snakefile")]
     command += ["--configfile", str(tmp_path / "config.yaml")]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
@@ -398,7 +400,7 @@ def test_the_workflow_converges_after_sigkill_at_every_stage(dense_run, demo_den
     assert len(landed) >= 4, landed  # the fast stages may finish before the poll sees them
     final = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    ours, reference = (d / "results" / "demo" for d in (tmp_path, dense_run))
+    ours, reference = (d / "results" / "demo" for d in (tmp_path, reference_run))
     assert json.loads((ours / "verify.json").read_text())["ok"] is True
     assert shard_bytes(ours / "abliterated") == shard_bytes(reference / "abliterated")
     assert (ours / "best.yaml").read_text() == (reference / "best.yaml").read_text()
