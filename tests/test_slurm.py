@@ -30,8 +30,8 @@ CLUSTER_RULES = {
     "inspect_model",
     "measure",
     "analyze",
-    "evaluate_variants",
-    "aggregate_sweep",
+    "search_init",  # the demo config searches (sweep.method: tpe)
+    "aggregate_search",
     "plan_ablation",
     "plan_shards",
     "ablate_shard",
