@@ -237,11 +237,15 @@ def write_analysis(
     min_layer_fraction: float = 0.2,
     title: str | None = None,
     require_experts: bool = False,
+    interventions: tuple[pd.DataFrame, dict[int, dict]] | None = None,
 ) -> pd.DataFrame:
     """Write layers.tsv, suggested.yaml/.txt and (with `charts`) the PNG plots to `outdir`.
 
     `require_experts` (the workflow on an MoE model) makes missing router statistics an
-    error instead of silently skipping experts.png.
+    error instead of silently skipping experts.png. `interventions` (the ranked table and
+    the recipes of `abliterate.intervene.rank_by_intervention`) makes the suggestion the
+    intervention winner's recipe, exactly as it was evaluated, and writes
+    interventions.tsv; without it (measurements only) the separability rule suggests.
     """
     from . import plots
 
@@ -261,6 +265,15 @@ def write_analysis(
         min_layer_fraction=min_layer_fraction,
         counts=(meas.target_proj.shape[-1], meas.benign_proj.shape[-1]),
     )
+    if interventions is not None:
+        from .intervene import suggest_from_interventions
+
+        table, recipes = interventions
+        separability_pick = int(recipe["ablate"][0]["measurement"])
+        recipe, why = suggest_from_interventions(table, recipes, separability_pick)
+        _write_text(
+            outdir / "interventions.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g")
+        )
     _write_text(outdir / "suggested.yaml", yaml.safe_dump(recipe, sort_keys=False))
     _write_text(outdir / "suggested.txt", why + "\n")
     if charts:
