@@ -143,3 +143,13 @@ def test_workflow_measures_and_analyzes_the_demo_organism(demo_dense, tmp_path):
     assert table.auroc.max() >= 0.95
     recipe = yaml.safe_load((results / "analysis" / "suggested.yaml").read_text())
     assert recipe["ablate"], recipe
+    # analyze.intervene (default): the candidates ranked on the validation split; the
+    # suggestion is the winner's tested recipe (every writer, plain projection)
+    ranked = pd.read_csv(results / "analysis" / "interventions.tsv", sep="\t")
+    assert ranked.measurement.max() == 5  # the post-final-norm index is always tried
+    assert ranked.score.is_monotonic_increasing
+    assert ranked.refusal_rate.iloc[0] <= 0.1 and ranked.benign_kept.iloc[0] >= 0.9
+    assert {e["measurement"] for e in recipe["ablate"]} == {int(ranked.measurement.iloc[0])}
+    assert recipe["norm_preserve"] is False and "embed" in recipe["ablate"][0]["components"]
+    assert "picked by intervention" in (results / "analysis" / "suggested.txt").read_text()
+    assert (results / "prompts" / "target_validation.json").is_file()

@@ -128,3 +128,13 @@ def test_bad_evaluation_settings_and_prompt_limits_are_one_sentence(tmp_path):
     prompts.write_text("a\nb\n")
     with pytest.raises(AbliterateError, match=r"p\.txt is invalid .*prompts\.max"):
         load_prompts(prompts, max_count=-1)
+
+
+def test_analyze_intervention_defaults_are_the_schema_defaults():
+    from abliterate.intervene import InterveneSettings
+
+    schema = {k: v for k, v in schema_defaults("analyze").items() if k.startswith("intervene")}
+    assert schema == library_defaults(InterveneSettings())
+    assert InterveneSettings.from_config(default_config()["analyze"]) == InterveneSettings()
+    with pytest.raises(AbliterateError, match="analyze.intervene_prompts is 0"):
+        InterveneSettings(intervene_prompts=0)

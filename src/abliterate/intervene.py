@@ -275,6 +275,49 @@ def suggest_from_interventions(
     return recipe, "\n".join(lines)
 
 
+def workflow_interventions(
+    *,
+    model_dir: str | Path,
+    layout_path: str | Path,
+    measurements,
+    validation: dict[str, str | Path],
+    analyze_config: dict,
+    evaluate_config: dict,
+    prompts_config: dict,
+    trust_remote_code: bool = False,
+) -> tuple[pd.DataFrame, dict[int, dict]] | None:
+    """The workflow's ranking (rule analyze): on the validation prompts of both classes,
+    evaluated with the config's `evaluate:` settings (loading, refusal markers or judge),
+    capped by `analyze.intervene_*`; None when `analyze.intervene` is false."""
+    from .analyze import layer_metrics
+    from .directions import IndexedMeans
+    from .layout import Layout
+    from .search_steps import check_judge, eval_settings
+
+    settings = InterveneSettings.from_config(analyze_config)
+    if not settings.intervene:
+        return None
+    check_judge(evaluate_config)
+    candidates = candidate_indices(
+        layer_metrics(measurements),
+        measurements.num_layers,
+        IndexedMeans(measurements).num_indices - 1,
+        settings.intervene_candidates,
+        min_layer_fraction=analyze_config.get("min_layer_fraction", 0.2),
+    )
+    return rank_by_intervention(
+        model_dir,
+        Layout.load(layout_path),
+        measurements,
+        validation["target"],
+        validation["benign"],
+        eval_settings(evaluate_config, prompts_config, trust_remote_code),
+        candidates,
+        prompts=settings.intervene_prompts,
+        max_new_tokens=settings.intervene_max_new_tokens,
+    )
+
+
 __all__ = [
     "COLUMNS",
     "InterveneSettings",
@@ -284,4 +327,5 @@ __all__ = [
     "rank_table",
     "separability_order",
     "suggest_from_interventions",
+    "workflow_interventions",
 ]

@@ -117,6 +117,20 @@ def measure_inputs(wildcards):
     return inputs
 
 
+def analyze_inputs(wildcards):
+    """The measurements; with analyze.intervene also the model, its layout and the
+    validation prompts of both classes (split_prompts) the directions are ranked on."""
+    inputs = {"measurements": f"{RESULTS}/measurements.safetensors"}
+    if config["analyze"]["intervene"]:
+        inputs.update(
+            layout=f"{RESULTS}/layout.json",
+            validation_target=f"{RESULTS}/prompts/target_validation.json",
+            validation_benign=f"{RESULTS}/prompts/benign_validation.json",
+            model=model_input(),
+        )
+    return inputs
+
+
 def model_is_moe():
     """Whether the model routes tokens to experts (then analyze also draws experts.png)."""
     if DEMO:
@@ -161,6 +175,12 @@ def analysis_outputs(wildcards=None):
             caption="../report/rotation.rst",
         ),
     }
+    if config["analyze"]["intervene"]:
+        outputs["interventions"] = report(
+            f"{analysis}/interventions.tsv",
+            category="2. Analysis",
+            caption="../report/interventions.rst",
+        )
     if model_is_moe():
         outputs["experts"] = report(
             f"{analysis}/experts.png",
