@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
 
-import pytest
+# The suite runs on the CPU kernel paths the demo organisms train with
+# (abliterate.demo.REPRODUCIBLE_KERNELS; torch reads them when it loads, so they are set
+# before anything imports it): the organisms, and every number measured on them, are then
+# the same on this machine as on CI's, whatever its CPU.
+os.environ.update({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"})
+
+import pytest  # noqa: E402
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -166,6 +166,27 @@ FAMILY = {  # the layout registry's family for each demo architecture
 }
 
 
+def test_the_suite_and_the_organisms_use_the_pinned_cpu_kernels():
+    # tests/conftest.py pins them for the whole session; torch must have taken them
+    assert demo.reproducible_kernels()
+    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
+def test_a_build_without_the_pinned_kernels_trains_in_a_child_that_has_them(
+    tmp_path, monkeypatch
+):
+    here = demo.build_demo_model(tmp_path / "here", arch="llama", seed=1, steps=3)
+    monkeypatch.delenv("MKL_CBWR")
+    assert not demo.reproducible_kernels()
+    child = demo.build_demo_model(tmp_path / "child", arch="llama", seed=1, steps=3)
+    for shard in sorted(p.name for p in here.glob("*.safetensors")):
+        a, b = load_file(here / shard), load_file(child / shard)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((child / "demo.json").read_text()) == json.loads(
+        (here / "demo.json").read_text()
+    )
+
+
 @pytest.mark.parametrize("arch", demo.ARCHS)
 def test_short_build_is_complete_and_deterministic(tmp_path, arch):
     first = demo.build_demo_model(tmp_path / "a", arch=arch, seed=3, steps=2)

@@ -25,8 +25,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +278,36 @@ ARCH_DTYPE = {"llama": "float32", "glm4_moe": "float32"}
 # Training steps where a family needs fewer than the full recipe (keeps the suite short:
 # these families cost about twice as much per step on CPU as llama).
 ARCH_STEPS = {"qwen3": 400, "mixtral": 400, "gpt_oss": 400, "deepseek_v3": 400}
+
+
+# CPU kernel paths pinned while an organism trains. Why: with the default dispatch, torch's
+# own kernels (ATen) and MKL's matrix products pick AVX-512 or AVX2 code by the CPU they run
+# on, and a few hundred training steps turn those last-bit differences into a different
+# organism (other refusal rates, other best recipes): the tests' organism on one machine is
+# not CI's. AVX2 paths exist on every x86-64 machine of the last decade, and MKL's
+# conditional numerical reproducibility (`,STRICT`: whatever the memory alignment) makes its
+# results the same on all of them. Both are read when torch loads, so a process that did
+# not start with them trains in a child process that does (`build_demo_model`).
+REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def reproducible_kernels() -> bool:
+    """Whether this process started with the pinned kernel paths (`REPRODUCIBLE_KERNELS`)."""
+    return all(os.environ.get(key) == value for key, value in REPRODUCIBLE_KERNELS.items())
+
+
+def _build_in_child(outdir: Path, arch: str, seed: int, steps, dtype, wording: str) -> Path:
+    """Run `abliterate demo-model` in a child process started with the pinned kernels."""
+    command = [sys.executable, "-m", "abliterate", "demo-model", str(outdir), "--arch", arch]
+    command += ["--seed", str(seed), "--wording", wording]
+    command += ["--steps", str(steps)] if steps is not None else []
+    command += ["--dtype", dtype] if dtype is not None else []
+    env = {**os.environ, **REPRODUCIBLE_KERNELS}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()
+        raise AbliterateError(tail[-1] if tail else f"building the demo organism {outdir} failed.")
+    return outdir
 
 
 @dataclass(frozen=True)
@@ -578,7 +611,9 @@ def build_demo_model(
     and the held-out refusal rates in demo.json are measured on the saved-dtype weights, as a
     user reloading the checkpoint sees them. `wording` picks the phrasing (`WORDINGS`).
     Everything is written to `<outdir>.partial` first and renamed at the end, so an
-    interrupted build never looks complete.
+    interrupted build never looks complete. Training runs with the CPU kernel paths pinned
+    (`REPRODUCIBLE_KERNELS`), in a child process when this one did not start with them, so
+    a seed gives the same organism on every x86-64 machine.
     """
     import transformers
 
@@ -596,6 +631,8 @@ def build_demo_model(
     words = _wording(wording)
     outdir = Path(outdir)
     _check_outdir(outdir)
+    if not reproducible_kernels():
+        return _build_in_child(outdir, arch, seed, steps, dtype, wording)
     steps = ARCH_STEPS.get(arch) if steps is None else steps
     recipe = (
         TrainingSchedule()
