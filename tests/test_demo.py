@@ -172,9 +172,7 @@ def test_the_suite_and_the_organisms_use_the_pinned_cpu_kernels():
     assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
 
 
-def test_a_build_without_the_pinned_kernels_trains_in_a_child_that_has_them(
-    tmp_path, monkeypatch
-):
+def test_a_build_without_the_pinned_kernels_trains_in_a_child_that_has_them(tmp_path, monkeypatch):
     here = demo.build_demo_model(tmp_path / "here", arch="llama", seed=1, steps=3)
     monkeypatch.delenv("MKL_CBWR")
     assert not demo.reproducible_kernels()
