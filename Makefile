@@ -58,8 +58,11 @@ slurm:
 	      || echo "could not install the SLURM packages: the SLURM test will be skipped"; \
 	  else echo "SLURM missing and not root: the SLURM test will be skipped"; fi; }
 
+# Two test workers (pytest-xdist): tests/conftest.py keeps the modules that share a long
+# workflow run in one worker. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: install-test chromium slurm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-slurm: install-test slurm
 	$(BIN)/python -m pytest -q -rs tests/test_slurm.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -42,15 +43,20 @@ def _demo_cache_dir(arch: str, seed: int, dtype: str | None, wording: str) -> Pa
 
 
 def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = "a") -> Path:
+    """The cached organism, built once: a lock makes parallel test workers wait for the one
+    building it instead of building it twice."""
     from abliterate.demo import build_demo_model
 
     path = _demo_cache_dir(arch, seed, dtype, wording)
-    if not (path / "config.json").is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
     SOURCE_MODELS.append(path)
     return path
 
@@ -125,18 +131,50 @@ def pytest_runtest_call(item):
     for path in list(SOURCE_MODELS):
         if path not in _SOURCE_DIGESTS and path.is_dir():
             _SOURCE_DIGESTS[path] = _digest_tree(path)
-    yield
+    outcome = yield
     if item.get_closest_marker("modifies_source"):
         for path in list(_SOURCE_DIGESTS):
             _SOURCE_DIGESTS[path] = _digest_tree(path) if path.is_dir() else ""
         return
+    changed = []
     for path, digest in list(_SOURCE_DIGESTS.items()):
         if path.is_dir() and _digest_tree(path) != digest:
+            changed.append(str(path))
             _CHANGED.append(f"{path} (during {item.nodeid})")
             _SOURCE_DIGESTS[path] = _digest_tree(path)
+    if changed and outcome.excinfo is None:  # the test that wrote to a source model fails
+        outcome.force_exception(AssertionError(f"source model changed: {', '.join(changed)}"))
     for path in list(SOURCE_MODELS):  # models built inside the test, as they were saved
         if path not in _SOURCE_DIGESTS and path.is_dir():
             _SOURCE_DIGESTS[path] = _digest_tree(path)
+
+
+# Test modules that share an expensive session fixture run in the same worker under
+# `pytest -n N --dist loadgroup` (make test), so the fixture runs once; every other module
+# is a group of its own (its module fixtures run once too).
+SHARED_RUNS = {
+    "test_workflow": "dense-run",  # dense_run, the default workflow on the dense organism
+    "test_reliability": "dense-run",
+    "test_compare": "dense-run",  # demo_dense_abliterated too
+    "test_chat": "dense-run",
+    "test_readme": "own-model",  # own_model_run, the README's own-model block
+    "test_slurm": "own-model",
+}
+
+
+# The longest groups start first, so that no worker is left with a long one at the end.
+FIRST = ("own-model", "dense-run", "test_search", "test_demo")
+
+
+def _group(item) -> str:
+    return SHARED_RUNS.get(item.path.stem, item.path.stem)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: i for i, group in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))  # stable within a group
 
 
 def pytest_sessionfinish(session, exitstatus):

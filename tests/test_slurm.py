@@ -65,12 +65,14 @@ def cluster():
     shutil.rmtree(root, ignore_errors=True)
 
 
-# The README's cluster command on the demo config, plus two test-only settings: the first
-# status check after 1 s instead of 40 s, and a short wait for files on this one machine.
+# The README's cluster command on the demo config, plus three test-only settings: the first
+# status check after 1 s instead of 40 s, then one every 2 s instead of 10 s, and a short
+# wait for files on this one machine.
 COMMAND = (
     ".venv/bin/snakemake --executor slurm --workflow-profile profiles/slurm "
     "--configfile config/examples/local-model.yaml --default-resources slurm_account={account} "
-    "--slurm-init-seconds-before-status-checks 1 --latency-wait 5 --jobs 4"
+    "--slurm-init-seconds-before-status-checks 1 --seconds-between-status-checks 2 "
+    "--latency-wait 5 --jobs 4"
 )
 
 
