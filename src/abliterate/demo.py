@@ -275,9 +275,6 @@ ARCH_CONFIG = {
 # checkpoints (training always runs in float32); llama and glm4_moe stay float32 for now.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCH_DTYPE = {"llama": "float32", "glm4_moe": "float32"}
-# Training steps where a family needs fewer than the full recipe (keeps the suite short:
-# these families cost about twice as much per step on CPU as llama).
-ARCH_STEPS = {"qwen3": 400, "mixtral": 400, "gpt_oss": 400, "deepseek_v3": 400}
 
 
 # CPU kernel paths pinned while an organism trains. Why: with the default dispatch, torch's
@@ -633,7 +630,6 @@ def build_demo_model(
     _check_outdir(outdir)
     if not reproducible_kernels():
         return _build_in_child(outdir, arch, seed, steps, dtype, wording)
-    steps = ARCH_STEPS.get(arch) if steps is None else steps
     recipe = (
         TrainingSchedule()
         if steps is None

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,13 +219,16 @@ def resolve_space(
     num_indices: int,
     is_moe: bool,
     has_norm_weights: bool = False,
+    components: Iterable[str] | None = None,
 ) -> SearchSpace:
     """The space for one model: defaults filled in, every range checked against the model.
 
     `num_indices` counts the directions a recipe can address (num_layers + 2 when the final
     norm was measured); `has_norm_weights` whether the measurements hold the norm weights
-    a norm-scaled direction needs (then the default tries both).
+    a norm-scaled direction needs (then the default tries both); `components` the
+    component kinds the model's layout has (default groups without any are left out).
     """
+    components = set(components) if components is not None else None
     raw = _parse_space(search)
     last_index, last_layer = num_indices - 1, num_layers - 1
     direction = raw["direction"] or (min(1.0, last_index), float(last_index))
@@ -258,6 +262,14 @@ def resolve_space(
         raise AbliterateError(
             "sweep.search.components: 'experts' and 'router' need an MoE model; this one is dense."
         )
+    if components is not None:  # the model's own component kinds (its layout)
+        missing = [g for g in groups if not set(GROUPS[g]) & set(components)]
+        if raw["groups"] and missing:
+            raise AbliterateError(
+                f"sweep.search.components: {', '.join(missing)} edit no tensor of this model "
+                f"(it has {', '.join(sorted(components))})."
+            )
+        groups = [g for g in groups if g not in missing]  # e.g. mlp_down on Mixtral
     return SearchSpace(
         direction=direction,
         groups=tuple(groups),
@@ -557,11 +569,22 @@ class TrialContext:
     kl: str = "first_token"
 
 
+def edits_something(layout, entry: dict) -> bool:
+    """Whether a trial's recipe entry names a tensor the model has at its layer (a curve
+    can reach layers where a group has none, e.g. `mlp_down` on a model whose every MLP
+    is routed experts)."""
+    if "embed" in entry["components"]:
+        return bool(layout.targets(component="embed"))
+    return bool(layout.targets(layer=entry["layer"], component=entry["components"]))
+
+
 def score_trial(evaluator, context: TrialContext, name: str, params: dict):
-    """(recipe, metrics row) of one trial; every group off = the base model's row."""
+    """(recipe, metrics row) of one trial; a trial that edits nothing (every group off,
+    or on only where its tensors do not exist) is the base model's row."""
     from .recipe import resolve
 
     recipe = params_recipe(params, context.space, context.base_recipe)
+    recipe["ablate"] = [e for e in recipe["ablate"] if edits_something(context.layout, e)]
     if not recipe["ablate"]:
         base = evaluator.evaluate_base()
         return recipe, {**base.row(), "variant": name, "seconds": 0.0}

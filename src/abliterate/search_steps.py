@@ -91,6 +91,7 @@ def init_study(
         num_indices=IndexedMeans(meas).num_indices,
         is_moe=bool(layout.is_moe),
         has_norm_weights=meas.norm_weights is not None,
+        components={target.component for target in layout.targets()},
     )
     suggested = load_suggested(suggested_path) if suggested_path else None
     measurement = (
