@@ -55,8 +55,10 @@ def workflow_config(model_dir: Path, name: str, method: str, quick: bool = False
     return config
 
 
-def run_workflow(workdir: Path, config: dict, name: str) -> float:
-    """Run Snakemake to results/<name>/sweep.tsv in `workdir`; return its wall time (s)."""
+def run_workflow(workdir: Path, config: dict, name: str) -> tuple[float, str | None]:
+    """Run Snakemake to results/<name>/sweep.tsv in `workdir`: (wall time in s, None), or
+    (wall time, the run's last error line) when it failed, so the other families still run
+    and the failure is reported where its numbers would be."""
     import yaml
     from snakemake_runner import snakemake
 
@@ -65,13 +67,12 @@ def run_workflow(workdir: Path, config: dict, name: str) -> float:
     start = time.perf_counter()
     result = snakemake(workdir, "--cores", "2", f"results/{name}/sweep.tsv")
     wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(
-            f"the workflow failed in {workdir} (exit {result.returncode}):\n"
-            + result.stdout[-2000:]
-            + result.stderr[-4000:]
-        )
-    return wall
+    if result.returncode == 0:
+        return wall, None
+    output = (result.stdout + result.stderr).splitlines()
+    errors = [line.strip() for line in output if "error:" in line.lower()]
+    print(f"the workflow failed in {workdir} (exit {result.returncode})", file=sys.stderr)
+    return wall, (errors or output or [f"exit {result.returncode}"])[-1]
 
 
 def _interval(row, column: str, count: str) -> tuple[float, float]:
@@ -116,42 +117,63 @@ def _verdict(row, base, plain) -> str:
     return "yes" if not missed else "**no**: " + "; ".join(missed)
 
 
-def family_table(family: str, search_tsv: Path, grid_tsv: Path, walls: dict) -> str:
+def family_table(
+    family: str,
+    search_tsv: Path | None,
+    grid_tsv: Path | None,
+    walls: dict,
+    failures: dict | None = None,
+) -> str:
     """The markdown table of one family from its two sweep.tsv files.
 
-    `walls` holds the wall time in seconds of each run, keys `tpe` and `grid`. Rows: base,
-    plain, search best (test split, from the search's table), the grid's plain variant and
-    the grid best (the grid's prompts).
+    `walls` holds the wall time in seconds of each run, keys `tpe` and `grid`; a run that
+    failed has no table (None) and its error line in `failures` under the same key, shown
+    under the table. Rows: base, plain, search best (test split, from the search's table),
+    the grid's plain variant and the grid best (the grid's prompts).
     """
     import pandas as pd
 
-    search = pd.read_csv(search_tsv, sep="\t")
-    grid = pd.read_csv(grid_tsv, sep="\t")
-    test = search[search["split"] == "test"].set_index("variant")
-    base, plain = test.loc["base"], test.loc["plain"]
-    best = search[search["selected"].astype(bool)].iloc[0]
-    trials = int((~search["variant"].isin(["base", "plain"])).sum())
-    grid_base = grid[grid["variant"] == "base"].iloc[0]
-    grid_rows = grid[grid["variant"] != "base"]
-    grid_best = grid[grid["selected"].astype(bool)].iloc[0]
-    grid_plain = _plain_variant(grid)
-    evaluated = int((grid_rows["seconds"] > 0).sum())
-
-    def line(label, row, trials_cell="", wall_cell="", verdict=""):
-        cells = [
-            label,
-            _rate(row, "refusal_rate", "n_target"),
-            _rate(row, "benign_kept", "n_benign"),
-            _rate(row, "benign_refusal_rate", "n_benign"),
-            f"{float(row['kl_first_token']):.4f}",
-            trials_cell,
-            wall_cell,
-            verdict,
+    failures = failures or {}
+    rows, n_test, n_grid = [], "?", "?"
+    if search_tsv is not None:
+        search = pd.read_csv(search_tsv, sep="\t")
+        test = search[search["split"] == "test"].set_index("variant")
+        base, plain = test.loc["base"], test.loc["plain"]
+        best = search[search["selected"].astype(bool)].iloc[0]
+        trials = int((~search["variant"].isin(["base", "plain"])).sum())
+        n_test = f"{int(base['n_target'])} + {int(base['n_benign'])}"
+        rows += [
+            _line("base (test)", base, verdict="base >= 0.95: " + _yes(base)),
+            _line("plain full-strength (test)", plain),
+            _line(
+                f"search best `{best['variant']}` (test)",
+                best,
+                f"{trials} trials",
+                f"{walls['tpe']:.0f}",
+                _verdict(best, base, plain),
+            ),
         ]
-        return "| " + " | ".join(cells) + " |"
-
-    n_test = f"{int(base['n_target'])} + {int(base['n_benign'])}"
-    n_grid = f"{int(grid_base['n_target'])} + {int(grid_base['n_benign'])}"
+    if grid_tsv is not None:
+        grid = pd.read_csv(grid_tsv, sep="\t")
+        grid_base = grid[grid["variant"] == "base"].iloc[0]
+        grid_rows = grid[grid["variant"] != "base"]
+        grid_best = grid[grid["selected"].astype(bool)].iloc[0]
+        grid_plain = _plain_variant(grid)
+        evaluated = int((grid_rows["seconds"] > 0).sum())
+        n_grid = f"{int(grid_base['n_target'])} + {int(grid_base['n_benign'])}"
+        if search_tsv is None:
+            rows.append(_line("base (grid prompts)", grid_base, verdict=_yes(grid_base)))
+        if grid_plain is not None:
+            rows.append(_line("plain full-strength (grid prompts)", grid_plain))
+        rows.append(
+            _line(
+                f"grid best `{grid_best['variant']}` (grid prompts)",
+                grid_best,
+                f"{len(grid_rows)} variants ({evaluated} distinct)",
+                f"{walls['grid']:.0f}",
+                _verdict(grid_best, grid_base, grid_plain),
+            )
+        )
     lines = [
         f"**{family}** — search rows on the test split ({n_test} target + benign prompts "
         f"the search never saw; trials scored on validation); grid rows on the grid's "
@@ -161,28 +183,26 @@ def family_table(family: str, search_tsv: Path, grid_tsv: Path, walls: dict) -> 
         "| row | refusal (95 % CI) | benign kept (95 % CI) | over-refusal (95 % CI) "
         "| first-token KL | trials | wall (s) | targets met |",
         "|---|---|---|---|---|---|---|---|",
-        line("base (test)", base, verdict="base >= 0.95: " + _yes(base)),
-        line("plain full-strength (test)", plain),
-        line(
-            f"search best `{best['variant']}` (test)",
-            best,
-            f"{trials} trials",
-            f"{walls['tpe']:.0f}",
-            _verdict(best, base, plain),
-        ),
+        *rows,
     ]
-    if grid_plain is not None:
-        lines.append(line("plain full-strength (grid prompts)", grid_plain))
-    lines.append(
-        line(
-            f"grid best `{grid_best['variant']}` (grid prompts)",
-            grid_best,
-            f"{len(grid_rows)} variants ({evaluated} distinct)",
-            f"{walls['grid']:.0f}",
-            _verdict(grid_best, grid_base, grid_plain),
-        )
-    )
+    for method, error in failures.items():
+        label = "search (sweep.method: tpe)" if method == "tpe" else "grid (sweep.method: grid)"
+        lines += ["", f"The {label} run failed after {walls[method]:.0f} s: `{error}`"]
     return "\n".join(lines) + "\n"
+
+
+def _line(label, row, trials="", wall="", verdict="") -> str:
+    cells = [
+        label,
+        _rate(row, "refusal_rate", "n_target"),
+        _rate(row, "benign_kept", "n_benign"),
+        _rate(row, "benign_refusal_rate", "n_benign"),
+        f"{float(row['kl_first_token']):.4f}",
+        trials,
+        wall,
+        verdict,
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _yes(base) -> str:
@@ -218,14 +238,16 @@ def main(argv: list[str] | None = None) -> None:
         work = args.keep or Path(tmp)
         for family in args.families:
             model = _demo(family, wording=FAMILY_ORGANISMS.get(family, "a"))
-            walls, tsvs = {}, {}
+            walls, tsvs, failures = {}, {}, {}
             for method in ("tpe", "grid"):
                 workdir = work / f"{family}-{method}"
                 config = workflow_config(model, family, method, args.quick)
-                walls[method] = run_workflow(workdir, config, family)
-                tsvs[method] = workdir / "results" / family / "sweep.tsv"
+                walls[method], error = run_workflow(workdir, config, family)
+                tsvs[method] = None if error else workdir / "results" / family / "sweep.tsv"
+                if error:
+                    failures[method] = error
                 print(f"{family} {method}: {walls[method]:.0f} s", file=sys.stderr, flush=True)
-            table = family_table(family, tsvs["tpe"], tsvs["grid"], walls)
+            table = family_table(family, tsvs["tpe"], tsvs["grid"], walls, failures)
             print("\n" + table, flush=True)
             tables.append(table)
     if args.out:

@@ -102,3 +102,32 @@ def test_the_table_has_every_row_interval_and_verdict(tmp_path):
         grid_best[6] == "**no**: kept 0.970 < 0.98; KL 0.0500 > 0.02; KL 0.0500 >= plain 0.0500 |"
     )
     assert "50 + 50" in lines[0] and "100 + 100" in lines[0]
+
+
+def test_a_failed_run_is_reported_where_its_rows_would_be(tmp_path):
+    bench = _bench()
+    grid = _write(
+        tmp_path / "grid.tsv",
+        [
+            _row("base", 0.9, 1.0, 0.0, n=100, selected=False, seconds=2.0),
+            _row(
+                "s0.9_p0.00_msug_Lall_np1_c-default_e-all",
+                0.0,
+                1.0,
+                0.01,
+                n=100,
+                selected=True,
+                seconds=1.0,
+            ),
+        ],
+    )
+    error = "search_worker: error: <recipe>: the recipe selects no tensors."
+    text = bench.family_table("mixtral", None, grid, {"tpe": 52.6, "grid": 90.0}, {"tpe": error})
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| base (grid prompts)",
+        "| grid best `s0.9_p0.00_msug_Lall_np1_c-default_e-all` (grid prompts)",
+    ]
+    assert rows[0].endswith("| **no** |")  # base refusal 0.9 < 0.95
+    assert rows[1].endswith("| **no**: base refusal 0.900 < 0.95 |")  # no plain variant here
+    assert f"The search (sweep.method: tpe) run failed after 53 s: `{error}`" in text
