@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -70,7 +72,8 @@ def run_workflow(workdir: Path, config: dict, name: str) -> tuple[float, str | N
     if result.returncode == 0:
         return wall, None
     output = (result.stdout + result.stderr).splitlines()
-    errors = [line.strip() for line in output if "error:" in line.lower()]
+    # the tool's own one-sentence error ("search_worker: error: ..."), not Snakemake's
+    errors = [line.strip() for line in output if re.search(r"(^|: )error: ", line.strip())]
     print(f"the workflow failed in {workdir} (exit {result.returncode})", file=sys.stderr)
     return wall, (errors or output or [f"exit {result.returncode}"])[-1]
 
@@ -134,7 +137,7 @@ def family_table(
     import pandas as pd
 
     failures = failures or {}
-    rows, n_test, n_grid = [], "?", "?"
+    rows = []
     if search_tsv is not None:
         search = pd.read_csv(search_tsv, sep="\t")
         test = search[search["split"] == "test"].set_index("variant")
@@ -174,11 +177,20 @@ def family_table(
                 _verdict(grid_best, grid_base, grid_plain),
             )
         )
+    parts = []
+    if search_tsv is not None:
+        parts.append(
+            f"search rows on the test split ({n_test} target + benign prompts the search "
+            "never saw; trials scored on validation)"
+        )
+    if grid_tsv is not None:
+        parts.append(
+            f"grid rows on the grid's held-out prompts ({n_grid}: the organism's whole test "
+            "file, i.e. the search's validation and test splits together), where the grid "
+            "also selects"
+        )
     lines = [
-        f"**{family}** — search rows on the test split ({n_test} target + benign prompts "
-        f"the search never saw; trials scored on validation); grid rows on the grid's "
-        f"held-out prompts ({n_grid}: the organism's whole test file, i.e. the search's "
-        "validation and test splits together), where the grid also selects.",
+        f"**{family}** — " + "; ".join(parts or ["no run finished"]) + ".",
         "",
         "| row | refusal (95 % CI) | benign kept (95 % CI) | over-refusal (95 % CI) "
         "| first-token KL | trials | wall (s) | targets met |",
@@ -222,6 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep the work dirs here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    parser.add_argument(
+        "--tables-from",
+        type=Path,
+        default=None,
+        help="print the tables of an earlier --keep DIR again, without running anything",
+    )
     args = parser.parse_args(argv)
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # this checkout's code first
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -231,23 +249,35 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; demo.py {demo_digest()}"
         + ("; --quick (not the default config)" if args.quick else "")
+        + (f"; tables of the runs in {args.tables_from}" if args.tables_from else "")
     )
     print(header, flush=True)
     tables = [header + "\n"]
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
+        work = args.tables_from or args.keep or Path(tmp)
         for family in args.families:
-            model = _demo(family, wording=FAMILY_ORGANISMS.get(family, "a"))
-            walls, tsvs, failures = {}, {}, {}
+            runs = {}
             for method in ("tpe", "grid"):
                 workdir = work / f"{family}-{method}"
+                record = workdir / "bench-run.json"  # wall time and error, for --tables-from
+                if args.tables_from:
+                    runs[method] = json.loads(record.read_text())
+                    continue
+                model = _demo(family, wording=FAMILY_ORGANISMS.get(family, "a"))
                 config = workflow_config(model, family, method, args.quick)
-                walls[method], error = run_workflow(workdir, config, family)
-                tsvs[method] = None if error else workdir / "results" / family / "sweep.tsv"
-                if error:
-                    failures[method] = error
-                print(f"{family} {method}: {walls[method]:.0f} s", file=sys.stderr, flush=True)
-            table = family_table(family, tsvs["tpe"], tsvs["grid"], walls, failures)
+                wall, error = run_workflow(workdir, config, family)
+                runs[method] = {"wall": wall, "error": error}
+                record.write_text(json.dumps(runs[method]))
+                print(f"{family} {method}: {wall:.0f} s", file=sys.stderr, flush=True)
+            table = family_table(
+                family,
+                *(
+                    None if runs[m]["error"] else work / f"{family}-{m}/results/{family}/sweep.tsv"
+                    for m in ("tpe", "grid")
+                ),
+                {m: runs[m]["wall"] for m in runs},
+                {m: runs[m]["error"] for m in runs if runs[m]["error"]},
+            )
             print("\n" + table, flush=True)
             tables.append(table)
     if args.out:
