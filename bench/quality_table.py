@@ -14,7 +14,7 @@ answers kept >= 98 %, first-token KL <= 0.02 and lower than the plain edit) are 
 every organism, and only a run of the real workflow per organism can back them.
 
 Usage: .venv/bin/python bench/quality_table.py [--families llama qwen3 ...] [--quick]
-       [--keep DIR] [--out FILE]
+       [--keep DIR] [--tables-from DIR] [--out FILE]
 Numbers go to docs/evaluation.md ("Numbers per family").
 """
 
