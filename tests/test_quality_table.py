@@ -1,0 +1,133 @@
+"""bench/quality_table.py's table from two small hand-made sweep.tsv files (no workflow run).
+
+Why: the numbers in docs/evaluation.md ("Numbers per family") are this function's output;
+a wrong row, a missing interval or a verdict that says "yes" on a missed target would put
+wrong claims into the docs without any run noticing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality_table.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("quality_table", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def _row(variant, refusal, kept, kl, n=50, **extra):
+    return {
+        "variant": variant,
+        "refusal_rate": refusal,
+        "benign_refusal_rate": 0.0,
+        "benign_kept": kept,
+        "kl_first_token": kl,
+        "n_target": n,
+        "n_benign": n,
+        **extra,
+    }
+
+
+def test_the_table_has_every_row_interval_and_verdict(tmp_path):
+    bench = _bench()
+    ci = {  # the search's table carries its own intervals; these values are marked
+        "refusal_rate_ci_low": 0.001,
+        "refusal_rate_ci_high": 0.101,
+        "benign_kept_ci_low": 0.9,
+        "benign_kept_ci_high": 1.0,
+        "benign_refusal_rate_ci_low": 0.0,
+        "benign_refusal_rate_ci_high": 0.071,
+    }
+    search = _write(
+        tmp_path / "search.tsv",
+        [
+            _row("base", 1.0, 1.0, 0.0, split="test", selected=False, **ci),
+            _row("trial-0", 0.2, 1.0, 0.001, split="validation", selected=False, **ci),
+            _row("trial-1", 0.02, 0.98, 0.01, split="test", selected=True, **ci),
+            _row("plain", 0.0, 0.94, 0.08, split="test", selected=False, **ci),
+        ],
+    )
+    plain_id = "s1.0_p0.00_msug_Lall_np0_c-default_e-none"
+    grid = _write(
+        tmp_path / "grid.tsv",
+        [
+            _row("base", 1.0, 1.0, 0.0, n=100, selected=False, seconds=2.0),
+            _row(plain_id, 0.0, 0.97, 0.05, n=100, selected=True, seconds=1.5),
+            _row(
+                plain_id.replace("Lall", "Lsug"),
+                0.0,
+                0.97,
+                0.05,
+                n=100,
+                selected=False,
+                seconds=0.0,
+            ),
+        ],
+    )
+    text = bench.family_table("llama", search, grid, {"tpe": 61.4, "grid": 30.2})
+    lines = text.splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| row | refusal (95 % CI) | benign kept")
+    assert lines[lines.index(table[0]) + 1] == "|---|---|---|---|---|---|---|---|"
+    assert all(line.count("|") == 9 for line in table)  # 8 cells on every row
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[1:]}
+    assert list(rows) == [
+        "base (test)",
+        "plain full-strength (test)",
+        "search best `trial-1` (test)",
+        "plain full-strength (grid prompts)",
+        f"grid best `{plain_id}` (grid prompts)",
+    ]
+    best = rows["search best `trial-1` (test)"]
+    assert best[0] == "0.020 (0.001-0.101)"  # the table's own interval, not recomputed
+    assert best[3] == "0.0100"
+    assert best[4:] == ["2 trials", "61", "yes |"]
+    # the grid's table has no interval columns: Wilson, 0 of 100 -> 0.000-0.037
+    grid_best = rows[f"grid best `{plain_id}` (grid prompts)"]
+    assert grid_best[0] == "0.000 (0.000-0.037)"
+    assert grid_best[4:6] == ["2 variants (1 distinct)", "30"]
+    assert (
+        grid_best[6] == "**no**: kept 0.970 < 0.98; KL 0.0500 > 0.02; KL 0.0500 >= plain 0.0500 |"
+    )
+    assert "50 + 50" in lines[0] and "100 + 100" in lines[0]
+
+
+def test_a_failed_run_is_reported_where_its_rows_would_be(tmp_path):
+    bench = _bench()
+    grid = _write(
+        tmp_path / "grid.tsv",
+        [
+            _row("base", 0.9, 1.0, 0.0, n=100, selected=False, seconds=2.0),
+            _row(
+                "s0.9_p0.00_msug_Lall_np1_c-default_e-all",
+                0.0,
+                1.0,
+                0.01,
+                n=100,
+                selected=True,
+                seconds=1.0,
+            ),
+        ],
+    )
+    error = "search_worker: error: <recipe>: the recipe selects no tensors."
+    text = bench.family_table("mixtral", None, grid, {"tpe": 52.6, "grid": 90.0}, {"tpe": error})
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| base (grid prompts)",
+        "| grid best `s0.9_p0.00_msug_Lall_np1_c-default_e-all` (grid prompts)",
+    ]
+    assert rows[0].endswith("| **no** |")  # base refusal 0.9 < 0.95
+    assert rows[1].endswith("| **no**: base refusal 0.900 < 0.95 |")  # no plain variant here
+    assert f"The search (sweep.method: tpe) run failed after 53 s: `{error}`" in text
