@@ -299,3 +299,26 @@ def test_bad_search_config_stops_the_workflow_with_one_sentence(tmp_path, demo_d
 def test_search_space_round_trips_through_study_json():
     space = resolve_space({}, num_layers=4, num_indices=6, is_moe=False)
     assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space
+
+
+def test_a_model_without_dense_mlps_searches_no_mlp_down_and_empty_trials_are_the_base(tmp_path):
+    """Mixtral's and gpt-oss's MLPs are all routed experts: the default space leaves the
+    `mlp_down` group out, naming it is one sentence, and a trial entry that reaches no
+    tensor of the model is dropped (a study once crashed on such a trial)."""
+    from tiny_models import build_tiny
+
+    from abliterate.layout import inspect_checkpoint
+    from abliterate.search import edits_something
+
+    layout = inspect_checkpoint(build_tiny(tmp_path / "mixtral", "mixtral"))
+    kinds = {target.component for target in layout.targets()}
+    assert "mlp_down" not in kinds and "shared_down" not in kinds
+    space = resolve_space({}, num_layers=layout.num_layers, num_indices=layout.num_layers + 2,
+                          is_moe=True, components=kinds)  # fmt: skip
+    assert "mlp_down" not in space.groups and {"attn_out", "experts", "router"} <= set(space.groups)
+    with pytest.raises(AbliterateError, match=r"sweep.search.components: mlp_down edit no tensor"):
+        resolve_space({"components": ["attn_out", "mlp_down"]}, num_layers=layout.num_layers,
+                      num_indices=layout.num_layers + 2, is_moe=True, components=kinds)  # fmt: skip
+    assert not edits_something(layout, {"layer": 0, "components": ["mlp_down", "shared_down"]})
+    assert edits_something(layout, {"layer": 0, "components": ["attn_out"]})
+    assert edits_something(layout, {"layer": 0, "components": ["embed"]})
