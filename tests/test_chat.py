@@ -114,7 +114,12 @@ def test_session_keeps_turns_streams_and_clears(demo_dense, demo_session):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     rendered = session.render(session.conversation() + [{"role": "user", "content": "hi"}])
     assert rendered.count("<|user|>") == 2 and answer.split()[0] in rendered
-    assert session.reply(benign) == answer  # greedy: the same again (with history)
+    first_turn = len(session.input_ids())
+    assert session.reply(benign)  # a second turn, the first one in its context
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    assert len(session.input_ids()) > first_turn
+    fresh = ChatSession(model, tokenizer, sampling=SamplingOptions(max_new_tokens=12))
+    assert fresh.reply(benign) == answer  # greedy: the same conversation, the same answer
     session.set_system("be brief")
     assert session.conversation()[0] == {"role": "system", "content": "be brief"}
     session.clear()

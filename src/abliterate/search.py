@@ -52,8 +52,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "experts": ("expert_down",),
     "router": ("router",),
 }
-DENSE_GROUPS = ("attn_out", "mlp_down")
-MOE_GROUPS = ("attn_out", "mlp_down", "experts", "router")
+# The embedding is a writer like the others (analyze's intervention projects the direction
+# out of it too); a tied one is left out by default, since editing it edits the output head.
+DENSE_GROUPS = ("embed", "attn_out", "mlp_down")
+MOE_GROUPS = ("embed", "attn_out", "mlp_down", "experts", "router")
 RUN_KEYS = ("method", "n_trials", "n_startup_trials", "workers", "seed", "search")
 SPACE_KEYS = (
     "direction",
@@ -220,13 +222,15 @@ def resolve_space(
     is_moe: bool,
     has_norm_weights: bool = False,
     components: Iterable[str] | None = None,
+    tied_embeddings: bool = False,
 ) -> SearchSpace:
     """The space for one model: defaults filled in, every range checked against the model.
 
     `num_indices` counts the directions a recipe can address (num_layers + 2 when the final
     norm was measured); `has_norm_weights` whether the measurements hold the norm weights
     a norm-scaled direction needs (then the default tries both); `components` the
-    component kinds the model's layout has (default groups without any are left out).
+    component kinds the model's layout has (default groups without any are left out);
+    `tied_embeddings` leaves the embedding out of the default groups.
     """
     components = set(components) if components is not None else None
     raw = _parse_space(search)
@@ -257,7 +261,11 @@ def resolve_space(
             "sweep.search.norm_scaled: the measurements hold no norm weights (measured "
             "before they were recorded); measure again or set it to [false]."
         )
-    groups = raw["groups"] or (MOE_GROUPS if is_moe else DENSE_GROUPS)
+    groups = raw["groups"] or [
+        g
+        for g in (MOE_GROUPS if is_moe else DENSE_GROUPS)
+        if not (tied_embeddings and g == "embed")
+    ]
     if not is_moe and any(g in ("experts", "router") for g in groups):
         raise AbliterateError(
             "sweep.search.components: 'experts' and 'router' need an MoE model; this one is dense."
@@ -434,6 +442,53 @@ def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
             params[f"{group}.width"] = clip(space.width, space.num_layers)
             params[f"{group}.floor"] = clip(space.floor, 1.0)
     return params
+
+
+def intervention_params(space: SearchSpace, measurement: int | None) -> dict:
+    """A second first trial: the recipe `analyze` tested when it ranked directions by
+    intervention (the direction projected plainly out of every writer, embedding and routed
+    experts included, at strength 1 over all layers; no router edit). Why both anchors: which
+    of the two costs less KL differs between models (biprojected is lower on some organisms,
+    plain on others), so the study measures both before the sampler takes over."""
+    params = anchor_params(space, measurement)
+    params.update(projection=_pick(space.projection, "none"))
+    params.update(norm_preserve=_pick(space.norm_preserve, False))
+    for group in space.groups:
+        if group == "router":
+            if space.optional:
+                params["router.on"] = False
+                for key in ("strength", "peak", "width", "floor"):
+                    params.pop(f"router.{key}", None)
+            continue
+        if group == "experts":
+            params["experts"] = _pick(space.experts, "all")
+            if params["experts"] == "none":
+                continue
+        else:
+            params[f"{group}.on"] = True
+        params[f"{group}.strength"] = _clip(space.strength, 1.0)
+        if group != "embed":
+            params[f"{group}.peak"] = _clip(space.peak, (space.num_layers - 1) / 2)
+            params[f"{group}.width"] = _clip(space.width, space.num_layers)
+            params[f"{group}.floor"] = _clip(space.floor, 1.0)
+    return params
+
+
+def _pick(options, wanted):
+    return wanted if wanted in options else options[0]
+
+
+def _clip(bounds, value):
+    return float(min(max(value, bounds[0]), bounds[1]))
+
+
+def first_trials(space: SearchSpace, measurement: int | None) -> list[dict]:
+    """The trials every study starts with (`anchor_params`, `intervention_params`), once each."""
+    trials: list[dict] = []
+    for params in (anchor_params(space, measurement), intervention_params(space, measurement)):
+        if params not in trials:
+            trials.append(params)
+    return trials
 
 
 # --------------------------------------------------------------------------------------

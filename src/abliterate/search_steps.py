@@ -18,9 +18,9 @@ from .search import (
     SearchSpace,
     TrialContext,
     add_intervals,
-    anchor_params,
     create_study,
     fingerprint,
+    first_trials,
     parse_settings,
     resolve_space,
     run_worker,
@@ -92,6 +92,7 @@ def init_study(
         is_moe=bool(layout.is_moe),
         has_norm_weights=meas.norm_weights is not None,
         components={target.component for target in layout.targets()},
+        tied_embeddings=bool(layout.tie_word_embeddings),
     )
     suggested = load_suggested(suggested_path) if suggested_path else None
     measurement = (
@@ -114,7 +115,7 @@ def init_study(
         "kl": kl,
     }
     key = fingerprint(identity)
-    create_study(journal, key, settings, [anchor_params(space, measurement)])
+    create_study(journal, key, settings, first_trials(space, measurement))
     data = {"fingerprint": key, "journal": str(journal), **identity}
     write_json(study_json, data)
     return data
