@@ -21,7 +21,7 @@ from abliterate.errors import AbliterateError
 from abliterate.export import ablate_shard, check_output_location, export_model, plan_shards
 from abliterate.layout import inspect_checkpoint
 from abliterate.measure import Measurements, save_measurements
-from abliterate.recipe import Plan, PlanEntry, build_plan, resolve
+from abliterate.recipe import Plan, PlanEntry, build_plan, load_recipe, resolve
 from abliterate.verify import verify
 
 BIN = Path(sys.executable).parent
@@ -140,6 +140,138 @@ def test_output_directory_is_complete_and_manifested(glm_bf16, tmp_path):
     assert manifest["link_mode"] == "auto" and manifest["base_model"] == "model"
     card = (output / "README.md").read_text()
     assert "base_model: model" in card and "layer: 1" in card
+
+
+def strings(node):
+    """Every string in a JSON document (keys and values)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+BASE_CARD = """---
+license: other
+license_name: tiny-community-license
+license_link: https://example.org/LICENSE
+language: [en]
+base_model: someone/grandparent
+---
+
+# The base model
+"""
+
+
+@pytest.fixture(scope="module")
+def awkward_model(tmp_path_factory):
+    """A tiny llama in a directory named `my model: v2`, with a base card (license)."""
+    from tiny_models import build_tiny
+
+    model = tmp_path_factory.mktemp("awkward") / "my model: v2"
+    model.mkdir()
+    (model / "README.md").write_text(BASE_CARD)  # before build_tiny: a source stays read-only
+    return build_tiny(model, "llama")
+
+
+def awkward_recipe(model: Path, tmp_path: Path) -> Path:
+    save_measurements(fake_measurements(3, 32), tmp_path / "m.safetensors")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(model), "measurements": str(tmp_path / "m.safetensors"),
+        "output": str(tmp_path / "out"), "ablate": [{"layer": 1, "measurement": 2}],
+    }))  # fmt: skip
+    return recipe
+
+
+def test_the_card_of_an_awkward_directory_parses_on_the_hub(awkward_model, tmp_path):
+    """`abliterate ablate --base-model ... --tag ...`: the card's front matter is valid
+    YAML the Hub's own parser reads, the license is the base card's, the result of the
+    verification is in it, and nothing in the folder names a path of this machine."""
+    from huggingface_hub import ModelCard
+
+    from abliterate.cli import main
+
+    recipe = awkward_recipe(awkward_model, tmp_path)
+    command = ["ablate", str(recipe), "--base-model", "example-org/tiny-llama", "--tag", "x-test"]
+    assert main(command) == 0
+    output = tmp_path / "out"
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == "example-org/tiny-llama"
+    assert card.data.license == "other" and card.data.license_name == "tiny-community-license"
+    assert card.data.license_link == "https://example.org/LICENSE"
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["abliterated", "x-test"] and card.data.language == ["en"]
+    assert "# my model: v2, abliterated" in card.text
+    assert "## Verification" in card.text and "**Passed**" in card.text
+    assert "layer: 1" in card.text  # the recipe
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["verification"] == {"ok": True, "failure_count": 0}
+    assert manifest["base_model"] == "my model: v2" and manifest["measurements"] == "m.safetensors"
+    assert manifest["recipe"]["model"] == "my model: v2" and "output" not in manifest["recipe"]
+    for text in strings(manifest):
+        assert not text.startswith("/") and str(tmp_path) not in text, text
+    assert str(tmp_path) not in card.content
+    assert (
+        hashlib.sha256((output / "README.md").read_bytes()).hexdigest()
+        == (manifest["sha256"]["README.md"])
+    )  # the card was rewritten with the result, and its hash with it
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
+    assert json.loads((tmp_path / "out.verify.json").read_text())["output"] == str(output)
+
+
+def test_card_without_an_id_or_a_license_option(awkward_model, tmp_path, caplog):
+    """No --base-model and a directory name that is no Hub id: base_model is left out
+    (with a warning naming the key), never the invalid name; the API's export has no
+    verification and says so; config tags and license win over the base card's."""
+    from huggingface_hub import ModelCard
+
+    from abliterate.card import CardOptions
+
+    plan = build_plan(load_recipe(awkward_recipe(awkward_model, tmp_path)))
+    output = export_model(plan, tmp_path / "out", card=CardOptions(license="mit", tags=["a"]))
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model is None and "export.card.base_model" in caplog.text
+    assert card.data.license == "mit" and card.data.license_name is None
+    assert card.data.tags == ["abliterated", "a"]
+    assert "Not verified when exported" in card.text
+    assert json.loads((output / "manifest.json").read_text())["verification"] is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "---\nlicense: [unclosed\n---\n",  # malformed YAML
+        "---\nlicense: mit\n",  # never closed
+        "---\n- a list\n---\n",  # not a mapping
+        "---\n!!python/object/apply:os.system ['touch {pwned}']\n---\n",  # no code runs
+        "\udcff",  # not UTF-8 (written as bytes below)
+    ],
+)
+def test_a_bad_base_card_is_ignored_never_run(tmp_path, text):
+    from abliterate.card import CardOptions, front_matter, read_front_matter
+
+    pwned = tmp_path / "pwned"
+    text = text.replace("{pwned}", str(pwned))
+    (tmp_path / "README.md").write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert read_front_matter(tmp_path) == {}
+    assert not pwned.exists()
+    header = front_matter(tmp_path, CardOptions(), {})
+    assert "license" not in header and header["library_name"] == "transformers"
+
+
+def test_the_base_model_id_from_a_hub_cache_path(tmp_path):
+    from abliterate.card import CardOptions, base_model_id
+
+    snapshot = tmp_path / "models--Org--Name-7B" / "snapshots" / "abc123"
+    assert base_model_id(snapshot, CardOptions()) == "Org/Name-7B"
+    assert base_model_id(snapshot, CardOptions(base_model="me/mine")) == "me/mine"
+    assert base_model_id(tmp_path / "Llama-3.1-8B", CardOptions()) == "Llama-3.1-8B"
 
 
 def test_fused_expert_tensor_and_a_bias_in_another_shard(tmp_path):
@@ -379,7 +511,7 @@ def test_workflow_exports_the_configs_recipe_and_verifies(demo_dense, tmp_path):
         },
         "export": {"device": "cpu", "mem_mb": 1024},
     }
-    result = snakemake(tmp_path, "--cores", "2", "results/wf/verify.json", config=config)
+    result = snakemake(tmp_path, "--cores", "2", "results/wf/model_card.md", config=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     results = tmp_path / "results" / "wf"
     report = json.loads((results / "verify.json").read_text())
@@ -391,4 +523,13 @@ def test_workflow_exports_the_configs_recipe_and_verifies(demo_dense, tmp_path):
     logs = os.listdir(results / "logs" / "ablate_shard")
     assert sorted(logs) == sorted(f"{s}.log" for s in shards["edit"])  # one job per shard
     assert "PASSED" in (results / "verify.txt").read_text()
-    assert (results / "abliterated" / "tokenizer.json").is_file()
+    exported = results / "abliterated"
+    assert (exported / "tokenizer.json").is_file()
+    # no tool files (Snakemake's .snakemake_timestamp) in what a folder upload publishes
+    assert not [p.name for p in exported.iterdir() if p.name.startswith(".")]
+    assert report["output"] == "results/wf/abliterated"
+    assert not (results / "export" / "assembled").exists()  # moved into place, verified
+    card = (exported / "README.md").read_text()
+    assert "**Passed**" in card and card == (results / "model_card.md").read_text()
+    rerun = snakemake(tmp_path, "-n", "--cores", "2", "results/wf/model_card.md", config=config)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr, rerun.stdout[-3000:]

@@ -138,3 +138,15 @@ def test_analyze_intervention_defaults_are_the_schema_defaults():
     assert InterveneSettings.from_config(default_config()["analyze"]) == InterveneSettings()
     with pytest.raises(AbliterateError, match="analyze.intervene_prompts is 0"):
         InterveneSettings(intervene_prompts=0)
+
+
+def test_model_card_defaults_are_the_schema_defaults():
+    from abliterate.card import CardOptions
+
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["export"]["properties"]["card"]
+    defaults = {key: spec["default"] for key, spec in schema["properties"].items()}
+    assert defaults == library_defaults(CardOptions())
+    assert CardOptions(**default_config()["export"]["card"]) == CardOptions()
+    config = {"export": {"card": {"base_model": "my model: v2"}}}
+    with pytest.raises(Exception, match="does not match"):  # not a Hub id: refused up front
+        validate(config, str(SCHEMA), set_default=True)

@@ -113,7 +113,16 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
     assert "<table>" in (results / "samples.html").read_text()
     verify = json.loads((results / "verify.json").read_text())
     assert verify["ok"] is True
-    assert (results / "abliterated" / "config.json").is_file()
+    exported = results / "abliterated"
+    assert (exported / "config.json").is_file()
+    # what a folder upload publishes: no tool files, a card the Hub parses
+    assert not [p.name for p in exported.iterdir() if p.name.startswith(".")]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.library_name == "transformers" and card.data.tags[0] == "abliterated"
+    assert f"`{selected['variant']}`, measured on the test split" in card.text
+    assert "| refusal rate on harmful prompts |" in card.text and "**Passed**" in card.text
 
 
 @pytest.mark.slow

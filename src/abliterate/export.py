@@ -16,11 +16,11 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from . import quant
+from .card import CardOptions, model_card, portable_recipe, source_name
 from .errors import AbliterateError
 from .files import exclusive_lock, place_copy, resolve_source, write_json, write_text_atomic
 from .logs import logger
@@ -228,57 +228,6 @@ def link_or_copy(source: str | Path, destination: str | Path) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _model_card(plan: Plan, model_dir: Path, metrics: dict | None, link_mode: str = "auto") -> str:
-    recipe = {k: v for k, v in plan.recipe.items() if v is not None}
-    components = ", ".join(plan.info.get("components", []))
-    counts: dict[str, int] = {}
-    for entry in plan.entries:
-        counts[entry.component] = counts.get(entry.component, 0) + 1
-    lines = [
-        "---",
-        f"base_model: {model_dir.name}",
-        "tags: [abliterated]",
-        "---",
-        "",
-        f"# {model_dir.name}, abliterated",
-        "",
-        f"Base model: `{model_dir}` ({plan.info.get('model_type') or 'unknown type'}).",
-        "",
-        "The refusal direction measured in the residual stream was removed from the weights "
-        f"by abliterate (components: {components}).",
-        "",
-        f"Measurements: `{plan.measurements}` (SHA-256 `{plan.measurements_sha256}`).",
-        "",
-        "Edited tensors: "
-        + ", ".join(f"{n} {c}" for c, n in counts.items())
-        + f" ({len(plan.entries)} in total).",
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
-        "```",
-    ]
-    if link_mode == "hardlink":
-        lines += [
-            "",
-            "**Warning:** unedited shards are hard links to the base model's files "
-            "(`export.link: hardlink`); writing to them in place changes the base model.",
-        ]
-    if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
-    else:
-        lines += ["", "## Evaluation", "", "No evaluation metrics were recorded for this export."]
-    lines += [
-        "",
-        "`manifest.json` lists the SHA-256 of every file; `abliterate verify` re-checks the "
-        "output against the base model.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _sha256_files(
     paths: list[Path], known: dict[str, str], jobs: int, hash_shards: bool = True
 ) -> dict[str, str | None]:
@@ -303,14 +252,18 @@ def assemble(
     link_mode: str = "auto",
     allow_external_links: bool = False,
     locked: bool = False,
+    card: CardOptions | None = None,
+    publish: bool = True,
 ) -> Path:
     """Build the output checkpoint directory from edited shards + the untouched source.
 
-    Everything goes into `<output>.partial` and is renamed to `output` at the end. Edited
-    shards come from `edited_dir` (linked, or already in place when it is the staging
-    directory); untouched shards are hard-linked from the source (copied across
-    filesystems). Writes the index, the config/tokenizer/chat-template files, remote-code
-    `.py` files if the source has any, `README.md` (model card) and `manifest.json`.
+    Everything goes into `<output>.partial` and is renamed to `output` at the end (with
+    `publish=False` the complete staging directory is returned instead, for a check before
+    `publish`). Edited shards come from `edited_dir` (linked, or already in place when it
+    is the staging directory); untouched shards are hard-linked from the source (copied
+    across filesystems). Writes the index, the config/tokenizer/chat-template files,
+    remote-code `.py` files if the source has any, `README.md` (model card) and
+    `manifest.json` (names and relative paths only: it is published with the weights).
     """
     model_dir, output, edited_dir = Path(model_dir), Path(output), Path(edited_dir)
     check_output_location(model_dir, output)
@@ -350,32 +303,33 @@ def assemble(
                 source = resolve_source(model_dir, path.name, allow_external=allow_external_links)
                 place_copy(source, staging / path.name, "copy")
                 copied.append(path.name)
-        write_text_atomic(staging / "README.md", _model_card(plan, model_dir, metrics, link_mode))
-        (staging / MARKER).unlink(missing_ok=True)
+        card_text = model_card(plan, model_dir, metrics, link_mode=link_mode, options=card)
+        write_text_atomic(staging / "README.md", card_text)
+        if publish:
+            (staging / MARKER).unlink(missing_ok=True)
         files = sorted(
             p
             for p in staging.iterdir()
             if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
         )
         manifest = {
-            "base_model": model_dir.resolve().name,
+            "base_model": source_name(model_dir),
             "link_mode": link_mode,
-            "recipe": plan.recipe,
-            "measurements": plan.measurements,
+            "recipe": portable_recipe(plan.recipe, model_dir),
+            "measurements": Path(plan.measurements).name if plan.measurements else None,
             "measurements_sha256": plan.measurements_sha256,
             "plan_sha256": plan.sha256(),
             "edited_tensors": len(plan.entries),
             "shards": actions,
             "copied_files": copied,
             "metrics": metrics,
+            "verification": None,
             "sha256": _sha256_files(files, digests or {}, jobs, hash_shards),
         }
         write_json(manifest, staging / "manifest.json")
-        if output.is_symlink():
-            output.unlink()
-        elif output.exists():
-            shutil.rmtree(output)
-        staging.replace(output)
+        if not publish:
+            return staging
+        _move_into_place(staging, output)
         logger.info(
             "Wrote %s: %d edited shard(s), %d linked/copied, %d metadata files",
             output,
@@ -384,6 +338,69 @@ def assemble(
             len(copied),
         )
         return output
+
+
+def _move_into_place(directory: Path, output: Path) -> None:
+    """Rename a finished directory to `output`, replacing whatever is there."""
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        output.unlink()
+    elif output.exists():
+        shutil.rmtree(output)
+    directory.replace(output)
+
+
+def publish(
+    directory: str | Path,
+    output: str | Path,
+    plan: Plan,
+    model_dir: str | Path,
+    *,
+    metrics: dict | None = None,
+    link_mode: str = "auto",
+    card: CardOptions | None = None,
+    verification: dict | None = None,
+) -> Path:
+    """Write the verification result into the card and manifest of a complete export in
+    `directory`, then rename it to `output` (the last step, so `output` only ever holds a
+    finished export with its final card).
+
+    Why after verification: the card should say whether the export verified, and the
+    verification reads the export, so it runs on the complete directory first; only
+    README.md and manifest.json change afterwards (the manifest's README hash with it).
+    """
+    directory, output = Path(directory), Path(output)
+    manifest_path = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        hashes = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AbliterateError(
+            f"{manifest_path}: missing or malformed; expected the manifest of an assembled "
+            "export (run assemble first)."
+        ) from None
+    text = model_card(
+        plan, model_dir, metrics, link_mode=link_mode, options=card, verification=verification
+    )
+    write_text_atomic(directory / "README.md", text)
+    hashes["README.md"] = file_sha256(directory / "README.md")
+    if verification is not None:
+        manifest["verification"] = {
+            "ok": bool(verification.get("ok")),
+            "failure_count": verification.get("failure_count", 0),
+        }
+    write_json(manifest, manifest_path)
+    (directory / MARKER).unlink(missing_ok=True)
+    if directory.absolute() != output.absolute():
+        _move_into_place(directory, output)
+    return output
+
+
+class VerificationFailed(AbliterateError):
+    """The export was complete but failed its check; it was not published."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 def _fresh_staging(output: Path, keep: set[str]) -> Path:
@@ -423,8 +440,15 @@ def export_model(
     hash_shards: bool = True,
     link_mode: str = "auto",
     allow_external_links: bool = False,
+    card: CardOptions | None = None,
+    check: Callable[[Path], dict] | None = None,
 ) -> Path:
     """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
+
+    `check(directory)` (e.g. `verify`) runs on the complete export before it is
+    published; its report goes into the card and the manifest, and an export that fails
+    it is not published: `VerificationFailed` carries the report, and the staging
+    directory stays for inspection (without its plan marker, so a rerun rebuilds it).
 
     Finished shards are kept in `<output>.partial` under their real names, so rerunning
     after an interruption only redoes the shards that were not complete (the staging
@@ -492,7 +516,7 @@ def export_model(
                 }
                 for future in concurrent.futures.as_completed(futures):
                     digests[futures[future]] = future.result()
-        return assemble(
+        assembled = assemble(
             model_dir,
             output,
             plan,
@@ -504,6 +528,27 @@ def export_model(
             link_mode=link_mode,
             allow_external_links=allow_external_links,
             locked=True,  # this export holds the lock already
+            card=card,
+            publish=False,
+        )
+        report = check(assembled) if check is not None else None
+        if report is not None and not report.get("ok"):
+            marker.unlink(missing_ok=True)
+            failures = report.get("failures") or ["(no detail)"]
+            raise VerificationFailed(
+                f"{output}: the export failed verification ({failures[0]}); it was not "
+                f"published, the unpublished files are in {staging}.",
+                report,
+            )
+        return publish(
+            assembled,
+            output,
+            plan,
+            model_dir,
+            metrics=metrics,
+            link_mode=link_mode,
+            card=card,
+            verification=report,
         )
 
 
@@ -528,14 +573,23 @@ def read_digests(paths) -> dict[str, str]:
 
 
 def sweep_metrics(sweep_table: str | Path | None) -> dict | None:
-    """The selected variant's metrics from sweep.tsv (for the model card), if any."""
+    """The selected variant's metrics from sweep.tsv (for the model card), if any.
+
+    Rates come with their 95 % Wilson intervals (the grid's table has none, so they are
+    computed here from the prompt counts) and the base model's values; `split` is the
+    prompt split they were measured on (the grid evaluates on the test split).
+    """
     if not sweep_table or not Path(sweep_table).is_file():
         return None
     import pandas as pd
 
+    from .search import add_intervals
+
     table = pd.read_csv(sweep_table, sep="\t")
     if "selected" not in table:
         return None
+    if "refusal_rate_ci_low" not in table and {"n_target", "n_benign"} <= set(table):
+        table = add_intervals(table)
     chosen = table[table["selected"].astype(bool)]
     if chosen.empty:
         return None
@@ -544,11 +598,13 @@ def sweep_metrics(sweep_table: str | Path | None) -> dict | None:
     columns += ["benign_kept", "benign_refusal_rate"]
     # the search's table (sweep.method tpe) also has 95 % intervals and the base model's row
     columns = [c for name in columns for c in (name, f"{name}_ci_low", f"{name}_ci_high")]
-    metrics = {c: _plain(row[c]) for c in columns if c in row}
+    metrics = {c: _plain(row[c]) for c in columns + ["n_target", "n_benign"] if c in row}
+    metrics.setdefault("split", "test")
     base = table[table["variant"] == "base"]
-    if "split" in table and not base.empty:
-        for name in ("refusal_rate", "benign_refusal_rate"):
-            metrics[f"base_{name}"] = _plain(base.iloc[0][name])
+    if not base.empty:
+        for name in ("refusal_rate", "benign_refusal_rate", "kl_first_token", "benign_kept"):
+            if name in base:
+                metrics[f"base_{name}"] = _plain(base.iloc[0][name])
     return metrics
 
 

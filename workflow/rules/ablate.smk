@@ -1,6 +1,9 @@
 # Stage: export. Resolve the recipe to a per-tensor plan, list the shards it touches
-# (a checkpoint), edit each such shard in its own job, assemble the output directory
-# (untouched shards reflinked or copied, index, config, tokenizer, model card, manifest), verify.
+# (a checkpoint), edit each such shard in its own job, assemble the export in
+# export/assembled/ (untouched shards reflinked or copied, index, config, tokenizer, model
+# card, manifest), verify it, and publish it as abliterated/ with the result in its card.
+# No rule declares a directory() output here: Snakemake writes a .snakemake_timestamp into
+# those, which a folder upload to the Hub would publish; the manifest stands for the folder.
 
 
 rule write_recipe:
@@ -96,7 +99,8 @@ rule assemble_model:
     input:
         unpack(assemble_inputs),
     output:
-        model=directory(f"{RESULTS}/abliterated"),
+        # temporary: verify_model moves the assembled folder to abliterated/
+        manifest=temp(f"{RESULTS}/export/assembled/manifest.json"),
     log:
         f"{RESULTS}/logs/assemble_model.log",
     benchmark:
@@ -111,16 +115,14 @@ rule assemble_model:
         edited_dir=f"{RESULTS}/export/shards",
         link=config["export"]["link"],
         allow_external_links=config["export"]["allow_external_links"],
+        card=config["export"]["card"],
     script:
         "../scripts/assemble_model.py"
 
 
 rule verify_model:
     input:
-        model=model_input,
-        output=f"{RESULTS}/abliterated",
-        plan=f"{RESULTS}/export/plan.json",
-        directions=f"{RESULTS}/export/plan.safetensors",
+        unpack(verify_inputs),
     output:
         json=f"{RESULTS}/verify.json",
         text=report(
@@ -128,6 +130,9 @@ rule verify_model:
             category="5. Export",
             caption="../report/verify.rst",
         ),
+        # the published export (abliterated/ itself is not declared: see the top)
+        manifest=f"{RESULTS}/abliterated/manifest.json",
+        card=f"{RESULTS}/abliterated/README.md",
     log:
         f"{RESULTS}/logs/verify_model.log",
     benchmark:
@@ -143,5 +148,7 @@ rule verify_model:
         model=model_dir,
         device=config["export"]["device"],
         generate=config["export"]["generate_check"],
+        link=config["export"]["link"],
+        card=config["export"]["card"],
     script:
         "../scripts/verify_model.py"

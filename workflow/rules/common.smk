@@ -227,11 +227,24 @@ def assemble_inputs(wildcards):
     return inputs
 
 
+def verify_inputs(wildcards):
+    """The assembled export, its plan, and sweep.tsv when the card reports its metrics."""
+    inputs = {
+        "model": model_input(),
+        "assembled": f"{RESULTS}/export/assembled/manifest.json",
+        "plan": f"{RESULTS}/export/plan.json",
+        "directions": f"{RESULTS}/export/plan.safetensors",
+    }
+    if not config["recipe"]["ablate"]:
+        inputs["sweep"] = f"{RESULTS}/sweep.tsv"
+    return inputs
+
+
 def compare_inputs(wildcards):
     """Both checkpoints, the plan, verify.json (compare only what passed) and the prompts."""
     inputs = {
         "model": model_input(),
-        "output": f"{RESULTS}/abliterated",
+        "output": f"{RESULTS}/abliterated/manifest.json",
         "plan": f"{RESULTS}/export/plan.json",
         "directions": f"{RESULTS}/export/plan.safetensors",
         "verified": f"{RESULTS}/verify.json",

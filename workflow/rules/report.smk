@@ -21,7 +21,7 @@ rule summarize_layout:
 
 rule copy_model_card:
     input:
-        model=f"{RESULTS}/abliterated",
+        card=f"{RESULTS}/abliterated/README.md",
     output:
         card=report(
             f"{RESULTS}/model_card.md",
@@ -33,4 +33,4 @@ rule copy_model_card:
     conda:
         "../../envs/abliterate.yaml"
     shell:
-        "cp {input.model}/README.md {output.card} 2> {log}"
+        "cp {input.card} {output.card} 2> {log}"

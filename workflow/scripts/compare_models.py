@@ -22,7 +22,8 @@ from abliterate.prompts import PromptOptions
 
 with open(snakemake.log[0], "w") as log:
     setup_logging(stream=log)
-    source, output = snakemake.params.model, snakemake.input.output
+    source = snakemake.params.model
+    output = str(Path(snakemake.input.output).parent)  # the export's manifest.json
     evaluate = snakemake.params.evaluate
     layout = inspect_checkpoint(source)
     directions = plan_directions(snakemake.input.plan, source, layout)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..card import CardOptions, is_hub_id
 from ..errors import AbliterateError
-from ..export import export_model
+from ..export import VerificationFailed, export_model
 from ..files import LINK_MODES
 from ..recipe import build_plan, load_recipe
 from ..verify import summary, verify, write_report
@@ -41,6 +42,24 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="follow links in the model directory that point outside it",
     )
+    card = parser.add_argument_group("model card (README.md of the output)")
+    card.add_argument(
+        "--base-model",
+        metavar="OWNER/NAME",
+        help="the base model's Hub id for the card's base_model (default: from a Hugging Face "
+        "cache path, else the directory name when it is a valid id)",
+    )
+    card.add_argument(
+        "--license", help="the card's license (default: the base model card's license)"
+    )
+    card.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        dest="tags",
+        metavar="TAG",
+        help="an extra card tag after 'abliterated' (repeatable)",
+    )
 
 
 def run(args) -> int:
@@ -54,19 +73,42 @@ def run(args) -> int:
         raise AbliterateError(f"-j/--jobs must be at least 1, got {args.jobs}.")
     plan = build_plan(recipe, model=args.model, measurements=args.measurements, layout=args.layout)
     print(plan.describe().splitlines()[-1], flush=True)
-    output = export_model(
-        plan,
-        recipe.output,
-        jobs=args.jobs,
-        device=args.device,
-        force=args.force,
-        hash_shards=not args.no_hash,
-        link_mode=args.link,
-        allow_external_links=args.allow_external_links,
-    )
+    if args.base_model is not None and not is_hub_id(args.base_model):
+        raise AbliterateError(
+            f"--base-model: {args.base_model!r} is not a Hub repo id; expected OWNER/NAME."
+        )
+    card = CardOptions(base_model=args.base_model, license=args.license, tags=args.tags)
+    reports: list[dict] = []
+
+    def check(directory: Path) -> dict:
+        reports.append(verify(plan.model_dir, directory, plan, device=args.device))
+        return reports[-1]
+
+    verify_path = Path(recipe.output).with_name(Path(recipe.output).name + ".verify.json")
+    try:
+        output = export_model(
+            plan,
+            recipe.output,
+            jobs=args.jobs,
+            device=args.device,
+            force=args.force,
+            hash_shards=not args.no_hash,
+            link_mode=args.link,
+            allow_external_links=args.allow_external_links,
+            card=card,
+            check=None if args.no_verify else check,
+        )
+    except VerificationFailed as failure:
+        write_report(failure.report, verify_path)
+        print(summary(failure.report), end="")
+        print(failure, flush=True)
+        return 1
     if args.no_verify:
         return 0
-    report = verify(plan.model_dir, output, plan, device=args.device)
-    write_report(report, Path(output).with_name(Path(output).name + ".verify.json"))
+    if reports:  # verified before it was published (the card records the result)
+        report = {**reports[-1], "output": str(output)}
+    else:  # the output already held this export: check it as it is
+        report = verify(plan.model_dir, output, plan, device=args.device)
+    write_report(report, verify_path)
     print(summary(report), end="")
     return 0 if report["ok"] else 1
