@@ -284,8 +284,7 @@ ARCH_DTYPE = {"llama": "float32", "glm4_moe": "float32"}
 # not CI's. ATen's AVX2 kernels are the same code on every x86-64 CPU of the last decade,
 # Intel or AMD; MKL's conditional numerical reproducibility is vendor-independent only on
 # its COMPATIBLE branch (its AVX2 branch falls back to per-CPU dispatch on AMD), `,STRICT`
-# whatever the memory alignment. (On these tiny matrices both MKL branches give identical
-# weights on an Intel Xeon; COMPATIBLE costs about 1.3x the training time.) Both are read
+# whatever the memory alignment (COMPATIBLE costs about 1.3x the training time). Both are read
 # when torch loads, so a process that did not start with them trains in a child process
 # that does (`build_demo_model`).
 REPRODUCIBLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT"}
