@@ -404,6 +404,23 @@ def params_recipe(params: dict, space: SearchSpace, base: dict | None = None) ->
     return recipe
 
 
+def _pick(options, wanted):
+    return wanted if wanted in options else options[0]
+
+
+def _clip(bounds, value):
+    return float(min(max(value, bounds[0]), bounds[1]))
+
+
+def _full_strength(params: dict, space: SearchSpace, group: str) -> None:
+    """Set `group`'s curve to strength 1 over all layers (clipped to the space)."""
+    params[f"{group}.strength"] = _clip(space.strength, 1.0)
+    if group != "embed":
+        params[f"{group}.peak"] = _clip(space.peak, (space.num_layers - 1) / 2)
+        params[f"{group}.width"] = _clip(space.width, space.num_layers)
+        params[f"{group}.floor"] = _clip(space.floor, 1.0)
+
+
 def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
     """A first trial every study starts with: the suggested direction, every group on at
     strength 1 over all layers, biprojected, norm-preserving (on dense demo models this is
@@ -411,23 +428,16 @@ def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
     around and away from it."""
     low, high = space.direction
     direction = float(min(max(measurement if measurement is not None else high, low), high))
-
-    def pick(options, wanted):
-        return wanted if wanted in options else options[0]
-
-    def clip(bounds, value):
-        return float(min(max(value, bounds[0]), bounds[1]))
-
     params: dict = {
         "direction": direction,
-        "projection": pick(space.projection, "biprojected"),
-        "norm_preserve": pick(space.norm_preserve, True),
-        "norm_scaled": pick(space.norm_scaled, False),
+        "projection": _pick(space.projection, "biprojected"),
+        "norm_preserve": _pick(space.norm_preserve, True),
+        "norm_scaled": _pick(space.norm_scaled, False),
         "sparsity": space.sparsity[0],
     }
     for group in space.groups:
         if group == "experts":
-            params["experts"] = pick(space.experts, "none")
+            params["experts"] = _pick(space.experts, "none")
             if params["experts"] == "none":
                 continue
         elif group == "embed":
@@ -436,11 +446,7 @@ def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
                 continue
         else:
             params[f"{group}.on"] = True
-        params[f"{group}.strength"] = clip(space.strength, 1.0)
-        if group != "embed":
-            params[f"{group}.peak"] = clip(space.peak, (space.num_layers - 1) / 2)
-            params[f"{group}.width"] = clip(space.width, space.num_layers)
-            params[f"{group}.floor"] = clip(space.floor, 1.0)
+        _full_strength(params, space, group)
     return params
 
 
@@ -466,20 +472,8 @@ def intervention_params(space: SearchSpace, measurement: int | None) -> dict:
                 continue
         else:
             params[f"{group}.on"] = True
-        params[f"{group}.strength"] = _clip(space.strength, 1.0)
-        if group != "embed":
-            params[f"{group}.peak"] = _clip(space.peak, (space.num_layers - 1) / 2)
-            params[f"{group}.width"] = _clip(space.width, space.num_layers)
-            params[f"{group}.floor"] = _clip(space.floor, 1.0)
+        _full_strength(params, space, group)
     return params
-
-
-def _pick(options, wanted):
-    return wanted if wanted in options else options[0]
-
-
-def _clip(bounds, value):
-    return float(min(max(value, bounds[0]), bounds[1]))
 
 
 def first_trials(space: SearchSpace, measurement: int | None) -> list[dict]:
