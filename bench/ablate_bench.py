@@ -1,19 +1,26 @@
-"""Benchmark: the sharded export against `cp` on a GLM-4.5-Air-shaped slice, same run.
+"""Benchmark: the sharded export against `cp` of the same bytes, same run, warm and cold.
 
-Builds (tensor by tensor, never the whole thing in memory) two decoder layers of
-GLM-4.5-Air at real widths and real key names (hidden 4096, 96 query heads of 128, 8 KV
-heads, 128 routed experts of width 1408, 1 shared expert, the router with its correction
-bias), one layer per ~4.7 GB bf16 shard, filled with real random bf16 data. Then times:
+On a GLM-4.5-Air-shaped slice (bench/glm_slice.py: 2 MoE layers at real widths and key
+names, one ~4.7 GB shard each, plus the 2.5 GB embedding/LM-head shard; 11.9 GB of real
+random bf16), it times, interleaved so that load drift shows up in the baseline too:
 
-- `cp -r` of the model directory followed by `sync` (the baseline),
-- `abliterate`'s export of o_proj + shared expert + all 128 routed experts' down_proj,
-  norm-preserving, on CPU, with 1 and with 2 parallel shard jobs (the export fsyncs each
-  shard and computes its SHA-256 for the manifest on the way),
-- one shard job alone in a fresh process, for its peak RSS (resource.getrusage),
+- `cp -r` of the model directory + `sync` (the baseline; warm and cold page cache),
+- the export (`export_model`) of o_proj + shared expert + all 128 routed experts'
+  down_proj (norm-preserving, CPU) with 1 and 2 parallel shard jobs, without and with the
+  manifest's SHA-256 of each shard, warm and cold,
+- the export with each `export.link` mode (the unedited embedding shard is copied,
+  reflinked where the file system can, or hard-linked),
+- the user's whole command, `abliterate ablate recipe.yml` (default verification), and
+  the same with `--no-verify`,
+- one shard job alone in a fresh process, with the guide's default recipe and with all
+  128 experts: its peak RSS (VmHWM) and where its time goes (thread-seconds per phase:
+  read, edit, write, kernel copy of untouched ranges, fsync, hash),
 
-and prints a JSON summary (with the time extrapolated to the 46-layer model).
+and prints a JSON summary. Cold runs drop the source (and earlier outputs) from the page
+cache with `posix_fadvise(DONTNEED)` after a `sync`; `cached_source` says how much of the
+source was in the cache when each run started.
 
-    python bench/ablate_bench.py [--dir /big/tmp] [--keep]
+    python bench/ablate_bench.py [--dir /big/tmp] [--keep] [--experts 8]
 """
 
 from __future__ import annotations
@@ -30,224 +37,161 @@ from pathlib import Path
 
 import torch
 
-HIDDEN = 4096
-HEADS, KV_HEADS, HEAD_DIM = 96, 8, 128
-EXPERTS, EXPERT_WIDTH = 128, 1408
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import glm_slice  # noqa: E402
+
 LAYERS = 2
-FULL_MODEL_LAYERS = 46  # GLM-4.5-Air: 1 dense + 45 MoE layers
+
+SHARD_JOB = """
+import json, sys, time
+from abliterate.export import PhaseTimes, ablate_shard
+from abliterate.recipe import Plan
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+plan = Plan.load(sys.argv[1])
+base = hwm()
+times = PhaseTimes()
+start = time.perf_counter()
+ablate_shard(sys.argv[2], sys.argv[3], plan, sys.argv[4], digest=True, times=times)
+wall = time.perf_counter() - start
+print(json.dumps({"wall_s": wall, "peak_rss_MiB": hwm(), "rss_before_MiB": base,
+                  "phases_thread_s": times.seconds}))
+"""
 
 
-def layer_tensors(n: int) -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, dtype) of one GLM-4.5-Air MoE decoder layer, in on-disk naming."""
-    p = f"model.layers.{n}."
-    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    items = [
-        (p + "input_layernorm.weight", (HIDDEN,), "BF16"),
-        (p + "post_attention_layernorm.weight", (HIDDEN,), "BF16"),
-        (p + "self_attn.q_proj.weight", (q, HIDDEN), "BF16"),
-        (p + "self_attn.q_proj.bias", (q,), "BF16"),
-        (p + "self_attn.k_proj.weight", (kv, HIDDEN), "BF16"),
-        (p + "self_attn.k_proj.bias", (kv,), "BF16"),
-        (p + "self_attn.v_proj.weight", (kv, HIDDEN), "BF16"),
-        (p + "self_attn.v_proj.bias", (kv,), "BF16"),
-        (p + "self_attn.o_proj.weight", (HIDDEN, q), "BF16"),
-        (p + "mlp.gate.weight", (EXPERTS, HIDDEN), "BF16"),
-        (p + "mlp.gate.e_score_correction_bias", (EXPERTS,), "F32"),
-        (p + "mlp.shared_experts.gate_proj.weight", (EXPERT_WIDTH, HIDDEN), "BF16"),
-        (p + "mlp.shared_experts.up_proj.weight", (EXPERT_WIDTH, HIDDEN), "BF16"),
-        (p + "mlp.shared_experts.down_proj.weight", (HIDDEN, EXPERT_WIDTH), "BF16"),
-    ]
-    for e in range(EXPERTS):
-        items += [
-            (p + f"mlp.experts.{e}.gate_proj.weight", (EXPERT_WIDTH, HIDDEN), "BF16"),
-            (p + f"mlp.experts.{e}.up_proj.weight", (EXPERT_WIDTH, HIDDEN), "BF16"),
-            (p + f"mlp.experts.{e}.down_proj.weight", (HIDDEN, EXPERT_WIDTH), "BF16"),
-        ]
-    return items
-
-
-def write_streaming_shard(path: Path, items, generator: torch.Generator) -> int:
-    """A safetensors file written one random tensor at a time (header first)."""
-    from abliterate.shards import DTYPES, tensor_bytes
-
-    header, offset = {}, 0
-    for key, shape, dtype in items:
-        size = DTYPES[dtype][1]
-        for n in shape:
-            size *= n
-        header[key] = {
-            "dtype": dtype,
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
-        for _, shape, dtype in items:
-            data = torch.randn(shape, generator=generator).mul_(0.02).to(DTYPES[dtype][0])
-            handle.write(tensor_bytes(data))
-    return 8 + len(raw) + offset
-
-
-def build_slice(root: Path) -> Path:
-    model = root / "glm-4.5-air-slice"
-    model.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for n in range(LAYERS):
-        name = f"model-{n + 1:05d}-of-{LAYERS:05d}.safetensors"
-        items = layer_tensors(n)
-        total += write_streaming_shard(model / name, items, generator)
-        weight_map.update({key: name for key, _, _ in items})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config = {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": "glm4_moe",
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
-        "n_routed_experts": EXPERTS,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 8,
-        "moe_intermediate_size": EXPERT_WIDTH,
-        "intermediate_size": 10944,
-        "first_k_dense_replace": 0,
-        "vocab_size": 151552,
-        "tie_word_embeddings": False,
-    }
-    (model / "config.json").write_text(json.dumps(config, indent=1))
-    return model
-
-
-def make_plan(model: Path, root: Path):
-    from abliterate.measure import Measurements, save_measurements
-    from abliterate.recipe import build_plan
-
-    g = torch.Generator().manual_seed(1)
-    means = [torch.randn(LAYERS + 1, HIDDEN, generator=g, dtype=torch.float64) for _ in "tb"]
-    empty = torch.zeros(LAYERS + 1, 0)
-    save_measurements(Measurements(*means, empty, empty, meta={"num_layers": LAYERS}),
-                      root / "measurements.safetensors")  # fmt: skip
-    recipe = {
-        "ablate": [{"layer": n, "measurement": 2} for n in range(LAYERS)],
-        "components": ["attn_out", "shared_down", "expert_down"],
-        "ablate_individual_experts": True,
-        "norm_preserve": True,
-    }
-    plan = build_plan(recipe, model=model, measurements=root / "measurements.safetensors")
-    plan.save(root / "plan.json")
-    return plan
-
-
-def timed(fn) -> float:
-    subprocess.run(["sync"], check=True)
-    start = time.perf_counter()
-    fn()
-    subprocess.run(["sync"], check=True)
-    return time.perf_counter() - start
-
-
-def shard_job_rss(model: Path, root: Path, shard: str) -> tuple[float, float, float]:
-    """Run one shard job in a fresh process: (seconds, peak RSS MiB, RSS MiB before it).
-
-    Peak RSS is the child's own VmHWM (/proc/self/status): getrusage's RUSAGE_CHILDREN
-    would report the parent's size, inherited across fork.
-    """
-    script = (
-        "import sys, time\n"
-        "from abliterate.export import ablate_shard\n"
-        "from abliterate.recipe import Plan\n"
-        "def hwm():\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith('VmHWM:'):\n"
-        "            return int(line.split()[1]) / 1024\n"
-        "plan = Plan.load(sys.argv[1])\n"
-        "base = hwm()\n"
-        "t = time.perf_counter()\n"
-        "ablate_shard(sys.argv[2], sys.argv[3], plan, sys.argv[4], digest=True)\n"
-        "print(time.perf_counter() - t, hwm(), base)\n"
-    )
-    out = root / "rss-out" / shard
+def shard_job(plan_path: Path, model: Path, shard: str, out: Path) -> dict:
+    """One shard job in a fresh process: wall, peak RSS (its own VmHWM: getrusage's
+    RUSAGE_CHILDREN would report the parent's size, inherited across fork), phases."""
     result = subprocess.run(
-        [sys.executable, "-c", script, str(root / "plan.json"), str(model), shard, str(out)],
+        [sys.executable, "-c", SHARD_JOB, str(plan_path), str(model), shard, str(out)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    seconds, peak, base = (float(x) for x in result.stdout.split())
-    shutil.rmtree(root / "rss-out")
-    return seconds, peak, base
-
-
-def copy_model(model: Path, destination: Path) -> None:
-    subprocess.run(["cp", "-r", str(model), str(destination)], check=True)
+    shutil.rmtree(out.parent)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data["phases_thread_s"] = {k: round(v, 2) for k, v in data["phases_thread_s"].items()}
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in data.items()}
 
 
 def main() -> None:
-    global EXPERTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=None, help="where to put the ~28 GB of temp files")
+    parser.add_argument("--dir", default=None, help="where to put the ~40 GB of temp files")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
-    parser.add_argument("--experts", type=int, default=EXPERTS, help="fewer for a smoke run")
+    parser.add_argument("--experts", type=int, default=128, help="fewer for a smoke run")
     args = parser.parse_args()
-    EXPERTS = args.experts
     from abliterate.export import export_model
     from abliterate.logs import setup_logging
+    from abliterate.recipe import build_plan
 
     setup_logging(level=30)
     root = Path(tempfile.mkdtemp(prefix="ablate-bench-", dir=args.dir))
     try:
         start = time.perf_counter()
-        model = build_slice(root)
+        model = glm_slice.build_slice(root, LAYERS, args.experts)
         build_s = time.perf_counter() - start
         size = sum(p.stat().st_size for p in model.iterdir())
-        plan = make_plan(model, root)
-        shards = sorted({e.shard for e in plan.entries})
-        for path in sorted(model.iterdir()):  # same page-cache state for every contender
-            subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-        cp_runs, rows = [], {}
+        measurements = glm_slice.write_measurements(root / "measurements.safetensors", LAYERS)
+        plans = {}
+        for name, all_experts in (("guide_default", False), ("all_experts", True)):
+            plans[name] = build_plan(
+                glm_slice.recipe(LAYERS, all_experts), model=model, measurements=measurements
+            )
+            plans[name].save(root / f"plan-{name}.json")
+        plan = plans["all_experts"]
+        edited_shards = sorted({e.shard for e in plan.entries})
+        runs: dict[str, list[dict]] = {}
 
-        def run_cp() -> None:
-            cp_runs.append(timed(lambda: copy_model(model, root / "cp")))
+        def record(name: str, seconds: float, cached: float) -> None:
+            runs.setdefault(name, []).append({"s": round(seconds, 2), "cached_source": cached})
+
+        def prepare(cold: bool) -> float:
+            if cold:
+                glm_slice.evict(root)
+            else:
+                glm_slice.warm(model)
+            return round(glm_slice.cached_fraction(model), 2)
+
+        def run_cp(cold: bool = False) -> None:
+            cached = prepare(cold)
+            seconds = glm_slice.timed(lambda: glm_slice.copy_tree(model, root / "cp"))
+            record("cp_cold" if cold else "cp", seconds, cached)
             shutil.rmtree(root / "cp")
 
+        def run_export(name: str, cold: bool = False, **kwargs) -> None:
+            out = root / "export"
+            cached = prepare(cold)
+            seconds = glm_slice.timed(lambda: export_model(plan, out, **kwargs))
+            record(name, seconds, cached)
+            shutil.rmtree(out)
+
+        def run_cli(name: str, *flags: str) -> None:
+            recipe_path = root / "recipe.yml"
+            recipe_data = {
+                **glm_slice.recipe(LAYERS, all_experts=True),
+                "model": str(model),
+                "measurements": str(measurements),
+                "output": str(root / "cli-out"),
+            }
+            recipe_path.write_text(json.dumps(recipe_data))
+            cached = prepare(False)
+            command = [sys.executable, "-m", "abliterate", "-q", "ablate", str(recipe_path)]
+            seconds = glm_slice.timed(
+                lambda: subprocess.run([*command, *flags], check=True, stdout=subprocess.DEVNULL)
+            )
+            record(name, seconds, cached)
+            shutil.rmtree(root / "cli-out")
+            for leftover in root.glob("cli-out.*"):
+                leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover)
+
         run_cp()
-        for jobs in (1, 2):  # cp is timed between the exports too, so load drift shows up
-            for hashed in (False, True):
-                out = root / f"export-j{jobs}"
-                name = f"j{jobs}" + ("_sha256" if hashed else "")
-                rows[name] = timed(
-                    lambda out=out, jobs=jobs, hashed=hashed: export_model(
-                        plan, out, jobs=jobs, hash_shards=hashed
-                    )
-                )
-                shutil.rmtree(out)
+        for jobs in (1, 2):
+            run_export(f"export_j{jobs}", jobs=jobs, hash_shards=False)
+            run_export(f"export_j{jobs}_sha256", jobs=jobs, hash_shards=True)
             run_cp()
-        job_s, peak_mib, base_mib = shard_job_rss(model, root, shards[0])
-        cp_s = min(cp_runs)  # the fastest cp: the conservative baseline
-        per_layer = FULL_MODEL_LAYERS / LAYERS / 60
+        for jobs in (1, 2):
+            run_cp(cold=True)
+            run_export(f"export_j{jobs}_cold", cold=True, jobs=jobs, hash_shards=False)
+        for mode in ("copy", "hardlink", "auto"):
+            run_export(f"export_j1_link_{mode}", jobs=1, hash_shards=False, link_mode=mode)
+        embedding_shard = sorted(set(p.name for p in model.glob("*.safetensors")) -
+                                 set(edited_shards))[0]  # fmt: skip
+        glm_slice.warm(model)
+        copy_one = glm_slice.timed(
+            lambda: shutil.copyfile(model / embedding_shard, root / "one-shard")
+        )
+        (root / "one-shard").unlink()
+        run_cli("cli_ablate_j1")
+        run_cli("cli_ablate_j1_no_verify", "--no-verify")
+        run_cli("cli_ablate_j2", "-j", "2")
+        run_cp()
+        jobs_alone = {
+            name: shard_job(
+                root / f"plan-{name}.json", model, edited_shards[0], root / "job" / "out"
+            )
+            for name in plans
+        }
+        best = {name: min(r["s"] for r in rs) for name, rs in runs.items()}
+        cp_s, cp_cold_s = best["cp"], best["cp_cold"]
+        ratios = {
+            name: round((cp_cold_s if name.endswith("_cold") else cp_s) / s, 3)
+            for name, s in best.items()
+            if not name.startswith("cp")
+        }
         result = {
             "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f} at the end",
             "model_GB": round(size / 1e9, 2),
-            "shard_GB": round(max((model / s).stat().st_size for s in shards) / 1e9, 2),
+            "shards": {p.name: round(p.stat().st_size / 1e9, 2) for p in sorted(model.glob("*.safetensors"))},
             "edited_tensors": len(plan.entries),
             "edited_GB": round(sum(torch.Size(e.shape).numel() * 2 for e in plan.entries) / 1e9, 2),
             "build_s": round(build_s, 1),
-            "cp_s": round(cp_s, 2),
-            "cp_runs_s": [round(t, 2) for t in cp_runs],
-            **{f"export_{k}_s": round(v, 2) for k, v in rows.items()},
-            **{f"throughput_vs_cp_{k}": round(cp_s / v, 3) for k, v in rows.items()},
-            "shard_job_s": round(job_s, 2),
-            "shard_job_peak_rss_MiB": round(peak_mib),
-            "shard_job_rss_before_edit_MiB": round(base_mib),
-            "extrapolated_46_layers_cp_min": round(cp_s * per_layer, 1),
-            **{f"extrapolated_46_layers_{k}_min": round(v * per_layer, 1) for k, v in rows.items()},
-        }
+            "best_s": best,
+            "throughput_vs_cp": ratios,
+            "copy_of_the_unedited_shard_s": round(copy_one, 2),
+            "runs": runs,
+            "shard_job_alone": jobs_alone,
+        }  # fmt: skip
         print(json.dumps(result, indent=1))
     finally:
         if not args.keep:

@@ -114,6 +114,21 @@ def test_sharded_export_equals_the_in_memory_edit_bit_for_bit(glm_bf16, tmp_path
     )
 
 
+def test_a_shard_job_says_where_its_time_went_and_writes_the_same_bytes(glm_bf16, tmp_path):
+    """`times` (bench/ablate_bench.py's profile) only observes: same file, same digest."""
+    from abliterate.export import PhaseTimes
+
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    shard = max(plan.by_shard(), key=lambda s: len(plan.by_shard()[s]))
+    times = PhaseTimes()
+    profiled = ablate_shard(model, shard, plan, tmp_path / "a" / shard, digest=True, times=times)
+    plain = ablate_shard(model, shard, plan, tmp_path / "b" / shard, digest=True, workers=1)
+    assert profiled == plain == hashlib.sha256((tmp_path / "b" / shard).read_bytes()).hexdigest()
+    assert set(times.seconds) == {"read", "edit", "write", "copy", "fsync", "hash"}
+    assert all(seconds > 0 for seconds in times.seconds.values()), times.seconds
+
+
 def test_output_directory_is_complete_and_manifested(glm_bf16, tmp_path):
     model = glm_bf16[0]
     plan = glm_plan(glm_bf16, expert_subset=[1])

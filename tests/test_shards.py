@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate.errors import AbliterateError
-from abliterate.shards import read_checkpoint, read_header, read_weight_map
+from abliterate.shards import read_checkpoint, read_header, read_tensor, read_weight_map
 
 
 @pytest.fixture
@@ -174,3 +174,18 @@ def test_several_files_without_index(two_shards):
 def test_directory_without_weights(tmp_path):
     with pytest.raises(AbliterateError, match=r"no \*\.safetensors files"):
         read_weight_map(tmp_path)
+
+
+def test_a_tensor_read_into_a_buffer_shares_it_and_a_short_buffer_is_refused(tmp_path):
+    """The exporter reuses one read buffer per worker; the tensor must be a view of it."""
+    path = tmp_path / "one.safetensors"
+    save_file({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, str(path))
+    info = read_header(path).tensors["w"]
+    buffer = bytearray(64)
+    with open(path, "rb") as handle:
+        tensor = read_tensor(handle, info, buffer=buffer)
+        assert torch.equal(tensor, torch.arange(12, dtype=torch.float32).reshape(3, 4))
+        tensor[0, 0] = 7.0
+        assert torch.frombuffer(buffer, dtype=torch.float32, count=1).item() == 7.0
+        with pytest.raises(ValueError, match="smaller than 'w'"):
+            read_tensor(handle, info, buffer=bytearray(47))

@@ -42,47 +42,139 @@ def column_norms(matrix: torch.Tensor) -> torch.Tensor:
     return (ones @ matrix.square()).sqrt()
 
 
-def _edit_matrix(
-    matrix: torch.Tensor,
+def _edit_keeping_hidden_unit_norms(
+    matrix: torch.Tensor, r: torch.Tensor, scale: float, axis: int
+) -> None:
+    """`preserve: other` on a float32 2-D `matrix`, in place: project, then give every
+    hidden unit (the slices across the other axis) its norm from before the edit.
+
+    Why not streamed like the default: those norms span every vector, so they need the
+    whole edited matrix; this rarely used mode keeps one float32 copy instead.
+    """
+    other = 1 - axis
+    before = matrix.norm(dim=other, keepdim=True)
+    if axis == 0:
+        matrix.addr_(r, r @ matrix, alpha=-scale)
+    else:
+        matrix.addr_(matrix @ r, r, alpha=-scale)
+    matrix.mul_(before / matrix.norm(dim=other, keepdim=True).clamp_min(EPS))
+
+
+# float32 elements per block of the streamed CPU edit: 1 MiB, about one core's L2 cache
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _block_rows(rows: int, cols: int, device: torch.device) -> int:
+    """Rows per block: L2-sized on CPU; the whole matrix on an accelerator, where one big
+    kernel beats many small ones."""
+    if device.type != "cpu":
+        return max(1, rows)
+    return max(1, min(rows, BLOCK_ELEMENTS // max(1, cols)))
+
+
+def _edit_rows(block: torch.Tensor, r: torch.Tensor, scale: float, norm_preserve: bool) -> None:
+    """Edit a float32 block whose rows are the vectors (hidden axis 1), in place."""
+    projections = block @ r
+    if not norm_preserve:
+        block.addr_(projections, r, alpha=-scale)
+        return
+    norms = torch.linalg.vector_norm(block, dim=1)
+    factor = _norm_factor(projections, norms, scale)
+    block.mul_(factor.unsqueeze(1))
+    block.addr_(projections * factor, r, alpha=-scale)
+
+
+def _norm_factor(projections: torch.Tensor, norms: torch.Tensor, scale: float) -> torch.Tensor:
+    """|v| / |v - s (r.v) r| for unit r, from p = r.v / |v|: sqrt(1 - (2s - s^2) p^2)^-1
+    (1 for a zero vector), so the edited vector keeps its norm without normalising twice."""
+    p = projections / norms.clamp_min(EPS)
+    factor = (1.0 - (2.0 * scale - scale * scale) * p * p).clamp_min(EPS).rsqrt()
+    return torch.where(norms > EPS, factor, torch.ones_like(factor))
+
+
+def _edit_streamed(
+    weight: torch.Tensor,
+    out: torch.Tensor,
     r: torch.Tensor,
     scale: float,
     axis: int,
     norm_preserve: bool,
-    preserve: str,
-) -> torch.Tensor:
-    """Edit a float32 2-D `matrix` in place along its hidden `axis` (0 or 1); returns it.
+    compute: torch.device,
+) -> None:
+    """Write the edit of a 2-D `weight` (any float dtype) into `out`, block of rows by block.
 
-    Works in the tensor's own memory layout (rank-1 updates with `addr_`, dot products
-    as matrix-vector products), so a 4096 x 12288 o_proj costs one float32 copy and a few
-    passes over it, not a transposed copy per step: this is what makes the export run at
-    disk speed and keeps a shard job's memory at about two copies of its largest tensor.
+    Why blocks: converting the whole tensor to float32 and making five passes over it is
+    bound by memory bandwidth and page faults (a fresh 200 MB buffer per o_proj); a block
+    of rows that fits in cache is converted, reduced or edited and written back while it is
+    hot, so the edit runs at several GB/s per core. Vectors along axis 1 (readers, rows)
+    are edited block-locally in one pass. Vectors along axis 0 (writers, columns) need
+    their projections (and norms) over all rows first: one reducing pass, then one
+    editing pass, each reading the source block again. `out` may be `weight` itself.
     """
-    other = 1 - axis
+    rows, cols = weight.shape
+    step = _block_rows(rows, cols, compute)
+    buffer = torch.empty(step, cols, dtype=torch.float32, device=compute)
+    if axis == 1:
+        for i in range(0, rows, step):
+            block = buffer[: min(step, rows - i)]
+            block.copy_(weight[i : i + step])
+            _edit_rows(block, r, scale, norm_preserve)
+            out[i : i + step].copy_(block)
+        return
+    projections = torch.zeros(cols, dtype=torch.float32, device=compute)
+    squares = torch.zeros(cols, dtype=torch.float32, device=compute) if norm_preserve else None
+    ones = torch.ones(step, dtype=torch.float32, device=compute)
+    for i in range(0, rows, step):
+        block = buffer[: min(step, rows - i)]
+        block.copy_(weight[i : i + step])
+        projections.addmv_(block.t(), r[i : i + step])
+        if squares is not None:
+            squares.addmv_(block.square_().t(), ones[: block.shape[0]])
+    if squares is not None:
+        factor = _norm_factor(projections, squares.sqrt(), scale)
+        coefficients = projections * factor
+    else:
+        factor, coefficients = None, projections
+    for i in range(0, rows, step):
+        block = buffer[: min(step, rows - i)]
+        block.copy_(weight[i : i + step])
+        if factor is not None:
+            block.mul_(factor)
+        block.addr_(r[i : i + step], coefficients, alpha=-scale)
+        out[i : i + step].copy_(block)
 
-    def along_r(m: torch.Tensor) -> torch.Tensor:  # r . v for every vector v along `axis`
-        return r @ m if axis == 0 else m @ r
 
-    def rank_one(m: torch.Tensor, coefficients: torch.Tensor, alpha: float) -> torch.Tensor:
-        if axis == 0:
-            return m.addr_(r, coefficients, alpha=alpha)
-        return m.addr_(coefficients, r, alpha=alpha)
+def vector_stats(
+    weight: torch.Tensor, r: torch.Tensor, axis: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r . v, |v|) in float32 for every vector v of a 2-D `weight` laid along `axis`.
 
-    if norm_preserve and preserve == "hidden":
-        # With u = v/|v| and p = r.u: u' = u - s p r has |u'|^2 = 1 - (2s - s^2) p^2, so
-        # v' = |v| u'/|u'| = (v - s (r.v) r) / sqrt(1 - (2s - s^2) p^2): two passes, no
-        # unit-vector copy. At s = 1 the factor is |v| / |v - (r.v) r| exactly.
-        norms = column_norms(matrix) if axis == 0 else matrix.norm(dim=1)
-        projections = along_r(matrix)
-        p = projections / norms.clamp_min(EPS)
-        factor = (1.0 - (2.0 * scale - scale * scale) * p * p).clamp_min(EPS).rsqrt()
-        factor = torch.where(norms > EPS, factor, torch.ones_like(factor))
-        matrix.mul_(factor.unsqueeze(axis))
-        return rank_one(matrix, projections * factor, -scale)
-    before = matrix.norm(dim=other, keepdim=True) if norm_preserve else None
-    rank_one(matrix, along_r(matrix), -scale)
-    if before is not None:  # preserve == "other": norms across the other axis, per hidden unit
-        matrix.mul_(before / matrix.norm(dim=other, keepdim=True).clamp_min(EPS))
-    return matrix
+    Streamed in cache-sized blocks of rows like the edit, so checking an edited o_proj
+    costs no float32 or transposed copy of it (the verifier's invariants).
+    """
+    compute = torch.device(device) if device is not None else weight.device
+    r = r.to(compute, torch.float32)
+    rows, cols = weight.shape
+    step = _block_rows(rows, cols, compute)
+    buffer = torch.empty(step, cols, dtype=torch.float32, device=compute)
+    if axis == 1:
+        projections = torch.empty(rows, dtype=torch.float32, device=compute)
+        norms = torch.empty(rows, dtype=torch.float32, device=compute)
+        for i in range(0, rows, step):
+            block = buffer[: min(step, rows - i)]
+            block.copy_(weight[i : i + step])
+            projections[i : i + step] = block @ r
+            norms[i : i + step] = torch.linalg.vector_norm(block, dim=1)
+        return projections, norms
+    projections = torch.zeros(cols, dtype=torch.float32, device=compute)
+    squares = torch.zeros(cols, dtype=torch.float32, device=compute)
+    ones = torch.ones(step, dtype=torch.float32, device=compute)
+    for i in range(0, rows, step):
+        block = buffer[: min(step, rows - i)]
+        block.copy_(weight[i : i + step])
+        projections.addmv_(block.t(), r[i : i + step])
+        squares.addmv_(block.square_().t(), ones[: block.shape[0]])
+    return projections, squares.sqrt()
 
 
 def ablate_tensor(
@@ -94,6 +186,7 @@ def ablate_tensor(
     norm_preserve: bool = True,
     preserve: str = "hidden",
     device: str | torch.device | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return `weight` with `scale` times its component along `direction` removed.
 
@@ -103,7 +196,10 @@ def ablate_tensor(
     registry, never from the shape. Computation is float32 on `device` (default: the
     weight's); the result has the weight's dtype and device. 3-D tensors are processed one
     leading slice (expert) at a time, so peak memory is one expert, not the whole tensor.
-    s = 1 removes the component, s = 2 reflects it, s < 0 adds it.
+    s = 1 removes the component, s = 2 reflects it, s < 0 adds it. `out` (same dtype,
+    shape and device as `weight`, contiguous; `weight` itself for an in-place edit)
+    receives the result instead of a new tensor, which is what lets the exporter reuse
+    one buffer per worker.
     """
     if preserve not in PRESERVE_MODES:
         raise ValueError(f"preserve must be one of {PRESERVE_MODES}, got {preserve!r}")
@@ -113,12 +209,13 @@ def ablate_tensor(
             f"direction has {direction.numel()} components but the tensor's hidden axis "
             f"{hidden_axis} has size {weight.shape[hidden_axis]} (shape {tuple(weight.shape)})"
         )
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     compute = torch.device(device) if device is not None else weight.device
     r = unit(direction).to(compute)
     if weight.ndim >= 3 and hidden_axis != 0:
-        out = torch.empty_like(weight)
         for i in range(weight.shape[0]):
-            out[i] = ablate_tensor(
+            ablate_tensor(
                 weight[i],
                 direction,
                 scale,
@@ -126,38 +223,49 @@ def ablate_tensor(
                 norm_preserve=norm_preserve,
                 preserve=preserve,
                 device=compute,
+                out=out[i],
             )
         return out
     if weight.ndim == 1:  # a single vector (a bias): plain projection
         vector = weight.detach().to(compute, torch.float32)
-        edited = vector - scale * (vector @ r) * r
-        return edited.to(weight.dtype).to(weight.device)
+        out.copy_(vector - scale * (vector @ r) * r)
+        return out
     # 2-D, or N-D with the hidden axis first: vectors along axis 0 of a [d, rest] matrix
-    matrix = weight.detach().to(compute, torch.float32, copy=True)
-    if matrix.ndim > 2:
-        matrix = matrix.reshape(matrix.shape[0], -1)
-    _edit_matrix(matrix, r, scale, hidden_axis, norm_preserve, preserve)
-    return matrix.reshape(weight.shape).to(weight.dtype).to(weight.device)
+    source = weight.detach()
+    if source.ndim > 2:
+        source = source.reshape(source.shape[0], -1)
+    target = out.view(source.shape)
+    if norm_preserve and preserve == "other":
+        matrix = source.to(compute, torch.float32, copy=True)
+        _edit_keeping_hidden_unit_norms(matrix, r, scale, hidden_axis)
+        target.copy_(matrix)
+        return out
+    _edit_streamed(source, target, r, scale, hidden_axis, norm_preserve, compute)
+    return out
 
 
-def ablate_bias(bias: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def ablate_bias(
+    bias: torch.Tensor, direction: torch.Tensor, scale: float = 1.0, *, out=None
+) -> torch.Tensor:
     """Remove `scale` times the direction from a writer's bias (last axis is hidden).
 
     Biases are plain-projected: a bias is one vector written into the residual on every
     token, and rescaling it to its old norm would re-inject the removed magnitude elsewhere.
     """
-    return ablate_tensor(bias, direction, scale, hidden_axis=-1, norm_preserve=False)
+    return ablate_tensor(bias, direction, scale, hidden_axis=-1, norm_preserve=False, out=out)
 
 
-def apply_edit(weight: torch.Tensor, edit, *, is_bias: bool = False, device=None) -> torch.Tensor:
+def apply_edit(
+    weight: torch.Tensor, edit, *, is_bias: bool = False, device=None, out=None
+) -> torch.Tensor:
     """Apply one plan entry to `weight`: the single dispatch the exporter and evaluator share.
 
     `edit` is anything with `direction`, `scale`, `hidden_axis`, `norm_preserve` and
     `preserve` (a `recipe.PlanEntry`, or the evaluator's resolved edit); `is_bias` says the
-    tensor is the entry's writer bias rather than its weight.
+    tensor is the entry's writer bias rather than its weight; `out` as in `ablate_tensor`.
     """
     if is_bias:
-        return ablate_bias(weight, edit.direction, edit.scale)
+        return ablate_bias(weight, edit.direction, edit.scale, out=out)
     return ablate_tensor(
         weight,
         edit.direction,
@@ -166,4 +274,5 @@ def apply_edit(weight: torch.Tensor, edit, *, is_bias: bool = False, device=None
         norm_preserve=edit.norm_preserve,
         preserve=edit.preserve,
         device=device,
+        out=out,
     )

@@ -16,6 +16,8 @@ import contextlib
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +127,34 @@ def plan_shards(
 # --------------------------------------------------------------------------------------
 
 
+class PhaseTimes:
+    """Seconds a shard job spends per phase, summed over its threads (`--profile`).
+
+    Why: a shard job overlaps reading, editing and writing targets on `workers` threads
+    with the kernel copying the untouched ranges on the main thread, so wall time alone
+    does not say what to speed up. Thread-seconds per phase do (docs/ablation.md).
+    """
+
+    PHASES = ("read", "edit", "write", "copy", "fsync", "hash")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - start
+
+
+def _phase(times: PhaseTimes | None, name: str):
+    return times.phase(name) if times is not None else contextlib.nullcontext()
+
+
 def edit_fp8_pair(src, dst_fd: int, info, scale_info, block_size, edits, device) -> None:
     """Dequantize an FP8 target, edit it in float32, write it and its fresh block scales."""
     weight, scale = read_tensor(src, info), read_tensor(src, scale_info)
@@ -144,6 +174,7 @@ def ablate_shard(
     device: str | None = None,
     digest: bool = False,
     workers: int = 2,
+    times: PhaseTimes | None = None,
 ) -> str | None:
     """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
 
@@ -153,7 +184,8 @@ def ablate_shard(
     edited in float32 on `device` and written back in their dtype by `workers` threads,
     so reading, editing and writing overlap while at most `workers` tensors are in memory.
     The file is written as `<output>.tmp`, fsynced and renamed when complete. Returns the
-    file's SHA-256 when `digest` (read back from the page cache after writing).
+    file's SHA-256 when `digest` (read back from the page cache after writing). `times`
+    collects the thread-seconds of each phase.
     """
     source = Path(model_dir) / shard
     output = Path(output)
@@ -178,6 +210,12 @@ def ablate_shard(
         with open(source, "rb") as src, open(tmp, "wb") as dst:
             os.ftruncate(dst.fileno(), size)
 
+            chunks = {info.name: tensor_chunks(info, edits[info.name]) for info in targets}
+            largest = max(
+                (info.nbytes // max(1, len(chunks[info.name])) for info in targets), default=0
+            )
+            local = threading.local()
+
             def edit_one(info) -> None:
                 logger.info("Modifying %s", info.name)
                 if info.name in fp8:
@@ -185,27 +223,31 @@ def ablate_shard(
                         src, dst.fileno(), info, *fp8[info.name], edits[info.name], device
                     )
                     return
-                for begin, shape, chunk_edits in tensor_chunks(info, edits[info.name]):
-                    weight = read_tensor(src, info, begin=begin, shape=shape)
-                    edited = edit_tensor(weight, chunk_edits, device)
-                    if edited.dtype != weight.dtype or edited.shape != weight.shape:
-                        raise AbliterateError(
-                            f"{source}: editing {info.name} changed its dtype or shape "
-                            f"({weight.dtype} {list(weight.shape)} -> {edited.dtype} "
-                            f"{list(edited.shape)}); expected both kept."
+                if getattr(local, "buffer", None) is None:  # one per worker, reused
+                    local.buffer = bytearray(largest)
+                for begin, shape, chunk_edits in chunks[info.name]:
+                    with _phase(times, "read"):
+                        weight = read_tensor(
+                            src, info, begin=begin, shape=shape, buffer=local.buffer
                         )
-                    write_at(dst.fileno(), tensor_bytes(edited), begin)
+                    with _phase(times, "edit"):
+                        edit_tensor(weight, chunk_edits, device, out=weight)
+                    with _phase(times, "write"):
+                        write_at(dst.fileno(), tensor_bytes(weight), begin)
 
             with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
                 pending = [pool.submit(edit_one, info) for info in targets]
-                for begin, end in gaps:
-                    copy_range_at(src.fileno(), dst.fileno(), begin, end)
+                with _phase(times, "copy"):
+                    for begin, end in gaps:
+                        copy_range_at(src.fileno(), dst.fileno(), begin, end)
                 for future in pending:
                     future.result()
-            os.fsync(dst.fileno())
+            with _phase(times, "fsync"):
+                os.fsync(dst.fileno())
         if tmp.stat().st_size != size:
             raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {size}.")
-        sha256 = file_sha256(tmp) if digest else None
+        with _phase(times, "hash"):
+            sha256 = file_sha256(tmp) if digest else None
         tmp.replace(output)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -434,14 +434,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def edit_tensor(weight: torch.Tensor, edits, device=None) -> torch.Tensor:
+def edit_tensor(weight: torch.Tensor, edits, device=None, out=None) -> torch.Tensor:
     """Apply one key's plan edits `[(entry, is_bias)]` in order (`Plan.edits`).
 
     The exporter, the verifier and the in-memory evaluator all call this, so they can only
-    disagree if their input tensors differ.
+    disagree if their input tensors differ. `out` receives the result (it may be `weight`
+    itself: the exporter edits its read buffer in place).
     """
     for entry, is_bias in edits:
-        weight = apply_edit(weight, entry, is_bias=is_bias, device=device)
+        weight = apply_edit(weight, entry, is_bias=is_bias, device=device, out=out)
+        out = weight  # later edits of the same key work in place on the result
     return weight
 
 
