@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -319,24 +319,33 @@ class ExpertWrites:
         self.gates = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.selections = torch.zeros(num_layers, num_experts, dtype=torch.int64)
 
-    def add(self, layer: int, experts: torch.Tensor, gates: torch.Tensor, out: torch.Tensor):
-        """Add the rows of one top-k slot: expert index [n], gate weight [n], write [n, d]."""
+    def slot_sums(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Empty float32 sums for one experts call, on the device of `like` [n, d]."""
+        return {
+            "writes": like.new_zeros(self.num_experts, like.shape[-1], dtype=torch.float32),
+            "gates": like.new_zeros(self.num_experts, dtype=torch.float32),
+            "counts": like.new_zeros(self.num_experts, dtype=torch.int64),
+        }
+
+    def accumulate(self, sums: dict, experts: torch.Tensor, gates: torch.Tensor, out):
+        """Add one top-k slot's rows (expert index [n], gate weight [n], write [n, d])."""
+        experts = experts.to(torch.int64)
+        valid = experts < self.num_experts  # an index of E means "no expert" in some kernels
+        experts, gates, out = experts[valid], gates[valid], out[valid]
+        sums["writes"].index_add_(0, experts, out.to(torch.float32))
+        sums["gates"].index_add_(0, experts, gates.to(torch.float32))
+        sums["counts"] += torch.bincount(experts, minlength=self.num_experts)[: self.num_experts]
+
+    def commit(self, layer: int, sums: dict) -> None:
+        """Move one call's sums to the float64 totals: one [E, d] transfer per MoE layer
+        and batch, not one per slot."""
         if self.writes is None:
             self.writes = torch.zeros(
-                self.num_layers, self.num_experts, out.shape[-1], dtype=torch.float64
+                self.num_layers, self.num_experts, sums["writes"].shape[-1], dtype=torch.float64
             )
-        experts = experts.to(torch.int64)
-        valid = experts < self.num_experts  # an index of E marks "no expert" in some kernels
-        experts, gates, out = experts[valid], gates[valid], out[valid]
-        sums = torch.zeros(self.num_experts, out.shape[-1], dtype=torch.float32, device=out.device)
-        sums.index_add_(0, experts, out.to(torch.float32))
-        gate_sums = torch.zeros(self.num_experts, dtype=torch.float32, device=out.device)
-        gate_sums.index_add_(0, experts, gates.to(torch.float32))
-        self.writes[layer] += sums.to("cpu", torch.float64)
-        self.gates[layer] += gate_sums.to("cpu", torch.float64)
-        self.selections[layer] += torch.bincount(experts.to("cpu"), minlength=self.num_experts)[
-            : self.num_experts
-        ]
+        self.writes[layer] += sums["writes"].to("cpu", torch.float64)
+        self.gates[layer] += sums["gates"].to("cpu", torch.float64)
+        self.selections[layer] += sums["counts"].to("cpu")
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mean write per selection [L, E, d], mean gate per selection [L, E]) float32."""
@@ -428,13 +437,14 @@ class _Capture:
                 return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             mask = mask.to(hidden_states.device).bool()
             order = top_k_index.argsort(dim=-1)
-            total = None
+            total, sums = None, self.expert_writes.slot_sums(hidden_states)
             for slot in range(top_k_index.shape[1]):
                 pick = order[:, slot : slot + 1]
                 experts, gates = top_k_index.gather(1, pick), top_k_weights.gather(1, pick)
                 out = original(hidden_states, experts, gates)
                 total = out if total is None else total + out
-                self.expert_writes.add(index, experts[mask, 0], gates[mask, 0], out[mask])
+                self.expert_writes.accumulate(sums, experts[mask, 0], gates[mask, 0], out[mask])
+            self.expert_writes.commit(index, sums)
             return total
 
         return forward
@@ -600,7 +610,8 @@ def prompt_rows(
     model, tokenizer, prompts: list[str], options: MeasureOptions | None = None
 ) -> torch.Tensor:
     """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
-    options = options or MeasureOptions(progress=False)
+    # rows only: no expert attribution (it would cost time and be thrown away)
+    options = replace(options or MeasureOptions(progress=False), attribution=False)
     encoded = options.prompts.encode(tokenizer, prompts, model.config)
     return collect(model, encoded, options, pad_value=pad_id(tokenizer)).rows
 
