@@ -316,3 +316,73 @@ def test_fused_subset_survives_plan_save_and_load(gpt_oss, tmp_path):
     loaded = Plan.load(plan.save(tmp_path / "plan.json"))
     assert [e.experts for e in loaded.entries] == [e.experts for e in plan.entries]
     assert loaded.sha256() == plan.sha256()
+
+
+def test_fused_subset_in_memory_equals_the_reloaded_export(gpt_oss, tmp_path):
+    """What the sweep evaluates with a fused subset is what the export holds."""
+    from test_recipe import fake_measurements
+
+    from abliterate.evaluate import InMemoryEditor
+    from abliterate.export import export_model
+
+    layout = inspect_checkpoint(gpt_oss)
+    recipe = {"ablate": [{"layer": n, "measurement": n + 1} for n in range(3)],
+              "expert_subset": {0: [2], 1: [0, 3], 2: [1]}}  # fmt: skip
+    plan = resolve(recipe, layout, fake_measurements(3, 32))
+    plan.model_dir = str(gpt_oss)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt_oss, dtype="auto").eval()
+    base = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    with InMemoryEditor(model, gpt_oss).applied(plan):
+        edited = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        export_model(plan, tmp_path / "export"), dtype="auto"
+    ).state_dict()
+    for key, tensor in edited.items():
+        assert torch.equal(tensor, reloaded[key]), key
+    down = "model.layers.1.mlp.experts.down_proj"
+    assert torch.equal(edited[down][1], base[down][1]) and torch.equal(
+        edited[down][2], base[down][2]
+    )
+    assert not torch.equal(edited[down][0], base[down][0])
+    assert not torch.equal(edited[down][3], base[down][3])
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("qwen3_moe", {}), ("mixtral", {}), ("deepseek_v3", {"num_key_value_heads": 4})],
+)
+def test_the_recorded_writes_add_up_to_the_experts_output(tmp_path, family, overrides):
+    """Per-expert writes of Qwen3-MoE, Mixtral and DeepSeek-V3 decompose exactly what their
+    experts module returned (equal-length prompts: no padding to leave out)."""
+    path = build_tiny(tmp_path / family, family, **overrides)
+    chat_tokenizer().save_pretrained(path)
+    model, tokenizer, _ = load_model(path, LoadOptions(device="cpu"))
+    totals = {}
+
+    def summing(index):
+        def hook(module, args, output):
+            totals[index] = totals.get(index, 0) + output.detach().double().sum(0)
+
+        return hook
+
+    from abliterate.measure import expert_modules
+
+    modules = expert_modules(model.model.layers)
+    assert modules  # every MoE layer keeps its experts in one fused module
+    handles = [m.register_forward_hook(summing(i)) for i, m in modules.items()]
+    prompts = ["w1 w2 w3", "w4 w5 w6", "w7 w8 w9"]
+    try:
+        meas = measure(model, tokenizer, prompts, ["w20 w21 w22"], QUIET)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert meas.has_attribution
+    assert torch.equal(meas.target_expert_selections, meas.target_expert_counts)
+    for index in modules:
+        recorded = (
+            meas.target_expert_write[index].double()
+            * meas.target_expert_selections[index].double().unsqueeze(-1)
+            + meas.benign_expert_write[index].double()
+            * meas.benign_expert_selections[index].double().unsqueeze(-1)
+        ).sum(0)
+        assert torch.allclose(recorded, totals[index], rtol=1e-5, atol=1e-6), family
