@@ -318,6 +318,7 @@ class ExpertWrites:
         self.writes: torch.Tensor | None = None  # allocated at the first write (d known)
         self.gates = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.selections = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.unattributed_calls = 0  # experts calls of an unexpected form, run unwrapped
 
     def slot_sums(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """Empty float32 sums for one experts call, on the device of `like` [n, d]."""
@@ -434,6 +435,7 @@ class _Capture:
             )
             mask = self.token_mask.reshape(-1) if self.token_mask is not None else None
             if plain or mask is None or mask.shape[0] != hidden_states.shape[0]:
+                self.expert_writes.unattributed_calls += 1
                 return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             mask = mask.to(hidden_states.device).bool()
             order = top_k_index.argsort(dim=-1)
@@ -690,6 +692,13 @@ def measure(
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
         attributed = {cls: acts.expert_writes for cls, acts in collected.items()}
+        skipped = sum(w.unattributed_calls for w in attributed.values() if w is not None)
+        if skipped:
+            logger.warning(
+                "%d experts calls did not look like experts(hidden [T, d], indices [T, k], "
+                "weights [T, k]) and were not attributed; the expert writes miss them.",
+                skipped,
+            )
         if all(w is not None and w.means() is not None for w in attributed.values()):
             for cls, writes in attributed.items():
                 write, gate = writes.means()
