@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,22 @@ def test_fused_expert_tensor_and_a_bias_in_another_shard(tmp_path):
     report = verify(model, output, plan, generate=False)
     assert report["ok"], report["failures"]
     assert report["invariants_checked"] == 4  # one per expert slice
+
+    # an expert subset edits only those experts' slices (weight and bias); the others keep
+    # their bytes, and the verifier recomputes the same slice-wise edit
+    subset = Plan([replace(entry, experts=(1, 3))], str(model), {"ablate": []})
+    output = export_model(subset, tmp_path / "out-subset")
+    exported = load_all(output)
+    for e in range(4):
+        if e in (1, 3):
+            assert torch.equal(exported["a.down_proj"][e], ablate_tensor(down[e], r, hidden_axis=1))
+            assert torch.equal(exported["a.down_proj_bias"][e], ablate_bias(bias[e], r))
+        else:
+            assert torch.equal(exported["a.down_proj"][e], down[e])
+            assert torch.equal(exported["a.down_proj_bias"][e], bias[e])
+    report = verify(model, output, subset, generate=False)
+    assert report["ok"], report["failures"]
+    assert report["invariants_checked"] == 2  # the two edited slices
 
 
 def test_single_file_checkpoint(tmp_path):

@@ -188,9 +188,11 @@ def test_expert_beyond_the_real_count_is_not_found(glm):
     recipe = load_recipe({"ablate": [{"layer": 1, "measurement": 1}], "expert_subset": [2, 9]})
     with pytest.raises(AbliterateError) as error:
         resolve(recipe, layout, meas)
-    assert str(error.value) == (
-        "Expert 9 not found (the model has 8 experts per layer, indices 0-7)."
-    )
+    assert str(error.value) == "Expert 9 not found (layer 1 has 8 experts, indices 0-7)."
+    per_layer = {"ablate": [{"layer": 1, "measurement": 1}, {"layer": 2, "measurement": 2}]}
+    with pytest.raises(AbliterateError) as error:
+        resolve({**per_layer, "expert_subset": {1: [0], 2: [3, 9]}}, layout, meas)
+    assert str(error.value) == "Expert 9 not found (layer 2 has 8 experts, indices 0-7)."
 
 
 def test_direction_hidden_size_mismatch(glm):
@@ -278,7 +280,7 @@ def test_plan_command_prints_each_edit_and_the_totals(glm, tmp_path):
         text=True,
     )
     assert bad.returncode == 1
-    assert "Expert 9 not found (the model has 8 experts per layer, indices 0-7)." in bad.stderr
+    assert "Expert 9 not found (layer 1 has 8 experts, indices 0-7)." in bad.stderr
 
 
 def test_embedding_is_edited_once_with_the_lowest_layers_direction(glm):

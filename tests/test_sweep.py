@@ -56,6 +56,8 @@ def test_variant_ids_are_stable_across_runs_and_spellings():
         ({"layers": ["middle"]}, "sweep.layers"),
         ({"measurement": ["best"]}, "sweep.measurement"),
         ({"experts": ["some"]}, "sweep.experts"),
+        ({"experts": ["auto:x"]}, "sweep.experts"),
+        ({"experts": ["coverage:2"]}, "sweep.experts"),
         ({"sparsity": [1.0]}, "sweep.sparsity"),
         ({"scale": []}, "sweep.scale"),
         ({"components": ["attn out"]}, "sweep.components"),
@@ -90,6 +92,9 @@ def test_variant_recipe_resolves_suggested_all_ranges_and_experts():
     assert r["ablate"][0]["measurement"] == 4
     assert r["ablate_individual_experts"] is True and r["expert_subset"] == [0, 2]
     assert r["components"] == ["attn_out", "mlp_down"]
+    adaptive = Variant(experts="auto:2")
+    assert variant_recipe(adaptive, num_layers=5, suggested=SUGGESTED)["expert_subset"] == "auto:2"
+    assert adaptive.id.endswith("_e-auto2")
     with pytest.raises(AbliterateError, match=r"5 layers \(0-4\)"):
         variant_recipe(Variant(layers="2-5"), num_layers=5, suggested=SUGGESTED)
     with pytest.raises(AbliterateError, match="indices 0-5"):

@@ -165,3 +165,6 @@ def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_fac
     assert recipe["ablate_individual_experts"] is (best["experts"] == "all")
     assert json.loads((results / "verify.json").read_text())["ok"] is True
     assert (results / "analysis" / "experts.png").is_file()
+    attribution = pd.read_csv(results / "analysis" / "experts.tsv", sep="\t")
+    assert sorted(attribution.layer.unique()) == [1, 2, 3]  # layer 0 is dense
+    assert (results / "analysis" / "expert_share.png").is_file()

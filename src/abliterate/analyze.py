@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import yaml
 
+from . import experts
 from .directions import EPS
 from .errors import AbliterateError
 from .files import write_text_atomic
@@ -237,6 +238,7 @@ def write_analysis(
     min_layer_fraction: float = 0.2,
     title: str | None = None,
     require_experts: bool = False,
+    require_attribution: bool = False,
     interventions: tuple[pd.DataFrame, dict[int, dict]] | None = None,
 ) -> pd.DataFrame:
     """Write layers.tsv, suggested.yaml/.txt and (with `charts`) the PNG plots to `outdir`.
@@ -246,16 +248,21 @@ def write_analysis(
     the recipes of `abliterate.intervene.rank_by_intervention`) makes the suggestion the
     intervention winner's recipe, exactly as it was evaluated, and writes
     interventions.tsv; without it (measurements only) the separability rule suggests.
+    Measurements with expert attribution also give experts.tsv and (with `charts`)
+    expert_share.png; without it that part is skipped with a log line, unless
+    `require_attribution` (the workflow with measure.attribution on) makes it an error.
     """
     from . import plots
 
     outdir = Path(outdir)
+    source = meas.meta.get("source_file", "the measurements")
     if require_experts and not meas.has_router_stats:
-        source = meas.meta.get("source_file", "the measurements")
         raise AbliterateError(
             f"{source} has no router statistics, but the model is an MoE model; expected "
             "expert counts (was its router module found? see the measure log)."
         )
+    if require_attribution:
+        experts.require_attribution(meas, source, "the analysis (analysis/experts.tsv)")
     outdir.mkdir(parents=True, exist_ok=True)
     metrics = layer_metrics(meas)
     _write_text(outdir / "layers.tsv", metrics.to_csv(sep="\t", index=False, float_format="%.6g"))
@@ -291,6 +298,20 @@ def write_analysis(
                 title=name,
                 routed_layers=routed.tolist(),
             )
+    if meas.has_attribution:
+        table = experts.attribution_table(meas)
+        _write_text(
+            outdir / "experts.tsv", table.to_csv(sep="\t", index=False, float_format="%.6g")
+        )
+        if charts:
+            plots.plot_expert_share(
+                experts.share_matrix(meas),
+                outdir / "expert_share.png",
+                title=name,
+                routed_layers=experts.attributed_layers(meas),
+            )
+    elif meas.has_router_stats:
+        experts.log_skipped(meas)
     logger.info("Wrote analysis of %d measurement indices to %s", meas.num_indices, outdir)
     return metrics
 

@@ -48,6 +48,9 @@ SWEEP_KEYS = (
 )
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 _SUBSET = re.compile(r"^\d+(,\d+)*$")
+_ADAPTIVE = re.compile(
+    r"^(auto:\d+|coverage:(0?\.\d+|1(\.0*)?))$"
+)  # expert_subset auto:K / coverage:F
 _COMPONENT = re.compile(r"^[a-z_]+(\+[a-z_]+)*$")
 
 
@@ -79,7 +82,7 @@ class Variant:
         """Readable and stable, e.g. `s1.0_p0.00_m3_L1-4_np1_c-default_e-none`."""
         measurement = "sug" if self.measurement == "suggested" else str(self.measurement)
         layers = "sug" if self.layers == "suggested" else self.layers
-        experts = self.experts.replace(",", "+")
+        experts = self.experts.replace(",", "+").replace(":", "")
         return (
             f"s{format_number(self.scale)}_p{format_number(self.sparsity, 2)}_m{measurement}"
             f"_L{layers}_np{int(self.norm_preserve)}_c-{self.components}_e-{experts}"
@@ -140,10 +143,11 @@ def _check_value(key: str, value) -> object:
         raise AbliterateError(f"{where}: expected true/false, got {value!r}.")
     if key == "experts":
         text = str(value).replace(" ", "")
-        if text in ("none", "all") or _SUBSET.match(text):
+        if text in ("none", "all") or _SUBSET.match(text) or _ADAPTIVE.match(text):
             return text
         raise AbliterateError(
-            f"{where}: expected 'none', 'all' or a subset like '0,1,2,3', got {value!r}."
+            f"{where}: expected 'none', 'all', a subset like '0,1,2,3', 'auto:K' or "
+            f"'coverage:F' (docs/moe.md), got {value!r}."
         )
     raise AbliterateError(
         f"sweep.{key}: unknown sweep parameter; expected one of {', '.join(SWEEP_KEYS)}."
@@ -284,6 +288,9 @@ def variant_recipe(
     elif variant.experts == "all":
         recipe["ablate_individual_experts"] = True
         recipe["expert_subset"] = None
+    elif _ADAPTIVE.match(variant.experts):  # picked per layer from the expert attribution
+        recipe["ablate_individual_experts"] = True
+        recipe["expert_subset"] = variant.experts
     else:
         recipe["ablate_individual_experts"] = True
         recipe["expert_subset"] = [int(e) for e in variant.experts.split(",")]

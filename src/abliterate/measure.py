@@ -14,6 +14,13 @@ Router statistics (MoE): every router module (`mlp.gate` / `mlp.router`) returns
 top-k expert indices; we count, per layer, how often each routed expert is selected over
 *all non-padding prompt tokens* (not only the measured position, which would give one
 token per prompt: too few to compare experts), separately for target and benign prompts.
+
+Expert attribution (MoE, `attribution`): in the same forward passes, each layer's fused
+experts module is called once per top-k slot instead of once for all slots (the same
+expert work, split so that every row of an output is one expert's weighted write), and
+per class we add up, per routed expert, its weighted writes (gate weight x expert output,
+float64 [L, E, d]) and its gate weights over the same tokens. No direction is needed yet:
+the analysis projects the means onto whichever direction it ranks by.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +59,12 @@ from .prompts import EncodedPrompt, PromptOptions, prompt_sha256
 POSITIONS = ("last", "post_instruction")
 CLASSES = ("target", "benign")
 METADATA_KEY = "abliterate"
+# expert attribution tensors, stored per class as `{class}_{name}`
+ATTRIBUTION_TENSORS = {
+    "expert_write": torch.float32,
+    "expert_gate": torch.float32,
+    "expert_selections": torch.int64,
+}
 
 
 # --------------------------------------------------------------------------- options
@@ -63,6 +76,7 @@ class MeasureOptions:
 
     `load` and `prompts` are the shared loading and prompt options; `padding_side` and
     `progress` are library-only (the workflow always left-pads and logs instead of bars).
+    `attribution` (MoE only) also records each routed expert's weighted write per class.
     """
 
     position: str = "last"
@@ -70,6 +84,7 @@ class MeasureOptions:
     clip: float | None = None
     padding_side: str = "left"
     progress: bool = True
+    attribution: bool = True
     load: LoadOptions = field(default_factory=LoadOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
 
@@ -133,6 +148,16 @@ class Measurements:
     # [M, d]: row m is the weight of the norm that reads index m (layer m's input norm,
     # the final norm for m = L); None for older files and norms without a weight
     norm_weights: torch.Tensor | None = None
+    # expert attribution (MoE; None for dense models and older files): per layer and
+    # routed expert, the mean weighted write (gate x output) per selection [L, E, d]
+    # float32, the mean gate weight per selection [L, E] float32, and the number of
+    # selections those means are over [L, E] int64 (zero rows: dense layers)
+    target_expert_write: torch.Tensor | None = None
+    benign_expert_write: torch.Tensor | None = None
+    target_expert_gate: torch.Tensor | None = None
+    benign_expert_gate: torch.Tensor | None = None
+    target_expert_selections: torch.Tensor | None = None
+    benign_expert_selections: torch.Tensor | None = None
 
     @property
     def num_indices(self) -> int:
@@ -149,6 +174,15 @@ class Measurements:
     @property
     def has_router_stats(self) -> bool:
         return self.target_expert_counts is not None
+
+    @property
+    def has_attribution(self) -> bool:
+        """Whether per-expert weighted writes were recorded (MoE, this version on)."""
+        return (
+            self.target_expert_write is not None
+            and self.benign_expert_write is not None
+            and self.has_router_stats
+        )
 
     def check_index(self, m: int) -> int:
         if not 0 <= m < self.num_indices:
@@ -255,14 +289,86 @@ def routers(layers: torch.nn.ModuleList) -> dict[int, torch.nn.Module]:
     return found
 
 
+def expert_modules(layers: torch.nn.ModuleList) -> dict[int, torch.nn.Module]:
+    """Layer index -> its fused experts module (`mlp.experts`, one module holding every
+    routed expert and called as `experts(hidden [T, d], indices [T, k], weights [T, k])`,
+    the form of every MoE model in transformers 5: GLM-4.5, DeepSeek-V3, Qwen3-MoE,
+    Mixtral, gpt-oss). Per-expert module lists (remote code) are not attributed."""
+    found = {}
+    for index, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        experts = getattr(mlp, "experts", None)
+        if isinstance(experts, torch.nn.Module) and not isinstance(
+            experts, (torch.nn.ModuleList, torch.nn.ModuleDict)
+        ):
+            found[index] = experts
+    return found
+
+
+class ExpertWrites:
+    """Per-layer, per-expert sums of weighted writes and gate weights for one class.
+
+    float64 on the CPU: [L, E, d] writes, [L, E] gates and selection counts; for a
+    GLM-4.5-Air-sized model (46 layers, 128 experts, d 4096) the write sums are 193 MB per
+    class (96 MB as the float32 means stored in the file).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.writes: torch.Tensor | None = None  # allocated at the first write (d known)
+        self.gates = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.selections = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.unattributed_calls = 0  # experts calls of an unexpected form, run unwrapped
+
+    def slot_sums(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Empty float32 sums for one experts call, on the device of `like` [n, d]."""
+        return {
+            "writes": like.new_zeros(self.num_experts, like.shape[-1], dtype=torch.float32),
+            "gates": like.new_zeros(self.num_experts, dtype=torch.float32),
+            "counts": like.new_zeros(self.num_experts, dtype=torch.int64),
+        }
+
+    def accumulate(self, sums: dict, experts: torch.Tensor, gates: torch.Tensor, out):
+        """Add one top-k slot's rows (expert index [n], gate weight [n], write [n, d])."""
+        experts = experts.to(torch.int64)
+        valid = experts < self.num_experts  # an index of E means "no expert" in some kernels
+        experts, gates, out = experts[valid], gates[valid], out[valid]
+        sums["writes"].index_add_(0, experts, out.to(torch.float32))
+        sums["gates"].index_add_(0, experts, gates.to(torch.float32))
+        sums["counts"] += torch.bincount(experts, minlength=self.num_experts)[: self.num_experts]
+
+    def commit(self, layer: int, sums: dict) -> None:
+        """Move one call's sums to the float64 totals: one [E, d] transfer per MoE layer
+        and batch, not one per slot."""
+        if self.writes is None:
+            self.writes = torch.zeros(
+                self.num_layers, self.num_experts, sums["writes"].shape[-1], dtype=torch.float64
+            )
+        self.writes[layer] += sums["writes"].to("cpu", torch.float64)
+        self.gates[layer] += sums["gates"].to("cpu", torch.float64)
+        self.selections[layer] += sums["counts"].to("cpu")
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean write per selection [L, E, d], mean gate per selection [L, E]) float32."""
+        if self.writes is None:
+            return None
+        per = self.selections.to(torch.float64).clamp_min(1)
+        return (
+            (self.writes / per.unsqueeze(-1)).to(torch.float32),
+            (self.gates / per).to(torch.float32),
+        )
+
+
 class _Capture:
     """Forward hooks that keep the measured position(s) of each measurement index.
 
     Set `weights` ([B, T] from `position_weights`) and `token_mask` before each forward;
-    read `rows` ([B, M, d] in the model's dtype) and `expert_counts` after it.
+    read `rows` ([B, M, d] in the model's dtype) and `expert_counts` after it. With
+    `experts` (layer -> fused experts module) the experts' forwards are wrapped while the
+    capture is active, recording each routed expert's weighted write in `expert_writes`.
     """
 
-    def __init__(self, layers, router_modules, num_experts, top_k, final_norm=None):
+    def __init__(self, layers, router_modules, num_experts, top_k, final_norm=None, experts=None):
         self.layers = layers
         self.final_norm = final_norm
         self.final_slot: torch.Tensor | None = None
@@ -276,6 +382,9 @@ class _Capture:
         self.expert_counts = torch.zeros(len(layers), num_experts or 0, dtype=torch.int64)
         self.router_tokens = torch.zeros(len(layers), dtype=torch.int64)
         self.handles = []
+        self.expert_modules = dict(experts or {}) if num_experts else {}
+        self.expert_writes = ExpertWrites(len(layers), num_experts) if self.expert_modules else None
+        self._wrapped: list[tuple[torch.nn.Module, object]] = []
 
     def __enter__(self):
         for m, layer in enumerate(self.layers):
@@ -288,12 +397,59 @@ class _Capture:
             self.handles.append(self.final_norm.register_forward_hook(self._final_hook))
         for index, router in self.router_modules.items():
             self.handles.append(router.register_forward_hook(self._router_hook(index)))
+        for index, module in self.expert_modules.items():
+            # an instance attribute shadows the class's forward; whatever forward the
+            # instance had (e.g. accelerate's device hook) is what the wrapper calls
+            self._wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = self._experts_forward(index, module.forward)
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module, previous in reversed(self._wrapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._wrapped.clear()
+
+    def _experts_forward(self, index: int, original):
+        """The experts' forward, called once per top-k slot so each output row is one
+        expert's weighted write; the slots are summed in ascending expert order, the
+        order transformers' eager loop adds them in. The layer's output is the same sum,
+        equal up to rounding (bit for bit on the bf16 GLM tiny model with eager experts;
+        grouped_mm, or a float32 product over fewer rows, may round differently)."""
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            plain = (
+                args
+                or kwargs
+                or not isinstance(top_k_index, torch.Tensor)
+                or not isinstance(top_k_weights, torch.Tensor)
+                or top_k_index.ndim != 2
+                or hidden_states.ndim != 2
+                or top_k_weights.shape != top_k_index.shape
+                or hidden_states.shape[0] != top_k_index.shape[0]
+            )
+            mask = self.token_mask.reshape(-1) if self.token_mask is not None else None
+            if plain or mask is None or mask.shape[0] != hidden_states.shape[0]:
+                self.expert_writes.unattributed_calls += 1
+                return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            mask = mask.to(hidden_states.device).bool()
+            order = top_k_index.argsort(dim=-1)
+            total, sums = None, self.expert_writes.slot_sums(hidden_states)
+            for slot in range(top_k_index.shape[1]):
+                pick = order[:, slot : slot + 1]
+                experts, gates = top_k_index.gather(1, pick), top_k_weights.gather(1, pick)
+                out = original(hidden_states, experts, gates)
+                total = out if total is None else total + out
+                self.expert_writes.accumulate(sums, experts[mask, 0], gates[mask, 0], out[mask])
+            self.expert_writes.commit(index, sums)
+            return total
+
+        return forward
 
     def start_batch(
         self, weights: torch.Tensor, token_mask: torch.Tensor, single_position: bool = False
@@ -382,6 +538,7 @@ class ClassActivations:
     expert_counts: torch.Tensor
     router_tokens: torch.Tensor
     final_norm_mean: torch.Tensor | None = None
+    expert_writes: ExpertWrites | None = None
 
 
 @torch.inference_mode()
@@ -402,8 +559,14 @@ def collect(
     runner = base_model(model)
     final_norm = getattr(runner, "norm", None)
     final_norm = final_norm if isinstance(final_norm, torch.nn.Module) else None
+    experts = expert_modules(layers) if options.attribution and num_experts else {}
     capture = _Capture(
-        layers, router_modules, num_experts, _experts_per_token(model.config), final_norm
+        layers,
+        router_modules,
+        num_experts,
+        _experts_per_token(model.config),
+        final_norm,
+        experts={i: m for i, m in experts.items() if i in router_modules},
     )
     device = input_device(model)
     running = RunningMean()
@@ -441,6 +604,7 @@ def collect(
         expert_counts=capture.expert_counts,
         router_tokens=capture.router_tokens,
         final_norm_mean=final_running.mean() if final_running.count else None,
+        expert_writes=capture.expert_writes,
     )
 
 
@@ -448,7 +612,8 @@ def prompt_rows(
     model, tokenizer, prompts: list[str], options: MeasureOptions | None = None
 ) -> torch.Tensor:
     """The measured residual rows [N, M, d] of `prompts` (e.g. held-out prompts to project)."""
-    options = options or MeasureOptions(progress=False)
+    # rows only: no expert attribution (it would cost time and be thrown away)
+    options = replace(options or MeasureOptions(progress=False), attribution=False)
     encoded = options.prompts.encode(tokenizer, prompts, model.config)
     return collect(model, encoded, options, pad_value=pad_id(tokenizer)).rows
 
@@ -526,6 +691,30 @@ def measure(
         result.benign_expert_counts = collected["benign"].expert_counts
         result.target_router_tokens = collected["target"].router_tokens
         result.benign_router_tokens = collected["benign"].router_tokens
+        attributed = {cls: acts.expert_writes for cls, acts in collected.items()}
+        skipped = sum(w.unattributed_calls for w in attributed.values() if w is not None)
+        if skipped:
+            logger.warning(
+                "%d experts calls did not look like experts(hidden [T, d], indices [T, k], "
+                "weights [T, k]) and were not attributed; the expert writes miss them.",
+                skipped,
+            )
+        if all(w is not None and w.means() is not None for w in attributed.values()):
+            for cls, writes in attributed.items():
+                write, gate = writes.means()
+                setattr(result, f"{cls}_expert_write", write)
+                setattr(result, f"{cls}_expert_gate", gate)
+                setattr(result, f"{cls}_expert_selections", writes.selections)
+            logger.info(
+                "Recorded the weighted writes of %d experts in %d MoE layers",
+                _num_experts(model.config),
+                len(expert_modules(layers)),
+            )
+        elif options.attribution:
+            logger.info(
+                "Expert attribution skipped: no fused experts module was found in the MoE "
+                "layers (routing statistics are still recorded)."
+            )
     return result
 
 
@@ -566,6 +755,10 @@ def _tensors(meas: Measurements) -> dict[str, torch.Tensor]:
         tensors["benign_final_norm_mean"] = meas.benign_final_norm_mean.to(torch.float64)
     if meas.norm_weights is not None:
         tensors["norm_weights"] = meas.norm_weights.to(torch.float64)
+    if meas.has_attribution:
+        for cls in CLASSES:
+            for name, dtype in ATTRIBUTION_TENSORS.items():
+                tensors[f"{cls}_{name}"] = getattr(meas, f"{cls}_{name}").to(dtype)
     return {name: t.contiguous() for name, t in tensors.items()}
 
 
@@ -629,6 +822,11 @@ def load_measurements(path: str | Path) -> Measurements:
         target_final_norm_mean=tensors.get("target_final_norm_mean"),
         benign_final_norm_mean=tensors.get("benign_final_norm_mean"),
         norm_weights=tensors.get("norm_weights"),
+        **{
+            f"{cls}_{name}": tensors.get(f"{cls}_{name}")
+            for cls in CLASSES
+            for name in ATTRIBUTION_TENSORS
+        },
     )
     if meas.target_mean.shape != meas.benign_mean.shape:
         raise AbliterateError(

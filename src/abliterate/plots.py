@@ -121,6 +121,37 @@ def plot_expert_heatmap(
     _save(fig, path)
 
 
+def plot_expert_share(share, path: str | Path, *, title: str = "model", routed_layers=None):
+    """Layer x expert heatmap of each expert's share of the layer's refusal signal (the
+    target-minus-benign write along the layer's direction, `abliterate.experts`).
+
+    NaN cells (dense layers, layers with no positive signal) are drawn grey.
+    """
+    values = np.asarray(share, dtype=float)
+    if routed_layers is not None:
+        dense = np.ones(values.shape[0], dtype=bool)
+        dense[list(routed_layers)] = False
+        values[dense] = np.nan
+    finite = values[np.isfinite(values)]
+    limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-6)
+    masked = np.ma.masked_invalid(values)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+    width = min(20, 7 + 0.25 * values.shape[1])
+    height = min(14, 3 + 0.3 * values.shape[0])
+    fig, ax = plt.subplots(figsize=(width, height))
+    image = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=-limit, vmax=limit, origin="lower")
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("decoder layer")
+    ax.set_yticks(_ticks(np.arange(values.shape[0])))
+    ax.set_xticks(_ticks(np.arange(values.shape[1])))
+    fig.colorbar(image, ax=ax, label="share of the layer's refusal signal")
+    ax.set_title(
+        f"{title}: which experts write the refusal direction\n"
+        "red = writes it for target prompts (share of the positive signal), grey = no data"
+    )
+    _save(fig, path)
+
+
 def _ticks(values, most: int = 24):
     values = np.asarray(values)
     step = max(1, int(np.ceil(len(values) / most)))

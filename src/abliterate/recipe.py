@@ -14,7 +14,11 @@ Defaults (documented in docs/ablation.md):
   layer 0 has a plain MLP; leaving it out would leave that layer's MLP writer untouched).
 - Routed experts only when asked: `ablate_individual_experts: true` adds every expert's
   `expert_down` (the writers); `expert_subset` restricts them (and implies the flag, as the
-  seed's `--expert-subset` alone does). Read-side expert tensors (`expert_gate`,
+  seed's `--expert-subset` alone does): a flat list (those experts in every edited MoE
+  layer), a per-layer mapping `{20: [3, 17]}` (only the listed layers' experts), or
+  `auto:K` / `coverage:F`, picked per entry from the expert attribution in the
+  measurements (`abliterate.experts`; docs/moe.md). In a fused expert tensor (gpt-oss)
+  a subset edits only those experts' slices. Read-side expert tensors (`expert_gate`,
   `expert_up`, `expert_gate_up`) and `embed` only when listed in `components`.
 - The router is edited at `gate_scale` (seed: 0.5) times the entry's scale.
 - Writers' biases are edited (plain projection) whenever their weight is.
@@ -37,6 +41,7 @@ from .components import COMPONENTS, EXPERT_COMPONENTS
 from .directions import IndexedMeans, direction_at, normalize, sparsify
 from .edit import apply_edit
 from .errors import AbliterateError
+from .experts import attributed_layers, expert_signal, require_attribution, select_experts
 from .files import write_text_atomic
 from .layout import Layout, Target, inspect_checkpoint
 from .logs import logger
@@ -85,7 +90,8 @@ class Recipe:
     measurements: str | None = None
     output: str | None = None
     ablate_individual_experts: bool = False
-    expert_subset: tuple[int, ...] | None = None
+    # flat (e0, e1, ...) | per layer ((layer, (e0, ...)), ...) | "auto:K" | "coverage:F"
+    expert_subset: tuple | str | None = None
     components: tuple[str, ...] | None = None
     norm_preserve: bool = True
     preserve: str = "hidden"
@@ -102,7 +108,7 @@ class Recipe:
         """The recipe as YAML-ready plain data (seed keys first)."""
         data = {k: getattr(self, k) for k in ("model", "measurements", "output")}
         data["ablate_individual_experts"] = self.ablate_individual_experts
-        data["expert_subset"] = list(self.expert_subset) if self.expert_subset else None
+        data["expert_subset"] = subset_to_data(self.expert_subset)
         data["ablate"] = [e.to_dict() for e in self.ablate]
         for key in OPTIONS:
             if key not in data:
@@ -131,22 +137,94 @@ def _number(source, key, value, *, integer=False):
     return int(value) if integer else float(value)
 
 
-def _parse_subset(source: str, value) -> tuple[int, ...] | None:
-    if value is None:
-        return None
+SUBSET_FORMS = (
+    "a list of expert indices like '0,1,2,3', a mapping of layer to indices like "
+    "{20: [3, 17]}, 'auto:K' (the K experts per layer with the most refusal signal) or "
+    "'coverage:F' (the fewest experts holding a fraction F of it)"
+)
+
+
+def _parse_expert_list(source: str, key: str, value, *, empty_ok: bool) -> tuple[int, ...]:
     if isinstance(value, str):
         try:
             value = [int(part) for part in value.replace(" ", "").split(",") if part]
         except ValueError:
-            raise _fail(
-                source, "expert_subset", "must be a list of expert indices like '0,1,2,3'", value
-            ) from None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _fail(source, "expert_subset", "must be a non-empty list of expert indices", value)
-    subset = tuple(_number(source, "expert_subset", v, integer=True) for v in value)
+            raise _fail(source, key, f"must be {SUBSET_FORMS}", value) from None
+    if isinstance(value, bool) or isinstance(value, int):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or (not value and not empty_ok):
+        raise _fail(source, key, "must be a non-empty list of expert indices", value)
+    subset = tuple(_number(source, key, v, integer=True) for v in value)
     if any(e < 0 for e in subset):
-        raise _fail(source, "expert_subset", "must hold indices >= 0", value)
+        raise _fail(source, key, "must hold indices >= 0", value)
     return tuple(sorted(set(subset)))
+
+
+def _parse_auto(source: str, value: str) -> str | None:
+    """'auto:K' / 'coverage:F' in canonical spelling, or None for a plain list string."""
+    text = value.strip().lower().replace(" ", "")
+    kind, _, amount = text.partition(":")
+    if kind not in ("auto", "coverage"):
+        return None
+    try:
+        number = int(amount) if kind == "auto" else float(amount)
+    except ValueError:
+        number = None
+    if kind == "auto" and (number is None or number < 1):
+        raise _fail(source, "expert_subset", "'auto:K' needs a whole number K >= 1 of "
+                    "experts per layer, e.g. 'auto:2'", value)  # fmt: skip
+    if kind == "coverage" and (number is None or not 0.0 < number <= 1.0):
+        raise _fail(source, "expert_subset", "'coverage:F' needs a fraction F in (0, 1], "
+                    "e.g. 'coverage:0.8'", value)  # fmt: skip
+    return f"{kind}:{number:g}"
+
+
+def _parse_subset(source: str, value):
+    """The recipe's `expert_subset` in its validated form (see `Recipe.expert_subset`)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        auto = _parse_auto(source, value)
+        if auto is not None:
+            return auto
+    if isinstance(value, dict):
+        if not value:
+            raise _fail(source, "expert_subset", f"must be {SUBSET_FORMS}", value)
+        per_layer = {}
+        for layer, experts in value.items():
+            try:
+                index = int(layer)
+            except (TypeError, ValueError):
+                index = -1
+            if isinstance(layer, bool) or index < 0 or str(index) != str(layer).strip():
+                raise _fail(source, "expert_subset", "must map layer indices (integers >= 0) "
+                            "to lists of expert indices", value)  # fmt: skip
+            per_layer[index] = _parse_expert_list(
+                source, f"expert_subset.{index}", experts, empty_ok=True
+            )
+        return tuple(sorted(per_layer.items()))
+    return _parse_expert_list(source, "expert_subset", value, empty_ok=False)
+
+
+def subset_kind(subset) -> str | None:
+    """'flat', 'layers', 'auto', 'coverage' or None for a parsed `expert_subset`."""
+    if subset is None:
+        return None
+    if isinstance(subset, str):
+        return subset.partition(":")[0]
+    if subset and isinstance(subset[0], tuple):
+        return "layers"
+    return "flat"
+
+
+def subset_to_data(subset):
+    """A parsed `expert_subset` as YAML-ready data (list, {layer: list} or the string)."""
+    kind = subset_kind(subset)
+    if kind == "flat":
+        return list(subset)
+    if kind == "layers":
+        return {layer: list(experts) for layer, experts in subset}
+    return subset
 
 
 def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) -> Recipe:
@@ -273,14 +351,18 @@ class PlanEntry:
     bias_shard: str | None
     direction_id: str  # tensor name in plan.safetensors
     direction: torch.Tensor = field(repr=False)
+    # a fused expert tensor edited in these experts' slices only (leading axis); None: all
+    experts: tuple[int, ...] | None = None
 
     @classmethod
     def for_target(
         cls, target: Target, *, layer: int | None, direction_id: str, direction: torch.Tensor,
         scale: float, norm_preserve: bool = True, preserve: str = "hidden",
         bias_shard: str | None = None, with_bias: bool = False,
+        experts: tuple[int, ...] | None = None,
     ) -> PlanEntry:  # fmt: skip
-        """The edit of one layout target (its key, axis, shape, dtype and shard)."""
+        """The edit of one layout target (its key, axis, shape, dtype and shard);
+        `experts` restricts a fused target to those experts' slices."""
         bias = target.bias if with_bias and target.side == "write" else None
         return cls(
             key=target.key,
@@ -299,6 +381,7 @@ class PlanEntry:
             bias_shard=(bias_shard or target.shard) if bias else None,
             direction_id=direction_id,
             direction=direction,
+            experts=experts,
         )
 
     @property
@@ -311,6 +394,10 @@ class PlanEntry:
         data.pop("direction")
         data["shape"] = list(self.shape)
         data["mode"] = self.mode
+        if self.experts is None:
+            del data["experts"]  # plans without expert slices keep their old hash
+        else:
+            data["experts"] = list(self.experts)
         return data
 
 
@@ -396,6 +483,8 @@ class Plan:
                 raw = dict(raw)
                 raw.pop("mode", None)
                 raw["shape"] = tuple(raw["shape"])
+                if raw.get("experts") is not None:
+                    raw["experts"] = tuple(raw["experts"])
                 raw["direction"] = directions[raw["direction_id"]]
                 entries.append(PlanEntry(**raw))
         except FileNotFoundError as error:
@@ -417,6 +506,7 @@ class Plan:
         """One line per edit (key, component, scale, mode) and the totals."""
         lines = [
             f"{e.key}  {e.component}  scale={e.scale:g}  mode={e.mode}"
+            + (f"  experts={','.join(map(str, e.experts))}" if e.experts is not None else "")
             + (f"  bias={e.bias}" if e.bias else "")
             for e in self.entries
         ]
@@ -442,7 +532,18 @@ def edit_tensor(weight: torch.Tensor, edits, device=None, out=None) -> torch.Ten
     itself: the exporter edits its read buffer in place).
     """
     for entry, is_bias in edits:
-        weight = apply_edit(weight, entry, is_bias=is_bias, device=device, out=out)
+        experts = getattr(entry, "experts", None)
+        if experts is None:
+            weight = apply_edit(weight, entry, is_bias=is_bias, device=device, out=out)
+        else:
+            # a fused tensor [E, ...] (or its bias [E, d]) edited in some experts' slices only
+            sliced = replace(entry, hidden_axis=entry.hidden_axis % weight.ndim - 1, experts=None)
+            edited = weight.clone() if out is None else out.copy_(weight)
+            for expert in experts:
+                apply_edit(
+                    edited[expert], sliced, is_bias=is_bias, device=device, out=edited[expert]
+                )
+            weight = edited
         out = weight  # later edits of the same key work in place on the result
     return weight
 
@@ -457,9 +558,19 @@ def tensor_chunks(info, edits) -> list[tuple[int, tuple[int, ...], list]]:
     ndim = len(info.shape)
     if ndim < 3 or any(is_bias or e.hidden_axis % ndim == 0 for e, is_bias in edits):
         return [(info.begin, tuple(info.shape), edits)]
-    per_slice = [(replace(e, hidden_axis=e.hidden_axis % ndim - 1), b) for e, b in edits]
     step = info.nbytes // info.shape[0]
-    return [(info.begin + i * step, tuple(info.shape[1:]), per_slice) for i in range(info.shape[0])]
+    return [
+        (
+            info.begin + i * step,
+            tuple(info.shape[1:]),
+            [
+                (replace(e, hidden_axis=e.hidden_axis % ndim - 1, experts=None), b)
+                for e, b in edits
+                if getattr(e, "experts", None) is None or i in e.experts
+            ],
+        )
+        for i in range(info.shape[0])
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -567,21 +678,103 @@ def _check_measured_depth(recipe: Recipe, measurements, num_layers: int, indices
         )
 
 
-def _check_experts(recipe: Recipe, layout: Layout) -> None:
-    if recipe.expert_subset is None:
+def _layer_expert_count(layout: Layout, layer: int) -> int:
+    """Routed experts of one layer: per-expert tensors, a fused tensor's E, or the router's
+    rows (a layer whose expert tensors are not among its targets)."""
+    targets = layout.layer(layer).targets
+    indices = {t.expert for t in targets if t.expert is not None}
+    if indices:
+        return max(indices) + 1
+    fused = [t for t in targets if t.fused]
+    if fused:
+        return fused[0].shape[0]
+    routers = [t for t in targets if t.component == "router"]
+    return routers[0].shape[0] if routers else layout.num_experts
+
+
+def _moe_layer_range(layout: Layout) -> str:
+    layers = list(layout.moe_layers)
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
+def _check_experts(recipe: Recipe, layout: Layout, measurements) -> None:
+    """The subset names experts and layers the model has (and, for auto, the measurements
+    hold the attribution it is picked from)."""
+    subset, kind = recipe.expert_subset, subset_kind(recipe.expert_subset)
+    if kind is None:
         return
     if not layout.is_moe:
         raise AbliterateError(
             f"{recipe.source}: recipe key 'expert_subset' is set, but the model has no routed "
             "experts."
         )
-    count = layout.num_experts
-    for expert in recipe.expert_subset:
-        if expert >= count:
-            raise AbliterateError(
-                f"Expert {expert} not found (the model has {count} experts per layer, "
-                f"indices 0-{count - 1})."
-            )
+    if kind in ("auto", "coverage"):
+        source = recipe.measurements or (getattr(measurements, "meta", None) or {}).get(
+            "source_file", "the measurements"
+        )
+        require_attribution(
+            measurements, source, f"{recipe.source}: recipe key 'expert_subset: {subset}'"
+        )
+        return
+    edited = [e.layer for e in recipe.ablate if e.layer in layout.moe_layers]
+    if kind == "flat":
+        pairs = [(edited[0] if edited else layout.moe_layers[0], subset)]
+    else:
+        pairs = list(subset)
+        listed = {e.layer for e in recipe.ablate}
+        for layer, _ in pairs:
+            if layer >= layout.num_layers:
+                raise AbliterateError(
+                    f"{recipe.source}: recipe key 'expert_subset' names layer {layer}, but the "
+                    f"model has {layout.num_layers} decoder layers (0-{layout.num_layers - 1})."
+                )
+            if layer not in layout.moe_layers:
+                raise AbliterateError(
+                    f"{recipe.source}: recipe key 'expert_subset' names layer {layer}, which is "
+                    "a dense layer without routed experts (e.g. GLM-4.5's first layers, "
+                    "first_k_dense_replace); expected one of the MoE layers "
+                    f"{_moe_layer_range(layout)}."
+                )
+            if layer not in listed:
+                raise AbliterateError(
+                    f"{recipe.source}: recipe key 'expert_subset' names layer {layer}, which "
+                    "no ablate entry edits; add an entry for it or remove it from the subset."
+                )
+    for layer, experts in pairs:
+        count = _layer_expert_count(layout, layer)
+        for expert in experts:
+            if expert >= count:
+                raise AbliterateError(
+                    f"Expert {expert} not found (layer {layer} has {count} experts, "
+                    f"indices 0-{count - 1})."
+                )
+
+
+def entry_experts(
+    recipe: Recipe, item: AblateEntry, direction: torch.Tensor, measurements
+) -> set[int] | None:
+    """The routed experts ablate entry `item` edits: None = all of them, else a set.
+
+    A flat subset applies to every layer; a per-layer one gives unlisted layers no routed
+    experts; `auto:K` / `coverage:F` pick from the attribution along the entry's own
+    direction (`abliterate.experts.select_experts`).
+    """
+    subset, kind = recipe.expert_subset, subset_kind(recipe.expert_subset)
+    if kind is None:
+        return None
+    if kind == "flat":
+        return set(subset)
+    if kind == "layers":
+        return set(dict(subset).get(item.layer, ()))
+    if item.layer not in attributed_layers(measurements):
+        return set()
+    amount = subset.partition(":")[2]
+    signal = expert_signal(measurements, item.layer, direction)
+    if kind == "auto":
+        return set(select_experts(signal, top_k=int(amount)))
+    return set(select_experts(signal, coverage=float(amount)))
 
 
 def _warn_about(recipe: Recipe, layout: Layout, components: tuple[str, ...]) -> None:
@@ -614,32 +807,43 @@ def _entry_components(
 
 
 def _selected_targets(
-    recipe: Recipe, layout: Layout, per_entry: list[tuple[str, ...]], index: int
-) -> list[Target]:
-    """The layout targets ablate entry `index` edits: its layer's tensors of its components
-    (routed experts restricted to `expert_subset`), plus the embedding for the lowest-layer
-    entry among those that edit it (it writes into the residual before any layer, so it is
-    edited once)."""
+    recipe: Recipe,
+    layout: Layout,
+    per_entry: list[tuple[str, ...]],
+    index: int,
+    subset: set[int] | None = None,
+) -> list[tuple[Target, tuple[int, ...] | None]]:
+    """The layout targets ablate entry `index` edits, each with the expert slices of a
+    fused target it is restricted to (None: the whole tensor): its layer's tensors of its
+    components (routed experts restricted to `subset`, from `entry_experts`), plus the
+    embedding for the lowest-layer entry among those that edit it (it writes into the
+    residual before any layer, so it is edited once)."""
     item, components = recipe.ablate[index], per_entry[index]
     candidates = list(layout.layer(item.layer).targets)
     with_embed = [i for i, chosen in enumerate(per_entry) if "embed" in chosen]
     embed_owner = min(with_embed, key=lambda i: (recipe.ablate[i].layer, i), default=None)
     if index == embed_owner:
         candidates += list(layout.globals)
-    subset = set(recipe.expert_subset) if recipe.expert_subset is not None else None
     chosen = []
     for target in candidates:
         if target.component not in components:
             continue
+        slices = None
         if target.component in EXPERT_COMPONENTS and subset is not None:
             if target.fused:
-                raise AbliterateError(
-                    f"{recipe.source}: recipe key 'expert_subset' cannot select experts of "
-                    f"the fused tensor {target.key}; edit all experts or none."
-                )
-            if target.expert not in subset:
+                if target.hidden_axis % len(target.shape) == 0:
+                    raise AbliterateError(
+                        f"{recipe.source}: recipe key 'expert_subset' cannot select experts "
+                        f"of the fused tensor {target.key} (its leading axis is the hidden "
+                        "one, not the experts); edit all experts or none."
+                    )
+                if not subset:
+                    continue
+                if set(subset) != set(range(target.shape[0])):
+                    slices = tuple(sorted(subset))
+            elif target.expert not in subset:
                 continue
-        chosen.append(target)
+        chosen.append((target, slices))
     return chosen
 
 
@@ -663,14 +867,21 @@ def resolve(
     if isinstance(recipe, dict):
         recipe = load_recipe(recipe)
     _check_ranges(recipe, layout, measurements)
-    _check_experts(recipe, layout)
+    _check_experts(recipe, layout, measurements)
     components = default_components(recipe, layout.is_moe)
     per_entry = _entry_components(recipe, layout, components)
     _warn_about(recipe, layout, tuple(dict.fromkeys(c for chosen in per_entry for c in chosen)))
     entries: list[PlanEntry] = []
+    selection: dict[int, list[int]] = {}
     for index, item in enumerate(recipe.ablate):
         r = entry_direction(recipe, item, measurements, layout.num_layers)
-        for target in _selected_targets(recipe, layout, per_entry, index):
+        subset = None
+        if item.layer in layout.moe_layers:
+            subset = entry_experts(recipe, item, r, measurements)
+            if subset is not None:
+                selection.setdefault(item.layer, [])
+                selection[item.layer] = sorted(set(selection[item.layer]) | subset)
+        for target, slices in _selected_targets(recipe, layout, per_entry, index, subset):
             scale = item.scale * recipe.scale
             if target.component == "router":
                 scale *= recipe.gate_scale
@@ -685,8 +896,15 @@ def resolve(
                     preserve=recipe.preserve,
                     with_bias=recipe.biases,
                     bias_shard=(weight_map or {}).get(target.bias) if target.bias else None,
+                    experts=slices,
                 )
             )
+    if subset_kind(recipe.expert_subset) in ("auto", "coverage"):
+        logger.info(
+            "expert_subset %s selected, per layer: %s",
+            recipe.expert_subset,
+            "; ".join(f"{layer}: {experts or 'none'}" for layer, experts in selection.items()),
+        )
     if not entries:
         raise AbliterateError(
             f"{recipe.source}: the recipe selects no tensors (components "
@@ -706,6 +924,7 @@ def resolve(
             "num_experts": layout.num_experts,
             "model_type": layout.model_type,
             "components": list(components),
+            **({"expert_selection": selection} if selection else {}),
         },
     )
 

@@ -150,7 +150,8 @@ def model_is_moe():
 
 
 def analysis_outputs(wildcards=None):
-    """analyze's files: table, suggestion, plots (experts.png only for MoE models)."""
+    """analyze's files: table, suggestion, plots (for MoE models also experts.png and,
+    with measure.attribution, the expert attribution table and its heatmap)."""
     analysis = f"{RESULTS}/analysis"
     outputs = {
         "table": report(
@@ -187,6 +188,17 @@ def analysis_outputs(wildcards=None):
             category="2. Analysis",
             caption="../report/experts.rst",
         )
+        if config["measure"]["attribution"]:
+            outputs["experts_table"] = report(
+                f"{analysis}/experts.tsv",
+                category="2. Analysis",
+                caption="../report/experts_table.rst",
+            )
+            outputs["expert_share"] = report(
+                f"{analysis}/expert_share.png",
+                category="2. Analysis",
+                caption="../report/expert_share.rst",
+            )
     return outputs
 
 

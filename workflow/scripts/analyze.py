@@ -34,5 +34,6 @@ with rule_log(snakemake):
         min_layer_fraction=snakemake.params.min_layer_fraction,
         title=snakemake.params.title,
         require_experts="experts" in snakemake.output.keys(),
+        require_attribution="expert_share" in snakemake.output.keys(),
         interventions=interventions,
     )

@@ -68,6 +68,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=MeasureOptions.batch_size)
     parser.add_argument("--clip", type=float, help="winsorize each dimension at this quantile")
     add_load_arguments(parser)
+    parser.add_argument(
+        "--no-attribution",
+        action="store_false",
+        dest="attribution",
+        help="MoE: do not record each routed expert's weighted write (smaller file)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
