@@ -11,10 +11,14 @@ leaves something that looks finished, and a rerun picks up where it stopped.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import json
+import math
 import os
+import queue
 import shutil
 import threading
 import time
@@ -28,6 +32,7 @@ from .files import exclusive_lock, place_copy, resolve_source, write_json, write
 from .logs import logger
 from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import (
+    DTYPES,
     INDEX_NAME,
     ShardHeader,
     copy_range_at,
@@ -53,7 +58,10 @@ METADATA_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
-MARKER = ".abliterate-plan"  # inside a staging directory: the plan it is being built for
+MARKER = ".abliterate-plan"
+HASHED_COPY_CHUNK = (
+    8 * 1024 * 1024
+)  # untouched bytes hashed on the way: cache-sized pieces  # inside a staging directory: the plan it is being built for
 
 
 # --------------------------------------------------------------------------------------
@@ -165,6 +173,37 @@ def edit_fp8_pair(src, dst_fd: int, info, scale_info, block_size, edits, device)
     write_at(dst_fd, tensor_bytes(scale), scale_info.begin)
 
 
+_single_thread_users = 0
+_single_thread_lock = threading.Lock()
+_saved_threads = 1
+
+
+@contextlib.contextmanager
+def _one_torch_thread_per_worker():
+    """Torch intra-op threads set to 1 while shard workers run (restored by the last one).
+
+    Why: each worker already keeps a core busy; two workers that each fork two intra-op
+    threads for every 1 MiB block run at less than half the speed of two single-threaded
+    ones (measured: 0.9 vs 2.0 GB/s on 2 cores). The edit's bits do not depend on the
+    thread count (tests/test_edit.py), so the export still equals the evaluation.
+    """
+    global _single_thread_users, _saved_threads
+    import torch
+
+    with _single_thread_lock:
+        if _single_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
+    try:
+        yield
+    finally:
+        with _single_thread_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
+
+
 def ablate_shard(
     model_dir: str | Path,
     shard: str,
@@ -179,13 +218,15 @@ def ablate_shard(
     """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
 
     The output has the source's exact header and byte layout (edits keep dtype and
-    shape), so every byte is written at its source offset: untouched ranges are copied
-    file-to-file by the kernel, and targets (one fused expert slice at a time) are read,
-    edited in float32 on `device` and written back in their dtype by `workers` threads,
-    so reading, editing and writing overlap while at most `workers` tensors are in memory.
-    The file is written as `<output>.tmp`, fsynced and renamed when complete. Returns the
-    file's SHA-256 when `digest` (read back from the page cache after writing). `times`
-    collects the thread-seconds of each phase.
+    shape), and it is written front to back like `cp` writes: untouched ranges are copied
+    file-to-file by the kernel, and each target (one fused expert slice at a time) is
+    read and edited in float32 on `device`, ahead of the writer, by `workers` threads
+    into a few reused buffers, then written in file order. So reading, editing and
+    writing overlap, the file system sees one sequential writer, and memory stays at
+    `workers + 1` targets whatever the shard size. With `digest` the bytes are hashed on
+    the way (the untouched ranges then go through a buffer instead of the kernel copy),
+    so no second pass reads the file back; returns the SHA-256. The file is written as
+    `<output>.tmp`, fsynced and renamed when complete. `times` collects thread-seconds.
     """
     source = Path(model_dir) / shard
     output = Path(output)
@@ -197,62 +238,138 @@ def ablate_shard(
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
     targets = sorted((header.tensors[k] for k in edits), key=lambda info: info.begin)
     fp8 = quant.fp8_scales(model_dir, header.tensors, edits)  # FP8 targets rewrite their scale too
-    written = sorted(targets + [scale for scale, _ in fp8.values()], key=lambda i: i.begin)
+    size = source.stat().st_size
+    # the file in order: ("copy", begin, end), ("edit", info, begin, shape, edits) pieces and
+    # ("fp8", info) pairs (weight + block scales, written by their worker at two offsets)
+    pieces: list[tuple] = []
+    for info in targets:
+        if info.name in fp8:
+            pieces.append(("fp8", info))
+            continue
+        for begin, shape, chunk_edits in tensor_chunks(info, edits[info.name]):
+            pieces.append(("edit", info, begin, shape, chunk_edits))
+    written = sorted(
+        [(p[2], p[2] + _nbytes(p[1], p[3])) for p in pieces if p[0] == "edit"]
+        + [(p[1].begin, p[1].end) for p in pieces if p[0] == "fp8"]
+        + [(scale.begin, scale.end) for scale, _ in fp8.values()]
+    )
+    segments, position = [], 0
+    for begin, end in written:
+        if begin > position:
+            segments.append(("copy", position, begin))
+        position = max(position, end)
+    if position < size:
+        segments.append(("copy", position, size))
+    order = sorted(
+        segments + pieces,
+        key=lambda p: p[1] if p[0] == "copy" else (p[2] if p[0] == "edit" else p[1].begin),
+    )
+    largest = max((_nbytes(p[1], p[3]) for p in pieces if p[0] == "edit"), default=0)
     tmp = output.with_name(output.name + ".tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
-    size = source.stat().st_size
-    gaps, position = [], 0
-    for info in written:
-        gaps.append((position, info.begin))
-        position = info.end
-    gaps.append((position, size))
+    # FP8 block scales are written out of order by their worker: hash those files afterwards
+    hasher = hashlib.sha256() if digest and not fp8 else None
     try:
         with open(source, "rb") as src, open(tmp, "wb") as dst:
             os.ftruncate(dst.fileno(), size)
+            depth = max(1, workers) + 1  # targets in flight: one being written, the rest ahead
+            free: queue.Queue[bytearray] = queue.Queue()
+            for _ in range(depth):
+                free.put(bytearray(largest))
+            copy_buffer = bytearray(HASHED_COPY_CHUNK) if hasher is not None else None
 
-            chunks = {info.name: tensor_chunks(info, edits[info.name]) for info in targets}
-            largest = max(
-                (info.nbytes // max(1, len(chunks[info.name])) for info in targets), default=0
-            )
-            local = threading.local()
-
-            def edit_one(info) -> None:
-                logger.info("Modifying %s", info.name)
-                if info.name in fp8:
+            def edit_piece(piece):
+                info = piece[1]
+                if piece[0] == "fp8":
+                    logger.info("Modifying %s", info.name)
                     edit_fp8_pair(
                         src, dst.fileno(), info, *fp8[info.name], edits[info.name], device
                     )
-                    return
-                if getattr(local, "buffer", None) is None:  # one per worker, reused
-                    local.buffer = bytearray(largest)
-                for begin, shape, chunk_edits in chunks[info.name]:
-                    with _phase(times, "read"):
-                        weight = read_tensor(
-                            src, info, begin=begin, shape=shape, buffer=local.buffer
-                        )
-                    with _phase(times, "edit"):
-                        edit_tensor(weight, chunk_edits, device, out=weight)
-                    with _phase(times, "write"):
-                        write_at(dst.fileno(), tensor_bytes(weight), begin)
+                    return None
+                _, info, begin, shape, chunk_edits = piece
+                if begin == info.begin:
+                    logger.info("Modifying %s", info.name)
+                buffer = free.get()
+                with _phase(times, "read"):
+                    weight = read_tensor(src, info, begin=begin, shape=shape, buffer=buffer)
+                with _phase(times, "edit"):
+                    edit_tensor(weight, chunk_edits, device, out=weight)
+                return buffer, weight
 
-            with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-                pending = [pool.submit(edit_one, info) for info in targets]
-                with _phase(times, "copy"):
-                    for begin, end in gaps:
-                        copy_range_at(src.fileno(), dst.fileno(), begin, end)
-                for future in pending:
-                    future.result()
+            with (
+                _one_torch_thread_per_worker(),
+                concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
+            ):
+                ahead = iter([p for p in order if p[0] != "copy"])
+                futures: collections.deque = collections.deque()
+
+                def submit_next() -> None:
+                    piece = next(ahead, None)
+                    if piece is not None:
+                        futures.append(pool.submit(edit_piece, piece))
+
+                for _ in range(depth):
+                    submit_next()
+                try:
+                    for piece in order:
+                        if piece[0] == "copy":
+                            with _phase(times, "copy"):
+                                _copy_range(src, dst, piece[1], piece[2], hasher, copy_buffer)
+                            continue
+                        result = futures.popleft().result()
+                        submit_next()
+                        if result is None:  # an FP8 pair, written by its worker
+                            continue
+                        buffer, weight = result
+                        data = tensor_bytes(weight)
+                        with _phase(times, "write"):
+                            write_at(dst.fileno(), data, piece[2])
+                        if hasher is not None:
+                            with _phase(times, "hash"):
+                                hasher.update(data)
+                        free.put(buffer)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    for _ in range(depth):  # wake waiting workers with buffers too small: they fail
+                        free.put(bytearray())
+                    raise
             with _phase(times, "fsync"):
                 os.fsync(dst.fileno())
         if tmp.stat().st_size != size:
             raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {size}.")
-        with _phase(times, "hash"):
-            sha256 = file_sha256(tmp) if digest else None
+        if digest and hasher is None:
+            with _phase(times, "hash"):
+                sha256 = file_sha256(tmp)
+        else:
+            sha256 = hasher.hexdigest() if hasher is not None else None
         tmp.replace(output)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return sha256
+
+
+def _nbytes(info, shape) -> int:
+    """Bytes of a `shape`-sized piece of the tensor `info` (a fused expert slice, say)."""
+    return math.prod(shape) * DTYPES[info.dtype][1]
+
+
+def _copy_range(src, dst, begin: int, end: int, hasher, buffer: bytearray | None) -> None:
+    """Copy bytes [begin, end) to the same offsets: in the kernel, or, when hashing, through
+    `buffer` so that the bytes are hashed on the way (no second pass over the file)."""
+    if hasher is None:
+        copy_range_at(src.fileno(), dst.fileno(), begin, end)
+        return
+    view = memoryview(buffer)
+    position = begin
+    while position < end:
+        n = os.preadv(src.fileno(), [view[: min(len(view), end - position)]], position)
+        if n <= 0:
+            raise AbliterateError(f"{src.name}: file ended at byte {position}, expected {end}.")
+        hasher.update(view[:n])
+        write_at(dst.fileno(), view[:n], position)
+        position += n
 
 
 def link_or_copy(source: str | Path, destination: str | Path) -> str:
