@@ -335,3 +335,57 @@ def plot_sweep_heatmap(
         fontsize=10,
     )
     _save(fig, path)
+
+
+def plot_routing_shift(table, per_layer: dict, path: str | Path, *, best: str | None) -> None:
+    """How far each variant moves the expert routing (MoE models; `abliterate.routing`).
+
+    `per_layer` is {variant: {"benign" | "target": {layer: {"kl", "topk_changed"}}}}.
+
+    Left: the selected variant's routing KL per MoE layer on benign and target prompts, with
+    the share of top-k choices changed on a second axis, so the layers an edit re-routes
+    stand out. Right: every variant's mean routing KL on target prompts against its refusal
+    rate, to show whether the variants that remove refusals do it by re-routing.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.8))
+    shift = per_layer.get(best or "", {})
+    styles = {"benign": ("tab:blue", "-"), "target": ("tab:red", "--")}
+    changed_axis = left.twinx()
+    for cls, (color, style) in styles.items():
+        values = shift.get(cls, {})  # {layer (int): {"kl", "topk_changed"}}
+        layers = sorted(values)
+        if not layers:
+            continue
+        kl = [values[i]["kl"] for i in layers]
+        changed = [values[i]["topk_changed"] for i in layers]
+        left.plot(layers, kl, style, color=color, marker="o", label=f"KL, {cls} prompts")
+        changed_axis.plot(
+            layers, changed, style, color=color, alpha=0.35, marker="s",
+            label=f"top-k changed, {cls}",
+        )  # fmt: skip
+    left.set_xlabel("MoE layer")
+    left.set_ylabel("router KL(base || edited) (nats)")
+    changed_axis.set_ylabel("share of top-k choices changed")
+    changed_axis.set_ylim(-0.02, 1.02)
+    left.set_title(f"Routing shift per layer: {best}" if best else "Routing shift per layer")
+    left.grid(alpha=0.3)
+    handles = left.get_legend_handles_labels()
+    extra = changed_axis.get_legend_handles_labels()
+    left.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="best")
+    variants = table[table["variant"] != "base"].reset_index(drop=True)
+    if "routing_kl_target" in variants:
+        x = variants["routing_kl_target"].astype(float)
+        y = variants["refusal_rate"].astype(float)
+        colour = variants.get("topk_changed_target", x * 0).astype(float)
+        points = right.scatter(x, y, c=colour, cmap="viridis", vmin=0, vmax=1, s=36, zorder=3)
+        fig.colorbar(points, ax=right, shrink=0.8, label="top-k changed, target prompts")
+        _number_points(right, x, y)
+        if best is not None and best in set(variants["variant"]):
+            i = int(variants.index[variants["variant"] == best][0])
+            right.scatter([x[i]], [y[i]], marker="*", s=260, color="tab:red", zorder=4)
+        right.set_xlabel("mean router KL on target prompts (nats)")
+    right.set_ylabel("refusal rate on held-out target prompts")
+    right.set_ylim(-0.03, 1.03)
+    right.set_title("Variants: refusal rate vs routing shift (numbers as in pareto.png)")
+    right.grid(alpha=0.3)
+    _save(fig, path)
