@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -325,3 +326,52 @@ def test_aggregate_writes_the_per_layer_routing_and_its_figure(tmp_path):
             best_txt=out["txt"],
             routing_png=out["png"],
         )
+
+
+# ---- the grid ----------------------------------------------------------------------------
+
+
+def test_grid_sweeps_gate_scale_and_router_suppression(glm):
+    from abliterate.grid import Variant, variant_recipe, variants
+
+    _, layout, meas = glm
+    grid = variants({"gate_scale": [0.5, 1.0], "router_suppress": ["none", "top:2", "1,6@1.5"]})
+    assert len(grid) == 6
+    ids = [v.id for v in grid]
+    assert ids[0].endswith("_e-none_g0.5") and "_g1.0_rs-1+6x1.5" in ids[-1]
+    assert Variant().id == "s1.0_p0.00_msug_Lsug_np1_c-default_e-none"  # old ids unchanged
+    dense = variants({"gate_scale": [0.5, 1.0], "router_suppress": ["none", "top:2"]}, moe=False)
+    assert [(v.gate_scale, v.router_suppress) for v in dense] == [(None, "none")]
+    suggested = {"ablate": [{"layer": 1, "measurement": 2}, {"layer": 2, "measurement": 2}]}
+    recipe = variant_recipe(grid[-1], num_layers=3, suggested=suggested)
+    assert recipe["gate_scale"] == 1.0
+    assert recipe["router_suppress"] == {"experts": [1, 6], "strength": 1.5}
+    plan = resolve(recipe, layout, meas)
+    assert {(e.layer, e.rows, e.scale) for e in plan.entries if e.rows} == {
+        (1, (1, 6), 1.5),
+        (2, (1, 6), 1.5),
+    }
+    assert variant_recipe(grid[1], num_layers=3, suggested=suggested)["router_suppress"] == {
+        "experts": "top:2",
+        "strength": 1.0,
+    }
+    assert "router_suppress" not in variant_recipe(grid[0], num_layers=3, suggested=suggested)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "base", "message"),
+    [
+        ({"router_suppress": ["top:0"]}, None, "sweep.router_suppress: expected 'none', 'top:K'"),
+        ({"router_suppress": ["1,2@x"]}, None, "sweep.router_suppress"),
+        ({"gate_scale": ["half"]}, None, "sweep.gate_scale: expected numbers"),
+        ({"gate_scale": [1.0]}, {"gate_scale": 0.3}, "recipe.gate_scale is 0.3"),
+        ({}, {"router_suppress": {"experts": [1]}}, "sweep.router_suppress"),
+    ],
+)
+def test_bad_router_grid_values_name_the_key(sweep, base, message):
+    from abliterate.grid import variant_recipe, variants
+
+    with pytest.raises(AbliterateError, match=re.escape(message)):
+        for variant in variants(sweep):
+            variant_recipe(variant, num_layers=3, suggested={"ablate": [{"layer": 1,
+                           "measurement": 2}]}, base=base)  # fmt: skip

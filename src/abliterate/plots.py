@@ -140,6 +140,8 @@ def _sweep_label(row, varying: list[str]) -> str:
         "components": "c",
         "norm_preserve": "np",
         "experts": "e",
+        "gate_scale": "g",
+        "router_suppress": "rs",
     }
     parts = []
     for key in varying:
@@ -148,7 +150,9 @@ def _sweep_label(row, varying: list[str]) -> str:
             value = int(str(value) in ("True", "true", "1"))
         value = "sug" if value == "suggested" else value
         parts.append(
-            f"{short[key]}-{value}" if key in ("components", "experts") else f"{short[key]}{value}"
+            f"{short[key]}-{value}"
+            if key in ("components", "experts", "router_suppress")
+            else f"{short[key]}{value}"
         )
     return " ".join(parts) or str(row["variant"])
 
@@ -285,7 +289,11 @@ def plot_sweep_heatmap(
         anchor = variants[variants["variant"] == best].iloc[0]
         for key in keys:
             if key not in axes:
-                variants = variants[variants[key].astype(str) == str(anchor[key])]
+                value = anchor[key]
+                if value is None or value != value:  # unset (e.g. gate_scale: the recipe's)
+                    variants = variants[variants[key].isna()]
+                else:
+                    variants = variants[variants[key].astype(str) == str(value)]
     row_key = axes[0] if axes else None
     col_key = axes[1] if len(axes) > 1 else None
 
