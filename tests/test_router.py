@@ -375,3 +375,49 @@ def test_bad_router_grid_values_name_the_key(sweep, base, message):
         for variant in variants(sweep):
             variant_recipe(variant, num_layers=3, suggested={"ablate": [{"layer": 1,
                            "measurement": 2}]}, base=base)  # fmt: skip
+
+
+# ---- the search --------------------------------------------------------------------------
+
+
+def test_search_can_pick_router_suppression(glm):
+    from optuna.trial import FixedTrial
+
+    from abliterate.search import SearchSpace, params_recipe, resolve_space, suggest_params
+
+    _, layout, meas = glm
+    plain = resolve_space({}, num_layers=3, num_indices=4, is_moe=True)
+    assert plain.suppress_top is None and "suppress_top" not in plain.to_json()
+    space = resolve_space(
+        {"router_suppress": {"top": [1, 3], "strength": [0.5, 2.0]}},
+        num_layers=3,
+        num_indices=4,
+        is_moe=True,
+    )
+    assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space
+    fixed = {"direction": 2.0, "projection": "none", "norm_preserve": True, "sparsity": 0.0}
+    fixed.update({f"{g}.on": False for g in space.groups if g != "attn_out"})
+    fixed.update({"experts": "none", "attn_out.on": True, "attn_out.strength": 1.0})
+    fixed.update({"attn_out.peak": 1.0, "attn_out.width": 3.0, "attn_out.floor": 1.0})
+    fixed.update({"router_suppress.on": True, "router_suppress.top": 2})
+    fixed["router_suppress.strength"] = 1.5
+    params = suggest_params(FixedTrial(fixed), space)
+    recipe = params_recipe(params, space, {"router_suppress": {"experts": [0]}})
+    assert recipe["router_suppress"] == {"experts": "top:2", "strength": 1.5}
+    off = params_recipe({**params, "router_suppress.on": False}, space, {"router_suppress": 1})
+    assert "router_suppress" not in off  # the search owns the key when it searches it
+    counts = torch.full((3, 8), 10, dtype=torch.int64)
+    counts[1, 6], counts[2, 0] = 50, 30
+    meas.target_expert_counts, meas.benign_expert_counts = counts, torch.full((3, 8), 10)
+    meas.target_router_tokens = meas.benign_router_tokens = torch.full((3,), 40)
+    try:
+        plan = resolve(recipe, layout, meas)
+    finally:
+        meas.target_expert_counts = meas.benign_expert_counts = None
+    assert {(e.layer, e.rows) for e in plan.entries if e.rows} == {(1, (6,)), (2, (0,))}
+    with pytest.raises(AbliterateError, match="sweep.search.router_suppress: router suppression"):
+        resolve_space({"router_suppress": {}}, num_layers=3, num_indices=4, is_moe=False)
+    with pytest.raises(AbliterateError, match=r"sweep.search.router_suppress.top: expected"):
+        resolve_space(
+            {"router_suppress": {"top": [0.5, 2]}}, num_layers=3, num_indices=4, is_moe=True
+        )
