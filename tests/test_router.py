@@ -421,3 +421,42 @@ def test_search_can_pick_router_suppression(glm):
         resolve_space(
             {"router_suppress": {"top": [0.5, 2]}}, num_layers=3, num_indices=4, is_moe=True
         )
+
+
+def test_export_of_router_edits_verifies_and_keeps_the_correction_bias(tmp_path):
+    """bf16 export of read-side + suppression edits: equal to the in-memory edit, verified,
+    and the correction bias bit-identical to the source."""
+    from safetensors.torch import load_file
+
+    from abliterate.evaluate import InMemoryEditor
+    from abliterate.export import export_model
+    from abliterate.verify import verify
+
+    model_dir = build_tiny(tmp_path / "glm", "glm4_moe", dtype=torch.bfloat16)
+    layout = inspect_checkpoint(model_dir)
+    recipe = {
+        "ablate": [{"layer": n, "measurement": 2} for n in (1, 2)],
+        "router_suppress": {"experts": {1: [0, 1, 2, 3], 2: [5]}, "strength": 1.0},
+    }
+    plan = resolve(recipe, layout, fake_measurements(3, 32), weight_map=read_weight_map(model_dir))
+    plan.model_dir = str(model_dir)
+    output = export_model(plan, tmp_path / "out", jobs=1)
+    report = verify(model_dir, output, plan)
+    assert report["ok"], report["failures"]
+
+    def tensors(root):
+        found = {}
+        for shard in sorted(root.glob("*.safetensors")):
+            found.update(load_file(str(shard)))
+        return found
+
+    source, exported = tensors(model_dir), tensors(output)
+    for layer in (1, 2):
+        bias = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        assert torch.equal(exported[bias], source[bias])
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    with InMemoryEditor(model, model_dir).applied(plan):
+        for key in ("model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight"):
+            # the router is kept in float32 in memory: the bf16 edit upcast, as loading gives
+            assert torch.equal(model.get_parameter(key).to(torch.bfloat16), exported[key])
+            assert not torch.equal(exported[key], source[key])

@@ -12,6 +12,9 @@ W' = W - s r (r^T W); for a reader W [out, d] they are the rows, giving W' = W -
 Norm preservation (magnitude-preserving orthogonal ablation) edits the unit vectors and
 multiplies back each vector's original norm, so at s = 1 the direction is gone exactly
 (r^T W' = 0) and no unit's write (or read) magnitude changes.
+
+Router suppression (`suppress_rows`) is the one edit that acts on chosen vectors only:
+the router rows of chosen experts, and only their positive component along r.
 """
 
 from __future__ import annotations
