@@ -261,6 +261,12 @@ def test_routing_shift_is_zero_unedited_and_positive_after_a_router_edit(tmp_pat
     evaluator = _evaluator(model_dir, batch_size=1 if family == "deepseek_v3" else 2)
     base = evaluator.evaluate_base().row()
     assert all(base[c] == 0.0 for c in ROUTING_COLUMNS)
+    # only the prefill is recorded: one row per non-padding prompt token, never a decoding
+    # step (those differ between variants)
+    for cls, prompts in (("target", evaluator.target), ("benign", evaluator.benign)):
+        logp, chosen = evaluator._base_routing[cls].layer(moe_layers[0])
+        assert logp.shape == (sum(len(p) for p in prompts.ids), layout.num_experts)
+        assert chosen.shape[0] == logp.shape[0]
     ablate = [{"layer": i, "measurement": 2} for i in moe_layers]
     same = evaluator.evaluate("zero", resolve({"ablate": ablate, "scale": 0.0}, layout, meas))
     assert all(same.row()[c] == 0.0 for c in ROUTING_COLUMNS)

@@ -165,3 +165,14 @@ def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_fac
     assert recipe["ablate_individual_experts"] is (best["experts"] == "all")
     assert json.loads((results / "verify.json").read_text())["ok"] is True
     assert (results / "analysis" / "experts.png").is_file()
+    # routing shift: zero for the base model, measured for every variant, per layer on the side
+    routing = [
+        "routing_kl_benign",
+        "routing_kl_target",
+        "topk_changed_benign",
+        "topk_changed_target",
+    ]
+    assert (table.iloc[0][routing] == 0).all() and table[routing].notna().all().all()
+    per_layer = json.loads((results / "sweep_routing.json").read_text())
+    assert set(per_layer) == set(table["variant"])
+    assert (results / "routing.png").stat().st_size > 10_000

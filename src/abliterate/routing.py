@@ -112,17 +112,23 @@ class RoutingCapture:
         return bool(self.routers)
 
     def _model_hook(self, module, args, kwargs):
-        """Note the token mask of a prefill forward (empty cache); None on decoding steps."""
-        past = kwargs.get("past_key_values")
-        length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        """Note the token mask of a prefill forward; None on decoding steps.
+
+        A decoding step has a non-empty cache (transformers 5 passes it as `cache`, older
+        versions as `past_key_values`) and an attention mask longer than its input ids;
+        either marks it, so a cache object this code cannot read still cannot pass a
+        decoding step off as a prefill.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         ids = kwargs.get("input_ids")
         if ids is None and args:
             ids = args[0]
         mask = kwargs.get("attention_mask")
-        if length or ids is None:
+        if cached or not isinstance(ids, torch.Tensor) or ids.ndim != 2:
             self._mask = None
-        elif isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-            self._mask = mask.reshape(-1).bool()
+        elif isinstance(mask, torch.Tensor):
+            self._mask = mask.reshape(-1).bool() if mask.shape == ids.shape else None
         else:
             self._mask = torch.ones(ids.numel(), dtype=torch.bool)
 
