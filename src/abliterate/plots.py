@@ -372,10 +372,11 @@ def plot_routing_shift(table, per_layer: dict, path: str | Path, *, best: str | 
             label=f"top-k changed, {cls}",
         )  # fmt: skip
     left.set_xlabel("MoE layer")
+    left.xaxis.get_major_locator().set_params(integer=True)
     left.set_ylabel("router KL(base || edited) (nats)")
     changed_axis.set_ylabel("share of top-k choices changed")
     changed_axis.set_ylim(-0.02, 1.02)
-    left.set_title(f"Routing shift per layer: {best}" if best else "Routing shift per layer")
+    left.set_title("Routing shift per MoE layer" + (f"\n{best}" if best else ""), fontsize=9)
     left.grid(alpha=0.3)
     handles = left.get_legend_handles_labels()
     extra = changed_axis.get_legend_handles_labels()
@@ -391,9 +392,17 @@ def plot_routing_shift(table, per_layer: dict, path: str | Path, *, best: str | 
         if best is not None and best in set(variants["variant"]):
             i = int(variants.index[variants["variant"] == best][0])
             right.scatter([x[i]], [y[i]], marker="*", s=260, color="tab:red", zorder=4)
+        base = table[table["variant"] == "base"]
+        if not base.empty:
+            right.scatter([0.0], [float(base["refusal_rate"].iloc[0])], marker="s",
+                          color="gray", s=50, zorder=3, label="base model", clip_on=False)  # fmt: skip
+            right.legend(fontsize=8, loc="best")
+        right.set_xlim(left=0, right=max(float(x.max()) * 1.15, 1e-6))
         right.set_xlabel("mean router KL on target prompts (nats)")
     right.set_ylabel("refusal rate on held-out target prompts")
     right.set_ylim(-0.03, 1.03)
-    right.set_title("Variants: refusal rate vs routing shift (numbers as in pareto.png)")
+    right.set_title(
+        "Variants: refusal rate vs routing shift\n(numbers as in pareto.png)", fontsize=9
+    )
     right.grid(alpha=0.3)
     _save(fig, path)
