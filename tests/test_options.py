@@ -150,3 +150,36 @@ def test_model_card_defaults_are_the_schema_defaults():
     config = {"export": {"card": {"base_model": "my model: v2"}}}
     with pytest.raises(Exception, match="does not match"):  # not a Hub id: refused up front
         validate(config, str(SCHEMA), set_default=True)
+
+
+def test_recipe_defaults_are_the_schema_defaults():
+    """Every recipe option the workflow can set has the library's default (paths and the
+    ablate list are the workflow's own); router_suppress's nested strength is documented."""
+    from abliterate.recipe import OPTIONS, RouterSuppress
+
+    schema = schema_defaults("recipe")
+    for key in set(schema) - {"ablate"}:
+        assert key in OPTIONS, f"schema key recipe.{key} is not a recipe option"
+        assert schema[key] == OPTIONS[key], f"recipe.{key}: schema {schema[key]!r}"
+    assert set(OPTIONS) - set(schema) == {"model", "measurements", "output"}
+    spec = yaml.safe_load(SCHEMA.read_text())["properties"]["recipe"]["properties"]
+    strength = spec["router_suppress"]["properties"]["strength"]
+    # documented, not filled in (snakemake would fill it into a null router_suppress)
+    assert "default" not in strength
+    assert f"default {RouterSuppress().strength:g}.0" in strength["description"]
+
+
+def test_router_grid_defaults_are_the_variant_defaults_and_validate():
+    from abliterate.grid import Variant, variants
+
+    sweep = default_config()["sweep"]
+    assert sweep["gate_scale"] is None and sweep["router_suppress"] == ["none"]
+    assert variants(sweep) == [Variant()]
+    config = {
+        "recipe": {"router_suppress": {"experts": {20: [3, 17]}, "strength": 1.5}},
+        "sweep": {"gate_scale": [0.5, 1.0], "router_suppress": ["none", "top:2@1.5"]},
+    }
+    validate(config, str(SCHEMA), set_default=True)
+    for bad in ({"experts": [1], "scale": 2}, {"strength": 1.0}, {"experts": [-1]}):
+        with pytest.raises(Exception, match="router_suppress|experts|scale"):
+            validate({"recipe": {"router_suppress": bad}}, str(SCHEMA), set_default=True)

@@ -168,3 +168,14 @@ def test_moe_workflow_sweeps_expert_strategies_and_exports_the_best(tmp_path_fac
     attribution = pd.read_csv(results / "analysis" / "experts.tsv", sep="\t")
     assert sorted(attribution.layer.unique()) == [1, 2, 3]  # layer 0 is dense
     assert (results / "analysis" / "expert_share.png").is_file()
+    # routing shift: zero for the base model, measured for every variant, per layer on the side
+    routing = [
+        "routing_kl_benign",
+        "routing_kl_target",
+        "topk_changed_benign",
+        "topk_changed_target",
+    ]
+    assert (table.iloc[0][routing] == 0).all() and table[routing].notna().all().all()
+    per_layer = json.loads((results / "sweep_routing.json").read_text())
+    assert set(per_layer) == set(table["variant"])
+    assert (results / "routing.png").stat().st_size > 10_000

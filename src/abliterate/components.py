@@ -8,6 +8,10 @@ Write side (the tensor writes into the residual stream): `attn_out`, `mlp_down` 
 MLP down, including the dense first layers of an MoE model), `shared_down`,
 `expert_down`, `embed`. Read side (it reads from the residual): `router`,
 `expert_gate`, `expert_up`, `expert_gate_up` (fused gate+up).
+
+`router_suppress` is not a component a recipe lists: it is the recipe key of that name
+(chosen experts' router rows, `edit.suppress_rows`), and its plan entries carry that name
+as their component so plans, logs and model cards count them apart from `router`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ W' = W - s r (r^T W); for a reader W [out, d] they are the rows, giving W' = W -
 Norm preservation (magnitude-preserving orthogonal ablation) edits the unit vectors and
 multiplies back each vector's original norm, so at s = 1 the direction is gone exactly
 (r^T W' = 0) and no unit's write (or read) magnitude changes.
+
+Router suppression (`suppress_rows`) is the one edit that acts on chosen vectors only:
+the router rows of chosen experts, and only their positive component along r.
 """
 
 from __future__ import annotations
@@ -255,6 +258,50 @@ def ablate_bias(
     return ablate_tensor(bias, direction, scale, hidden_axis=-1, norm_preserve=False, out=out)
 
 
+def suppress_rows(
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float,
+    rows: tuple[int, ...],
+    *,
+    norm_preserve: bool = True,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Lower chosen experts' routing on inputs along `direction`: edit only their router rows.
+
+    `weight` is a router [experts, d]; expert e's logit is w_e . x. With r the unit
+    direction (target mean minus benign mean, normalized), the expert's mean logit on
+    target inputs exceeds that on benign ones by exactly (w_e . r) |mu_t - mu_b|, so each
+    chosen row becomes w_e - s max(w_e . r, 0) r: s = 1 closes the gap (the expert no
+    longer prefers target-like inputs), s > 1 turns it into a preference for benign inputs.
+    Rows with w_e . r <= 0 already route less on target-like inputs and are left as they
+    are, so suppression never raises an expert's routing. Other rows are untouched; the
+    correction bias some routers add to the scores is not an input of this function.
+    With `norm_preserve` each edited row keeps its norm (the hidden-axis closed form of
+    `ablate_tensor`), so only the row's angle to r changes.
+    """
+    if weight.ndim != 2 or direction.numel() != weight.shape[1]:
+        raise ValueError(
+            f"router suppression needs a [experts, {direction.numel()}] router weight, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if any(not 0 <= row < weight.shape[0] for row in rows):
+        raise ValueError(f"router rows {list(rows)} out of range 0-{weight.shape[0] - 1}")
+    compute = torch.device(device) if device is not None else weight.device
+    r = unit(direction).to(compute)
+    matrix = weight.detach().to(compute, torch.float32, copy=True)
+    index = torch.tensor(sorted(set(rows)), dtype=torch.long, device=compute)
+    chosen = matrix.index_select(0, index)
+    positive = (chosen @ r) > 0
+    if bool(positive.any()):
+        picked = index[positive]
+        edited = ablate_tensor(
+            chosen[positive], r, scale, hidden_axis=1, norm_preserve=norm_preserve
+        )
+        matrix.index_copy_(0, picked, edited)
+    return matrix.to(weight.dtype).to(weight.device)
+
+
 def apply_edit(
     weight: torch.Tensor, edit, *, is_bias: bool = False, device=None, out=None
 ) -> torch.Tensor:
@@ -263,9 +310,21 @@ def apply_edit(
     `edit` is anything with `direction`, `scale`, `hidden_axis`, `norm_preserve` and
     `preserve` (a `recipe.PlanEntry`, or the evaluator's resolved edit); `is_bias` says the
     tensor is the entry's writer bias rather than its weight; `out` as in `ablate_tensor`.
+    An edit with `rows` (router suppression) edits only those router rows (`suppress_rows`).
     """
     if is_bias:
         return ablate_bias(weight, edit.direction, edit.scale, out=out)
+    rows = getattr(edit, "rows", None)
+    if rows is not None:
+        edited = suppress_rows(
+            weight,
+            edit.direction,
+            edit.scale,
+            tuple(rows),
+            norm_preserve=edit.norm_preserve,
+            device=device,
+        )
+        return edited if out is None else out.copy_(edited)
     return ablate_tensor(
         weight,
         edit.direction,

@@ -45,6 +45,7 @@ from .model import (
 )
 from .prompts import PromptOptions
 from .recipe import Plan, PlanEntry, edit_tensor
+from .routing import RouterRecord, RoutingCapture, mean_over_layers, routing_shift
 from .shards import DTYPES, read_header, read_weight_map
 
 # --------------------------------------------------------------------------------------
@@ -535,12 +536,29 @@ class VariantResult:
     n_benign: int
     seconds: float
     samples: dict = field(default_factory=dict)
+    # MoE models: per prompt class ("benign", "target"), per MoE layer, the routing shift
+    # from the base model ({"kl", "topk_changed"}, abliterate.routing); None for dense ones
+    routing: dict | None = None
 
     def row(self) -> dict:
-        row = {k: v for k, v in self.__dict__.items() if k != "samples"}
+        """The table row; MoE models add the routing shift averaged over their MoE layers
+        (`ROUTING_COLUMNS`), dense models leave those columns out."""
+        row = {k: v for k, v in self.__dict__.items() if k not in ("samples", "routing")}
         if row["cross_entropy"] is None:
             row["cross_entropy"] = float("nan")
+        if self.routing is not None:
+            for column, (cls, key) in ROUTING_COLUMNS.items():
+                row[column] = mean_over_layers(self.routing.get(cls, {}), key)
         return row
+
+
+# sweep.tsv column -> (prompt class, per-layer metric of abliterate.routing)
+ROUTING_COLUMNS = {
+    "routing_kl_benign": ("benign", "kl"),
+    "routing_kl_target": ("target", "kl"),
+    "topk_changed_benign": ("benign", "topk_changed"),
+    "topk_changed_target": ("target", "topk_changed"),
+}
 
 
 class Evaluator:
@@ -580,6 +598,8 @@ class Evaluator:
                 : settings.text_max_tokens
             ]
         self.base: VariantResult | None = None
+        self.routing = RoutingCapture(model)
+        self._base_routing: dict[str, RouterRecord] = {}
         self._base_benign_answers: list[str] = []
         self._base_continuations: list[list[int]] = []
         self._base_logprobs: list[torch.Tensor] = []
@@ -589,14 +609,21 @@ class Evaluator:
             return self.judge.refuses(prompts.texts, answers)
         return [is_refusal(a, self.settings.markers) for a in answers]
 
-    def _run(self, name: str) -> tuple[VariantResult, list[str], list[list[int]], list]:
+    def _run(self, name: str) -> tuple[VariantResult, list[str], list[list[int]], list, dict]:
         start = time.perf_counter()
         s = self.settings
-        target_answers = decode(
-            self.tokenizer, generate(self.model, self.tokenizer, self.target.ids, s)
-        )
-        benign_tokens = generate(self.model, self.tokenizer, self.benign.ids, s)
+        with self.routing.recording() as target_routing:
+            target_answers = decode(
+                self.tokenizer, generate(self.model, self.tokenizer, self.target.ids, s)
+            )
+        with self.routing.recording() as benign_routing:
+            benign_tokens = generate(self.model, self.tokenizer, self.benign.ids, s)
         benign_answers = decode(self.tokenizer, benign_tokens)
+        records = {"target": target_routing, "benign": benign_routing}
+        routing = None
+        if self.routing.active:
+            base = self._base_routing or records
+            routing = {cls: routing_shift(base[cls], records[cls]) for cls in ("benign", "target")}
         target_refused = self._refusals(self.target, target_answers)
         benign_refused = self._refusals(self.benign, benign_answers)
         continuations = self._base_continuations or benign_tokens
@@ -645,16 +672,18 @@ class Evaluator:
             n_benign=len(benign_answers),
             seconds=round(time.perf_counter() - start, 3),
             samples=samples,
+            routing=routing,
         )
-        return result, benign_answers, benign_tokens, logprobs
+        return result, benign_answers, benign_tokens, logprobs, records
 
     def evaluate_base(self) -> VariantResult:
         """The unedited model's row; also fixes the references variants are compared to."""
         if self.base is None:
-            result, answers, tokens, logprobs = self._run("base")
+            result, answers, tokens, logprobs, routing = self._run("base")
             self._base_benign_answers = answers
             self._base_continuations = tokens
             self._base_logprobs = logprobs
+            self._base_routing = routing
             self.base = result
             logger.info(
                 "base: refusal rate %.3f, benign refusal rate %.3f",
@@ -683,6 +712,15 @@ class Evaluator:
             result.kl_first_token,
             result.kl_multi_token,
         )
+        if result.routing is not None:
+            row = result.row()
+            logger.info(
+                "%s: routing KL benign %.4g / target %.4g, top-k changed benign %.3f / "
+                "target %.3f (mean over %d MoE layers)",
+                name,
+                *(row[c] for c in ROUTING_COLUMNS),
+                len(result.routing["benign"]),
+            )
         return result
 
 

@@ -19,8 +19,13 @@ What the grid owns, and how it meets the config's `recipe:` block (docs/evaluati
   `components` and `experts` (-> `ablate_individual_experts`, `expert_subset`) set those
   recipe keys. Setting any of these in `recipe:` to something other than its default
   while sweeping is an error (`check_base_recipe`): the grid would silently override it.
-- Every other recipe option (`gate_scale`, `projected`, `preserve`, `ensemble`, ...)
-  applies to every variant unchanged.
+- Router edits (MoE): `gate_scale` (null = the recipe's, default 0.5) sets the read-side
+  router strength per variant, and `router_suppress` ("none", "top:K" or "3,17", each
+  optionally "@strength") the recipe's `router_suppress`. A variant that sets
+  `gate_scale` refuses a `recipe.gate_scale` other than the default; `router_suppress`
+  is always the grid's, so `recipe.router_suppress` must stay null while sweeping.
+- Every other recipe option (`projected`, `preserve`, `ensemble`, ...) applies to every
+  variant unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ SWEEP_KEYS = (
     "components",
     "norm_preserve",
     "experts",
+    "gate_scale",
+    "router_suppress",
 )
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 _SUBSET = re.compile(r"^\d+(,\d+)*$")
@@ -52,6 +59,7 @@ _ADAPTIVE = re.compile(
     r"^(auto:\d+|coverage:(0?\.\d+|1(\.0*)?))$"
 )  # expert_subset auto:K / coverage:F
 _COMPONENT = re.compile(r"^[a-z_]+(\+[a-z_]+)*$")
+_SUPPRESS = re.compile(r"^(?P<experts>top:[1-9]\d*|\d+(,\d+)*)(@(?P<strength>-?\d+(\.\d+)?))?$")
 
 
 def format_number(value: float, min_decimals: int = 1) -> str:
@@ -76,26 +84,44 @@ class Variant:
     components: str = "default"
     norm_preserve: bool = True
     experts: str = "none"
+    gate_scale: float | None = None  # None: the recipe's gate_scale
+    router_suppress: str = "none"
 
     @property
     def id(self) -> str:
-        """Readable and stable, e.g. `s1.0_p0.00_m3_L1-4_np1_c-default_e-none`."""
+        """Readable and stable, e.g. `s1.0_p0.00_m3_L1-4_np1_c-default_e-none`; the router
+        parts (`_g0.25`, `_rs-top2x1.0`) only when set, so grids without them keep their ids."""
         measurement = "sug" if self.measurement == "suggested" else str(self.measurement)
         layers = "sug" if self.layers == "suggested" else self.layers
         experts = self.experts.replace(",", "+").replace(":", "")
-        return (
+        text = (
             f"s{format_number(self.scale)}_p{format_number(self.sparsity, 2)}_m{measurement}"
             f"_L{layers}_np{int(self.norm_preserve)}_c-{self.components}_e-{experts}"
         )
+        if self.gate_scale is not None:
+            text += f"_g{format_number(self.gate_scale)}"
+        if self.router_suppress != "none":
+            experts, strength = suppress_parts(self.router_suppress)
+            chosen = experts.replace("top:", "top").replace(",", "+")
+            text += f"_rs-{chosen}x{format_number(strength)}"
+        return text
 
     def params(self) -> dict:
         return asdict(self)
 
 
+def suppress_parts(value: str) -> tuple[str, float]:
+    """A grid `router_suppress` value "EXPERTS[@STRENGTH]" -> (experts, strength)."""
+    match = _SUPPRESS.match(value)
+    return match["experts"], float(match["strength"] or 1.0)
+
+
 def _check_value(key: str, value) -> object:
     """Validate one grid value (the schema checks types; this checks meaning)."""
     where = f"sweep.{key}"
-    if key in ("scale", "sparsity"):
+    if key == "gate_scale" and value is None:
+        return None
+    if key in ("scale", "sparsity", "gate_scale"):
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
@@ -149,6 +175,14 @@ def _check_value(key: str, value) -> object:
             f"{where}: expected 'none', 'all', a subset like '0,1,2,3', 'auto:K' or "
             f"'coverage:F' (docs/moe.md), got {value!r}."
         )
+    if key == "router_suppress":
+        text = str(value).replace(" ", "")
+        if text == "none" or _SUPPRESS.match(text):
+            return text
+        raise AbliterateError(
+            f"{where}: expected 'none', 'top:K' or experts like '3,17', each optionally "
+            f"with '@strength' ('top:2@1.5'), got {value!r}."
+        )
     raise AbliterateError(
         f"sweep.{key}: unknown sweep parameter; expected one of {', '.join(SWEEP_KEYS)}."
     )
@@ -157,17 +191,20 @@ def _check_value(key: str, value) -> object:
 def variants(sweep: dict, moe: bool = True) -> list[Variant]:
     """Every grid point of the config's `sweep:` block, in a stable order, ids unique.
 
-    For a dense model (`moe=False`) the expert strategies collapse to "none": without
-    routed experts, "all" or a subset would repeat the "none" variant.
+    For a dense model (`moe=False`) the expert and router strategies collapse to their
+    defaults: without routed experts or routers they would repeat the default variant.
+    A missing or null key is its default.
     """
     defaults = Variant()
     grids: list[list] = []
     for key in SWEEP_KEYS:
-        values = sweep.get(key, [getattr(defaults, key)])
+        values = sweep.get(key)
+        values = [getattr(defaults, key)] if values is None else values
         if not isinstance(values, (list, tuple)) or not values:
             raise AbliterateError(f"sweep.{key}: expected a non-empty list, got {values!r}.")
         values = [_check_value(key, v) for v in values]
-        grids.append(["none"] if key == "experts" and not moe else values)
+        moe_only = key in ("experts", "gate_scale", "router_suppress")
+        grids.append([getattr(defaults, key)] if moe_only and not moe else values)
     seen: dict[str, Variant] = {}
     for combo in itertools.product(*grids):
         variant = Variant(**dict(zip(SWEEP_KEYS, combo, strict=True)))
@@ -294,6 +331,17 @@ def variant_recipe(
     else:
         recipe["ablate_individual_experts"] = True
         recipe["expert_subset"] = [int(e) for e in variant.experts.split(",")]
+    if variant.gate_scale is not None:
+        if recipe.get("gate_scale", 0.5) != 0.5:
+            raise AbliterateError(
+                f"config key recipe.gate_scale is {recipe['gate_scale']!r}, but the sweep sets "
+                "it per variant (sweep.gate_scale); put the value in sweep.gate_scale instead."
+            )
+        recipe["gate_scale"] = float(format_number(variant.gate_scale))
+    if variant.router_suppress != "none":  # else unset: check_base_recipe keeps it null
+        experts, strength = suppress_parts(variant.router_suppress)
+        chosen = experts if experts.startswith("top:") else [int(e) for e in experts.split(",")]
+        recipe["router_suppress"] = {"experts": chosen, "strength": strength}
     return recipe
 
 
@@ -327,6 +375,7 @@ GRID_OWNED_RECIPE_KEYS = {
     "components": None,
     "ablate_individual_experts": False,
     "expert_subset": None,
+    "router_suppress": None,
 }
 
 

@@ -171,6 +171,8 @@ def _sweep_label(row, varying: list[str]) -> str:
         "components": "c",
         "norm_preserve": "np",
         "experts": "e",
+        "gate_scale": "g",
+        "router_suppress": "rs",
     }
     parts = []
     for key in varying:
@@ -179,7 +181,9 @@ def _sweep_label(row, varying: list[str]) -> str:
             value = int(str(value) in ("True", "true", "1"))
         value = "sug" if value == "suggested" else value
         parts.append(
-            f"{short[key]}-{value}" if key in ("components", "experts") else f"{short[key]}{value}"
+            f"{short[key]}-{value}"
+            if key in ("components", "experts", "router_suppress")
+            else f"{short[key]}{value}"
         )
     return " ".join(parts) or str(row["variant"])
 
@@ -316,7 +320,11 @@ def plot_sweep_heatmap(
         anchor = variants[variants["variant"] == best].iloc[0]
         for key in keys:
             if key not in axes:
-                variants = variants[variants[key].astype(str) == str(anchor[key])]
+                value = anchor[key]
+                if value is None or value != value:  # unset (e.g. gate_scale: the recipe's)
+                    variants = variants[variants[key].isna()]
+                else:
+                    variants = variants[variants[key].astype(str) == str(value)]
     row_key = axes[0] if axes else None
     col_key = axes[1] if len(axes) > 1 else None
 
@@ -365,4 +373,67 @@ def plot_sweep_heatmap(
         + (" (other parameters at the selected variant's values)" if len(keys) > len(axes) else ""),
         fontsize=10,
     )
+    _save(fig, path)
+
+
+def plot_routing_shift(table, per_layer: dict, path: str | Path, *, best: str | None) -> None:
+    """How far each variant moves the expert routing (MoE models; `abliterate.routing`).
+
+    `per_layer` is {variant: {"benign" | "target": {layer: {"kl", "topk_changed"}}}}.
+
+    Left: the selected variant's routing KL per MoE layer on benign and target prompts, with
+    the share of top-k choices changed on a second axis, so the layers an edit re-routes
+    stand out. Right: every variant's mean routing KL on target prompts against its refusal
+    rate, to show whether the variants that remove refusals do it by re-routing.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.8))
+    shift = per_layer.get(best or "", {})
+    styles = {"benign": ("tab:blue", "-"), "target": ("tab:red", "--")}
+    changed_axis = left.twinx()
+    for cls, (color, style) in styles.items():
+        values = shift.get(cls, {})  # {layer (int): {"kl", "topk_changed"}}
+        layers = sorted(values)
+        if not layers:
+            continue
+        kl = [values[i]["kl"] for i in layers]
+        changed = [values[i]["topk_changed"] for i in layers]
+        left.plot(layers, kl, style, color=color, marker="o", label=f"KL, {cls} prompts")
+        changed_axis.plot(
+            layers, changed, style, color=color, alpha=0.35, marker="s",
+            label=f"top-k changed, {cls}",
+        )  # fmt: skip
+    left.set_xlabel("MoE layer")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_ylabel("router KL(base || edited) (nats)")
+    changed_axis.set_ylabel("share of top-k choices changed")
+    changed_axis.set_ylim(-0.02, 1.02)
+    left.set_title("Routing shift per MoE layer" + (f"\n{best}" if best else ""), fontsize=9)
+    left.grid(alpha=0.3)
+    handles = left.get_legend_handles_labels()
+    extra = changed_axis.get_legend_handles_labels()
+    left.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="best")
+    variants = table[table["variant"] != "base"].reset_index(drop=True)
+    if "routing_kl_target" in variants:
+        x = variants["routing_kl_target"].astype(float)
+        y = variants["refusal_rate"].astype(float)
+        colour = variants.get("topk_changed_target", x * 0).astype(float)
+        points = right.scatter(x, y, c=colour, cmap="viridis", vmin=0, vmax=1, s=36, zorder=3)
+        fig.colorbar(points, ax=right, shrink=0.8, label="top-k changed, target prompts")
+        _number_points(right, x, y)
+        if best is not None and best in set(variants["variant"]):
+            i = int(variants.index[variants["variant"] == best][0])
+            right.scatter([x[i]], [y[i]], marker="*", s=260, color="tab:red", zorder=4)
+        base = table[table["variant"] == "base"]
+        if not base.empty:
+            right.scatter([0.0], [float(base["refusal_rate"].iloc[0])], marker="s",
+                          color="gray", s=50, zorder=3, label="base model", clip_on=False)  # fmt: skip
+            right.legend(fontsize=8, loc="best")
+        right.set_xlim(left=0, right=max(float(x.max()) * 1.15, 1e-6))
+        right.set_xlabel("mean router KL on target prompts (nats)")
+    right.set_ylabel("refusal rate on held-out target prompts")
+    right.set_ylim(-0.03, 1.03)
+    right.set_title(
+        "Variants: refusal rate vs routing shift\n(numbers as in pareto.png)", fontsize=9
+    )
+    right.grid(alpha=0.3)
     _save(fig, path)

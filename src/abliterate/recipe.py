@@ -20,7 +20,12 @@ Defaults (documented in docs/ablation.md):
   measurements (`abliterate.experts`; docs/moe.md). In a fused expert tensor (gpt-oss)
   a subset edits only those experts' slices. Read-side expert tensors (`expert_gate`,
   `expert_up`, `expert_gate_up`) and `embed` only when listed in `components`.
-- The router is edited at `gate_scale` (seed: 0.5) times the entry's scale.
+- The router is edited at `gate_scale` (seed: 0.5) times the entry's scale: its input
+  side, every row `W <- W - s (W r) r^T` (the seed's "expert routing gate" edit).
+- `router_suppress: {experts, strength}` (off by default) lowers the routing of chosen
+  experts on target-like inputs by editing only their router rows (`edit.suppress_rows`).
+- GLM-4.5 / DeepSeek-V3's `e_score_correction_bias` is never edited (a per-expert
+  constant added to the selection scores, not a reader of the residual); the plan says so.
 - Writers' biases are edited (plain projection) whenever their weight is.
 """
 
@@ -52,6 +57,8 @@ DENSE_DEFAULT = ("attn_out", "mlp_down")
 MOE_DEFAULT = ("attn_out", "shared_down", "router", "mlp_down")
 
 ENTRY_KEYS = {"layer", "measurement", "scale", "sparsity", "components"}
+ROUTER_SUPPRESS_KEYS = ("experts", "strength")
+CORRECTION_BIAS = "e_score_correction_bias"
 
 
 # --------------------------------------------------------------------------------------
@@ -82,6 +89,32 @@ class AblateEntry:
 
 
 @dataclass(frozen=True)
+class RouterSuppress:
+    """`router_suppress`: which experts' router rows to edit, and how hard.
+
+    Exactly one of `experts` (the same experts in every edited MoE layer), `per_layer`
+    ((layer, experts) pairs) or `top` (per edited layer, the `top` experts whose share of
+    routed tokens rises most on target prompts over benign ones, from the measurements'
+    router statistics) is set. `strength` s edits each chosen row as
+    w - s max(w . r, 0) r (see `edit.suppress_rows` for why).
+    """
+
+    experts: tuple[int, ...] | None = None
+    per_layer: tuple[tuple[int, tuple[int, ...]], ...] | None = None
+    top: int | None = None
+    strength: float = 1.0
+
+    def to_dict(self) -> dict:
+        if self.top is not None:
+            experts: Any = f"top:{self.top}"
+        elif self.per_layer is not None:
+            experts = {layer: list(chosen) for layer, chosen in self.per_layer}
+        else:
+            experts = list(self.experts or ())
+        return {"experts": experts, "strength": self.strength}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe: the seed's keys plus options, every default filled in."""
 
@@ -102,6 +135,7 @@ class Recipe:
     scale: float = 1.0
     ensemble: int = 0
     biases: bool = True
+    router_suppress: RouterSuppress | None = None
     source: str = "<dict>"  # where it came from, for error messages
 
     def to_dict(self) -> dict:
@@ -113,6 +147,8 @@ class Recipe:
         for key in OPTIONS:
             if key not in data:
                 value = getattr(self, key)
+                if isinstance(value, RouterSuppress):
+                    value = value.to_dict()
                 data[key] = list(value) if isinstance(value, tuple) else value
         return data
 
@@ -306,7 +342,61 @@ def load_recipe(path_or_dict: str | Path | dict, overrides: dict | None = None) 
             options[key] = str(options[key])
     options["expert_subset"] = _parse_subset(source, options["expert_subset"])
     options["components"] = _parse_components(source, options["components"])
+    options["router_suppress"] = _parse_router_suppress(source, options["router_suppress"])
     return Recipe(ablate=tuple(entries), source=source, **options)
+
+
+def _expert_list(source: str, key: str, value) -> tuple[int, ...]:
+    if isinstance(value, str):
+        try:
+            value = [int(part) for part in value.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise _fail(
+                source, key, "must be a list of expert indices like '3,17'", value
+            ) from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _fail(source, key, "must be a non-empty list of expert indices", value)
+    experts = tuple(_number(source, key, v, integer=True) for v in value)
+    if any(e < 0 for e in experts):
+        raise _fail(source, key, "must hold expert indices >= 0", value)
+    return tuple(sorted(set(experts)))
+
+
+def _parse_router_suppress(source: str, value) -> RouterSuppress | None:
+    """`router_suppress: {experts: [3, 17] | {20: [3], 21: [5]} | 'top:2', strength: 1.0}`."""
+    if value is None or isinstance(value, RouterSuppress):
+        return value
+    key = "router_suppress"
+    if not isinstance(value, dict):
+        raise _fail(source, key, "must be a mapping {experts: ..., strength: ...}", value)
+    extra = sorted(set(value) - set(ROUTER_SUPPRESS_KEYS))
+    if extra:
+        raise _fail(source, f"{key}.{extra[0]}", "is not a router_suppress key (expected "
+                    "experts, strength)", value[extra[0]])  # fmt: skip
+    if "experts" not in value:
+        raise _fail(source, f"{key}.experts", "is required (a list, {layer: list} or 'top:K')",
+                    None)  # fmt: skip
+    strength = _number(source, f"{key}.strength", value.get("strength", 1.0))
+    experts = value["experts"]
+    where = f"{key}.experts"
+    if isinstance(experts, str) and experts.replace(" ", "").startswith("top:"):
+        count = experts.replace(" ", "")[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise _fail(source, where, "must be 'top:K' with an integer K >= 1", experts)
+        return RouterSuppress(top=int(count), strength=strength)
+    if isinstance(experts, dict):
+        if not experts:
+            raise _fail(source, where, "must name at least one layer", experts)
+        per_layer = {}
+        for layer, chosen in experts.items():
+            if isinstance(layer, str) and layer.strip().isdigit():
+                layer = int(layer)
+            layer = _number(source, f"{where} layer", layer, integer=True)
+            if layer < 0:
+                raise _fail(source, f"{where} layer", "must be >= 0", layer)
+            per_layer[layer] = _expert_list(source, f"{where}[{layer}]", chosen)
+        return RouterSuppress(per_layer=tuple(sorted(per_layer.items())), strength=strength)
+    return RouterSuppress(experts=_expert_list(source, where, experts), strength=strength)
 
 
 def _parse_components(source: str, value) -> tuple[str, ...] | None:
@@ -353,6 +443,8 @@ class PlanEntry:
     direction: torch.Tensor = field(repr=False)
     # a fused expert tensor edited in these experts' slices only (leading axis); None: all
     experts: tuple[int, ...] | None = None
+    # router suppression only: the router rows (experts) edited; None = the whole tensor
+    rows: tuple[int, ...] | None = None
 
     @classmethod
     def for_target(
@@ -398,6 +490,10 @@ class PlanEntry:
             del data["experts"]  # plans without expert slices keep their old hash
         else:
             data["experts"] = list(self.experts)
+        if self.rows is None:  # plans without router suppression keep their old JSON
+            del data["rows"]
+        else:
+            data["rows"] = list(self.rows)
         return data
 
 
@@ -485,6 +581,8 @@ class Plan:
                 raw["shape"] = tuple(raw["shape"])
                 if raw.get("experts") is not None:
                     raw["experts"] = tuple(raw["experts"])
+                if raw.get("rows") is not None:
+                    raw["rows"] = tuple(raw["rows"])
                 raw["direction"] = directions[raw["direction_id"]]
                 entries.append(PlanEntry(**raw))
         except FileNotFoundError as error:
@@ -508,6 +606,7 @@ class Plan:
             f"{e.key}  {e.component}  scale={e.scale:g}  mode={e.mode}"
             + (f"  experts={','.join(map(str, e.experts))}" if e.experts is not None else "")
             + (f"  bias={e.bias}" if e.bias else "")
+            + (f"  rows={','.join(map(str, e.rows))}" if e.rows is not None else "")
             for e in self.entries
         ]
         counts: dict[str, int] = {}
@@ -521,6 +620,12 @@ class Plan:
             f"total: {len(self.entries)} tensor edits ({by_component}), "
             f"{sum(1 for e in self.entries if e.bias)} biases, in {shards} shard(s)"
         )
+        untouched = self.info.get("untouched_correction_biases") or []
+        if untouched:
+            lines.append(
+                f"untouched: {len(untouched)} router {CORRECTION_BIAS} tensor(s) of the edited "
+                "layers (per-expert selection offsets, not readers of the residual stream)"
+            )
         return "\n".join(lines)
 
 
@@ -873,8 +978,9 @@ def resolve(
     _warn_about(recipe, layout, tuple(dict.fromkeys(c for chosen in per_entry for c in chosen)))
     entries: list[PlanEntry] = []
     selection: dict[int, list[int]] = {}
+    directions: dict[int, torch.Tensor] = {}
     for index, item in enumerate(recipe.ablate):
-        r = entry_direction(recipe, item, measurements, layout.num_layers)
+        r = directions[index] = entry_direction(recipe, item, measurements, layout.num_layers)
         subset = None
         if item.layer in layout.moe_layers:
             subset = entry_experts(recipe, item, r, measurements)
@@ -905,6 +1011,15 @@ def resolve(
             recipe.expert_subset,
             "; ".join(f"{layer}: {experts or 'none'}" for layer, experts in selection.items()),
         )
+    entries += _suppression_entries(recipe, layout, measurements, directions)
+    untouched = _correction_biases(entries, layout, weight_map)
+    if untouched:
+        logger.info(
+            "Leaving %d router %s tensor(s) untouched: they are per-expert offsets added to "
+            "the selection scores, not readers of the residual stream.",
+            len(untouched),
+            CORRECTION_BIAS,
+        )
     if not entries:
         raise AbliterateError(
             f"{recipe.source}: the recipe selects no tensors (components "
@@ -925,8 +1040,126 @@ def resolve(
             "model_type": layout.model_type,
             "components": list(components),
             **({"expert_selection": selection} if selection else {}),
+            **({"untouched_correction_biases": untouched} if untouched else {}),
         },
     )
+
+
+# families whose router adds `e_score_correction_bias` to its selection scores (used when
+# no weight map is at hand to look the tensors up)
+_CORRECTION_BIAS_FAMILIES = ("glm4_moe", "deepseek_v3")
+
+
+def _correction_biases(entries, layout: Layout, weight_map: dict | None) -> list[str]:
+    """The correction-bias keys beside the routers the plan edits (left untouched).
+
+    Why they stay: the bias is added to the sigmoid scores only to choose experts (DeepSeek's
+    load balancing); it is not a reader of the residual, so it has no component along the
+    direction, and changing it would move routing on every input alike.
+    """
+    keys = []
+    for entry in entries:
+        if entry.component not in ("router", "router_suppress"):
+            continue
+        key = entry.key.removesuffix("weight") + CORRECTION_BIAS
+        known = key in weight_map if weight_map is not None else None
+        if known or (known is None and layout.model_type in _CORRECTION_BIAS_FAMILIES):
+            keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
+def _top_routed_experts(recipe: Recipe, measurements, layer: int, count: int) -> tuple[int, ...]:
+    """The `count` experts of `layer` whose share of routed tokens rises most on target
+    prompts over benign ones (router statistics of the measurements); only experts with a
+    positive rise, so a layer whose routing does not depend on the class gets none."""
+    target = getattr(measurements, "target_expert_counts", None)
+    benign = getattr(measurements, "benign_expert_counts", None)
+    if target is None or benign is None:
+        raise AbliterateError(
+            f"{recipe.source}: recipe key 'router_suppress.experts' is 'top:{count}', but the "
+            "measurements hold no router statistics; name the experts instead."
+        )
+
+    def rates(counts, tokens):
+        return counts[layer].to(torch.float64) / max(int(tokens[layer]), 1)
+
+    rise = rates(target, measurements.target_router_tokens) - rates(
+        benign, measurements.benign_router_tokens
+    )
+    order = [int(e) for e in torch.argsort(rise, descending=True, stable=True)]
+    return tuple(sorted(e for e in order[:count] if rise[e] > 0))
+
+
+def _suppression_entries(
+    recipe: Recipe, layout: Layout, measurements, directions: dict[int, torch.Tensor]
+) -> list[PlanEntry]:
+    """`router_suppress`'s plan entries: per layer, its router restricted to the chosen rows.
+
+    A layer's direction is that of the first ablate entry at that layer (the search's
+    per-component entries at one layer share it). A flat list or `top:K` applies to every
+    layer the recipe edits that has a router (dense first layers are skipped); a per-layer
+    mapping must name layers the recipe edits and that route tokens. The scale is
+    `strength x scale` (neither the entry's scale nor `gate_scale`: suppression has its own
+    strength).
+    """
+    spec = recipe.router_suppress
+    if spec is None:
+        return []
+    first_entry: dict[int, int] = {}
+    for index, item in enumerate(recipe.ablate):
+        first_entry.setdefault(item.layer, index)
+
+    def router_of(layer: int) -> Target | None:
+        return next((t for t in layout.layer(layer).targets if t.component == "router"), None)
+
+    if spec.per_layer is not None:
+        wanted = []
+        for layer, experts in spec.per_layer:
+            where = f"{recipe.source}: recipe key 'router_suppress.experts' names layer {layer}"
+            if layer >= layout.num_layers:
+                raise AbliterateError(
+                    f"{where}, but the model has {layout.num_layers} decoder layers "
+                    f"(0-{layout.num_layers - 1})."
+                )
+            if router_of(layer) is None:
+                raise AbliterateError(
+                    f"{where}, which has no router (a dense layer); expected a layer with "
+                    "routed experts."
+                )
+            if layer not in first_entry:
+                raise AbliterateError(
+                    f"{where}, which no ablate entry edits (the direction comes from that "
+                    "layer's entry); add an entry for it or leave the layer out."
+                )
+            wanted.append((layer, experts))
+    else:
+        wanted = [(layer, spec.experts) for layer in first_entry if router_of(layer)]
+    entries = []
+    for layer, experts in wanted:
+        router = router_of(layer)
+        if spec.top is not None:
+            experts = _top_routed_experts(recipe, measurements, layer, spec.top)
+            if not experts:
+                logger.info("router_suppress: no expert of layer %d rises on target prompts", layer)
+                continue
+        count = router.shape[0]
+        for expert in experts:
+            if expert >= count:
+                raise AbliterateError(
+                    f"Expert {expert} not found (layer {layer} has {count} experts, "
+                    f"indices 0-{count - 1})."
+                )
+        index = first_entry[layer]
+        entry = PlanEntry.for_target(
+            router,
+            layer=layer,
+            direction_id=f"entry{index}",
+            direction=directions[index],
+            scale=spec.strength * recipe.scale,
+            norm_preserve=recipe.norm_preserve,
+        )
+        entries.append(replace(entry, component="router_suppress", rows=tuple(experts)))
+    return entries
 
 
 def file_sha256(path: str | Path, chunk: int = 16 << 20) -> str:

@@ -17,7 +17,10 @@ A trial picks (parameter names as stored in the study, documented in docs/evalua
   (the embedding, edited once, has a strength only); on MoE models the `experts` group is
   switched by the expert strategy (`none` or `all`);
 - `projection` (none, projected, biprojected), `norm_preserve`, `sparsity`, and
-  `norm_scaled` (the direction multiplied by the weight of the norm that reads it).
+  `norm_scaled` (the direction multiplied by the weight of the norm that reads it);
+- only when `router_suppress: {top, strength}` is in the space (MoE): whether to suppress
+  the `router_suppress.top` experts per edited layer whose routing rises most on target
+  prompts, at `router_suppress.strength` (the recipe's `router_suppress`, docs/ablation.md).
 
 Workers are processes that share one journal file (`optuna.storages.JournalStorage`, safe
 for concurrent processes on one file system); each loads the model once and asks the study
@@ -70,6 +73,7 @@ SPACE_KEYS = (
     "norm_scaled",
     "sparsity",
     "experts",
+    "router_suppress",
 )
 # the smallest per-layer strength that still becomes an edit
 MIN_STRENGTH = 1e-3
@@ -92,7 +96,7 @@ class SearchSettings:
 
 
 def _where(key: str) -> str:
-    return f"sweep.search.{key}" if key in SPACE_KEYS else f"sweep.{key}"
+    return f"sweep.search.{key}" if key.split(".")[0] in SPACE_KEYS else f"sweep.{key}"
 
 
 def _integer(config: dict, key: str, default: int, minimum: int) -> int:
@@ -176,9 +180,18 @@ class SearchSpace:
     sparsity: tuple[float, float]
     experts: tuple[str, ...]
     num_layers: int
+    # router suppression (only when configured): ranges of the expert count and strength
+    suppress_top: tuple[int, int] | None = None
+    suppress_strength: tuple[float, float] | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Plain data; the suppression ranges only when set, so the fingerprints of studies
+        started without them stay what they were."""
+        data = asdict(self)
+        for key in ("suppress_top", "suppress_strength"):
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> SearchSpace:
@@ -197,6 +210,7 @@ def _parse_space(search: dict) -> dict:
     if not isinstance(optional, bool):
         raise AbliterateError(f"sweep.search.optional: expected true/false, got {optional!r}.")
     return {
+        **_parse_suppress(search.get("router_suppress")),
         "direction": _range(search, "direction", None, lowest=0),
         "groups": groups,
         "optional": optional,
@@ -212,6 +226,29 @@ def _parse_space(search: dict) -> dict:
         "sparsity": _range(search, "sparsity", [0.0, 0.0], lowest=0, below=1),
         "experts": _choices(search, "experts", EXPERT_STRATEGIES, EXPERT_STRATEGIES),
     }
+
+
+def _parse_suppress(value) -> dict:
+    """`router_suppress: {top: [1, 4], strength: [0.5, 2.0]}` (null: not searched)."""
+    where = "sweep.search.router_suppress"
+    if value is None:
+        return {"suppress_top": None, "suppress_strength": None}
+    if not isinstance(value, dict) or set(value) - {"top", "strength"}:
+        raise AbliterateError(
+            f"{where}: expected a mapping with 'top' (expert counts [low, high]) and "
+            f"'strength' ([low, high]), got {value!r}."
+        )
+    top = _range({"router_suppress.top": value.get("top", [1, 2])}, "router_suppress.top", None,
+                 lowest=1)  # fmt: skip
+    if top is None or not all(float(v).is_integer() for v in top):
+        raise AbliterateError(f"{where}.top: expected whole expert counts >= 1, got {top!r}.")
+    strength = _range(
+        {"router_suppress.strength": value.get("strength", [0.5, 2.0])},
+        "router_suppress.strength",
+        None,
+        lowest=0,
+    )
+    return {"suppress_top": (int(top[0]), int(top[1])), "suppress_strength": strength}
 
 
 def resolve_space(
@@ -266,6 +303,11 @@ def resolve_space(
         for g in (MOE_GROUPS if is_moe else DENSE_GROUPS)
         if not (tied_embeddings and g == "embed")
     ]
+    if not is_moe and raw["suppress_top"] is not None:
+        raise AbliterateError(
+            "sweep.search.router_suppress: router suppression needs an MoE model; this one "
+            "is dense."
+        )
     if not is_moe and any(g in ("experts", "router") for g in groups):
         raise AbliterateError(
             "sweep.search.components: 'experts' and 'router' need an MoE model; this one is dense."
@@ -292,6 +334,8 @@ def resolve_space(
         sparsity=raw["sparsity"],
         experts=raw["experts"] if "experts" in groups else ("none",),
         num_layers=num_layers,
+        suppress_top=raw["suppress_top"],
+        suppress_strength=raw["suppress_strength"],
     )
 
 
@@ -348,6 +392,17 @@ def suggest_params(trial, space: SearchSpace) -> dict:
         params[f"{group}.peak"] = _number(trial, f"{group}.peak", space.peak)
         params[f"{group}.width"] = _number(trial, f"{group}.width", space.width)
         params[f"{group}.floor"] = _number(trial, f"{group}.floor", space.floor)
+    if space.suppress_top is not None:
+        on = _choice(trial, "router_suppress.on", (True, False) if space.optional else (True,))
+        params["router_suppress.on"] = on
+        if on:
+            low, high = space.suppress_top
+            params["router_suppress.top"] = (
+                low if low == high else trial.suggest_int("router_suppress.top", low, high)
+            )
+            params["router_suppress.strength"] = _number(
+                trial, "router_suppress.strength", space.suppress_strength
+            )
     return params
 
 
@@ -401,6 +456,13 @@ def params_recipe(params: dict, space: SearchSpace, base: dict | None = None) ->
         gate_scale=1.0,
         scale=1.0,
     )
+    if space.suppress_top is not None:  # the search owns router_suppress then
+        recipe.pop("router_suppress", None)
+        if params.get("router_suppress.on"):
+            recipe["router_suppress"] = {
+                "experts": f"top:{int(params['router_suppress.top'])}",
+                "strength": round(float(params["router_suppress.strength"]), 6),
+            }
     return recipe
 
 

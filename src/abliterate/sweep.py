@@ -25,7 +25,7 @@ from .layout import Layout
 from .logs import logger
 from .measure import load_measurements
 from .model import load_model
-from .plots import plot_pareto, plot_sweep_heatmap
+from .plots import plot_pareto, plot_routing_shift, plot_sweep_heatmap
 from .recipe import load_recipe, resolve
 
 KL_COLUMNS = {"first_token": "kl_first_token", "multi_token": "kl_multi_token"}
@@ -114,6 +114,19 @@ def read_chunk_details(paths: Iterable[str | Path]) -> tuple[dict, dict]:
     return recipes, samples
 
 
+def read_chunk_routing(paths: Iterable[str | Path]) -> dict:
+    """Per-layer routing shift of every variant from the per-job JSON (MoE models; empty
+    for dense ones): {variant: {"benign" | "target": {layer: {"kl", "topk_changed"}}}}."""
+    routing: dict[str, dict] = {}
+    for path in paths:
+        for name, classes in json.loads(Path(path).read_text()).get("routing", {}).items():
+            routing.setdefault(
+                name,
+                {cls: {int(k): v for k, v in layers.items()} for cls, layers in classes.items()},
+            )
+    return routing
+
+
 # --------------------------------------------------------------------------------------
 # Running: one evaluation job (a chunk of variants), and the aggregation
 # --------------------------------------------------------------------------------------
@@ -136,6 +149,7 @@ def _evaluate_plans(evaluator: Evaluator, plans: dict, recipes: dict, columns: d
     empty = {k: None for k in next(iter(columns.values()), {})}
     rows = [{**empty, **base.row()}]
     samples = {"base": base.samples}
+    routing = {"base": base.routing} if base.routing is not None else {}
     done: dict[str, dict] = {}
     for name, plan in plans.items():
         same = json.dumps(recipes[name], sort_keys=True, default=str)
@@ -147,9 +161,13 @@ def _evaluate_plans(evaluator: Evaluator, plans: dict, recipes: dict, columns: d
             row = result.row()
             done[same] = row
             samples[name] = result.samples
+            if result.routing is not None:
+                routing[name] = result.routing
         samples.setdefault(name, samples[done[same]["variant"]])
+        if routing and name not in routing:
+            routing[name] = routing[done[same]["variant"]]
         rows.append({**columns.get(name, {}), **row})
-    return rows, samples
+    return rows, samples, routing
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
@@ -185,14 +203,15 @@ def evaluate_recipes(
     model, tokenizer, _ = load_model(model_dir, settings.load)
     target, benign = _prompt_sets(tokenizer, target_prompts, benign_prompts, settings, model.config)
     evaluator = Evaluator(model, tokenizer, target, benign, settings, model_dir=model_dir)
-    rows, samples = _evaluate_plans(evaluator, plans, recipes, columns or {})
+    rows, samples, routing = _evaluate_plans(evaluator, plans, recipes, columns or {})
     table = _table(rows)
     if table_path:
         write_table(table, table_path)
     if details_path:
-        write_text_atomic(
-            details_path, json.dumps({"recipes": recipes, "samples": samples}, indent=1)
-        )
+        details = {"recipes": recipes, "samples": samples}
+        if routing:  # MoE models: per-layer routing shift (sweep.tsv has the layer means)
+            details["routing"] = routing
+        write_text_atomic(details_path, json.dumps(details, indent=1))
     return table
 
 
@@ -276,10 +295,17 @@ def aggregate(
     pareto_png: str | Path | None = None,
     heatmap_png: str | Path | None = None,
     samples_out: str | Path | None = None,
+    routing_json: str | Path | None = None,
+    routing_png: str | Path | None = None,
     max_refusal_rate: float = 0.1,
     kl: str = "first_token",
 ) -> tuple[str, str]:
-    """sweep.tsv, plots, best.yaml/best.txt (and the samples page) from the chunk outputs."""
+    """sweep.tsv, plots, best.yaml/best.txt (and the samples page) from the chunk outputs.
+
+    On MoE models `routing_json` receives every variant's per-layer routing shift and
+    `routing_png` its figure (`plots.plot_routing_shift`); a dense model has none, and
+    asking for them there is an error rather than an empty file.
+    """
     table = read_chunk_tables(table_paths)
     recipes, samples = read_chunk_details(details_paths)
     best, reason = select_best(table, max_refusal_rate, kl)
@@ -299,4 +325,15 @@ def aggregate(
         )
     if samples_out:
         write_text_atomic(samples_out, samples_html(samples, best, reason))
+    if routing_json or routing_png:
+        routing = read_chunk_routing(details_paths)
+        if not routing:
+            raise AbliterateError(
+                "the evaluation details hold no routing shift (a dense model, or routers "
+                "the evaluator could not read); routing.json/routing.png need an MoE model."
+            )
+        if routing_json:
+            write_text_atomic(routing_json, json.dumps(routing, indent=1) + "\n")
+        if routing_png:
+            plot_routing_shift(table, routing, routing_png, best=best)
     return best, reason

@@ -202,6 +202,47 @@ def analysis_outputs(wildcards=None):
     return outputs
 
 
+def sweep_outputs(wildcards=None):
+    """aggregate_sweep's files: table, selection, plots, samples (routing shift only for
+    MoE models: its per-layer JSON and figure)."""
+    outputs = {
+        "table": report(
+            f"{RESULTS}/sweep.tsv",
+            category="3. Sweep",
+            caption="../report/sweep_table.rst",
+        ),
+        "best": f"{RESULTS}/best.yaml",
+        "reason": report(
+            f"{RESULTS}/best.txt",
+            category="3. Sweep",
+            caption="../report/sweep_best.rst",
+        ),
+        "pareto": report(
+            f"{RESULTS}/pareto.png",
+            category="3. Sweep",
+            caption="../report/sweep_pareto.rst",
+        ),
+        "heatmap": report(
+            f"{RESULTS}/heatmap.png",
+            category="3. Sweep",
+            caption="../report/sweep_heatmap.rst",
+        ),
+        "samples": report(
+            f"{RESULTS}/samples.html",
+            category="4. Sample answers",
+            caption="../report/samples.rst",
+        ),
+    }
+    if model_is_moe():
+        outputs["routing_json"] = f"{RESULTS}/sweep_routing.json"
+        outputs["routing"] = report(
+            f"{RESULTS}/routing.png",
+            category="3. Sweep",
+            caption="../report/sweep_routing.rst",
+        )
+    return outputs
+
+
 # ---- ablate.smk: the recipe to export, the plan's inputs, the shards it edits ----
 def export_recipe(wildcards=None):
     """The config's own recipe when `recipe.ablate` is set, else the sweep's best.yaml."""

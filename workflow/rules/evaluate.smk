@@ -40,32 +40,7 @@ rule aggregate_sweep:
         tables=sweep_chunk_files("tsv"),
         details=sweep_chunk_files("json"),
     output:
-        table=report(
-            f"{RESULTS}/sweep.tsv",
-            category="3. Sweep",
-            caption="../report/sweep_table.rst",
-        ),
-        best=f"{RESULTS}/best.yaml",
-        reason=report(
-            f"{RESULTS}/best.txt",
-            category="3. Sweep",
-            caption="../report/sweep_best.rst",
-        ),
-        pareto=report(
-            f"{RESULTS}/pareto.png",
-            category="3. Sweep",
-            caption="../report/sweep_pareto.rst",
-        ),
-        heatmap=report(
-            f"{RESULTS}/heatmap.png",
-            category="3. Sweep",
-            caption="../report/sweep_heatmap.rst",
-        ),
-        samples=report(
-            f"{RESULTS}/samples.html",
-            category="4. Sample answers",
-            caption="../report/samples.rst",
-        ),
+        **sweep_outputs(),
     log:
         f"{RESULTS}/logs/aggregate_sweep.log",
     conda:

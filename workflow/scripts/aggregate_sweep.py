@@ -13,6 +13,8 @@ with rule_log(snakemake):
         pareto_png=snakemake.output.pareto,
         heatmap_png=snakemake.output.heatmap,
         samples_out=snakemake.output.samples,
+        routing_json=getattr(snakemake.output, "routing_json", None),
+        routing_png=getattr(snakemake.output, "routing", None),
         max_refusal_rate=snakemake.params.max_refusal_rate,
         kl=snakemake.params.kl,
     )

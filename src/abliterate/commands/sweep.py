@@ -7,7 +7,10 @@ from pathlib import Path
 
 from ..errors import AbliterateError
 
-HELP = "merge sweep tables into sweep.tsv, plot the Pareto front and grid, write best.yaml"
+HELP = (
+    "merge sweep tables into sweep.tsv, plot the Pareto front and grid (and the routing "
+    "shift of MoE models), write best.yaml"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.max_refusal_rate <= 1:
         raise AbliterateError("--max-refusal-rate must be between 0 and 1.")
     out.mkdir(parents=True, exist_ok=True)
+    from ..sweep import read_chunk_routing
+
+    moe = bool(read_chunk_routing(args.details))  # MoE evaluations carry a routing shift
     best, reason = aggregate(
         args.tables,
         args.details,
@@ -34,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         pareto_png=out / "pareto.png",
         heatmap_png=out / "heatmap.png",
         samples_out=out / "samples.html",
+        routing_json=out / "sweep_routing.json" if moe else None,
+        routing_png=out / "routing.png" if moe else None,
         max_refusal_rate=args.max_refusal_rate,
         kl=args.kl,
     )
