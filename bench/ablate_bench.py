@@ -61,6 +61,20 @@ print(json.dumps({"wall_s": wall, "peak_rss_MiB": hwm(), "rss_before_MiB": base,
 """
 
 
+# `abliterate` itself, reporting its peak RSS (VmHWM: all its threads, nothing inherited)
+CLI_WITH_PEAK = """
+import atexit, sys
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+atexit.register(lambda: print('peak_rss_MiB', hwm(), file=sys.stderr))
+sys.argv = ['abliterate', *sys.argv[1:]]
+from abliterate.cli import main
+sys.exit(main())
+"""
+
+
 def shard_job(plan_path: Path, model: Path, shard: str, out: Path) -> dict:
     """One shard job in a fresh process: wall, peak RSS (its own VmHWM: getrusage's
     RUSAGE_CHILDREN would report the parent's size, inherited across fork), phases."""
@@ -135,11 +149,22 @@ def main() -> None:
             }
             recipe_path.write_text(json.dumps(recipe_data))
             cached = prepare(False)
-            command = [sys.executable, "-m", "abliterate", "-q", "ablate", str(recipe_path)]
+            command = [sys.executable, "-c", CLI_WITH_PEAK, "-q", "ablate", str(recipe_path)]
+            done = {}
             seconds = glm_slice.timed(
-                lambda: subprocess.run([*command, *flags], check=True, stdout=subprocess.DEVNULL)
+                lambda: done.update(
+                    run=subprocess.run(
+                        [*command, *flags],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
             )
             record(name, seconds, cached)
+            peak = [line for line in done["run"].stderr.splitlines() if "peak_rss_MiB" in line]
+            runs[name][-1]["peak_rss_MiB"] = round(float(peak[-1].split()[1])) if peak else None
             shutil.rmtree(root / "cli-out")
             for leftover in root.glob("cli-out.*"):
                 leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover)

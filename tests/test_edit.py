@@ -223,3 +223,21 @@ def test_the_streamed_invariant_check_agrees_with_the_whole_matrix_one(shape, hi
         ((after.norm(dim=-1) - scale).abs() / scale).max().item(), rel=1e-3, abs=1e-7
     )
     assert 0 < drift < 2e-2 and residual < 2e-2  # bf16 rounding, not a broken edit
+
+
+@pytest.mark.parametrize(("shape", "hidden_axis"), BLOCKED)
+def test_the_edit_has_the_same_bits_with_one_or_two_torch_threads(shape, hidden_axis):
+    """The exporter's workers run the edit with one torch thread each, the evaluator with
+    the process's count: the export equals the evaluation only if the bits do not depend
+    on it."""
+    r = random_direction(9, shape[hidden_axis])
+    weight = random_weight(shape, torch.bfloat16, seed=10)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(ablate_tensor(weight, r, 1.0, hidden_axis=hidden_axis))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
