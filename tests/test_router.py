@@ -310,28 +310,15 @@ def test_aggregate_writes_the_per_layer_routing_and_its_figure(tmp_path):
     }
     (tmp_path / "chunk-0.json").write_text(json.dumps(details))
     out = {k: tmp_path / f"out.{k}" for k in ("tsv", "yaml", "txt", "json", "png")}
-    aggregate(
-        [tmp_path / "chunk-0.tsv"],
-        [tmp_path / "chunk-0.json"],
-        table_out=out["tsv"],
-        best_yaml=out["yaml"],
-        best_txt=out["txt"],
-        routing_json=out["json"],
-        routing_png=out["png"],
-    )
+    chunks = ([tmp_path / "chunk-0.tsv"], [tmp_path / "chunk-0.json"])
+    outputs = {"table_out": out["tsv"], "best_yaml": out["yaml"], "best_txt": out["txt"]}
+    aggregate(*chunks, **outputs, routing_json=out["json"], routing_png=out["png"])
     assert json.loads(out["json"].read_text())["a"]["benign"]["2"]["kl"] == 0.03
     assert out["png"].stat().st_size > 10_000
     del details["routing"]
     (tmp_path / "chunk-0.json").write_text(json.dumps(details))
     with pytest.raises(AbliterateError, match="need an MoE model"):
-        aggregate(
-            [tmp_path / "chunk-0.tsv"],
-            [tmp_path / "chunk-0.json"],
-            table_out=out["tsv"],
-            best_yaml=out["yaml"],
-            best_txt=out["txt"],
-            routing_png=out["png"],
-        )
+        aggregate(*chunks, **outputs, routing_png=out["png"])
 
 
 # ---- the grid ----------------------------------------------------------------------------

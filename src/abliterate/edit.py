@@ -35,16 +35,6 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
     return r / norm
 
 
-def column_norms(matrix: torch.Tensor) -> torch.Tensor:
-    """Norms of a float32 matrix's columns: a matrix-vector product over the squares.
-
-    Why not `matrix.norm(dim=0)`: PyTorch reduces across rows with a strided loop that
-    is several times slower than one squared copy plus a BLAS product.
-    """
-    ones = torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return (ones @ matrix.square()).sqrt()
-
-
 def _edit_keeping_hidden_unit_norms(
     matrix: torch.Tensor, r: torch.Tensor, scale: float, axis: int
 ) -> None:
@@ -95,6 +85,25 @@ def _norm_factor(projections: torch.Tensor, norms: torch.Tensor, scale: float) -
     return torch.where(norms > EPS, factor, torch.ones_like(factor))
 
 
+def _column_reductions(
+    weight: torch.Tensor, r: torch.Tensor, step: int, buffer: torch.Tensor, with_squares: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum_i r_i W_ij, sum_i W_ij^2 or None) over all rows of a 2-D `weight`, `step` rows
+    at a time through the float32 `buffer`: the reducing pass for vectors along axis 0
+    (columns), shared by the edit and the verifier's invariants."""
+    rows, cols = weight.shape
+    projections = torch.zeros(cols, dtype=torch.float32, device=buffer.device)
+    squares = torch.zeros(cols, dtype=torch.float32, device=buffer.device) if with_squares else None
+    ones = torch.ones(step, dtype=torch.float32, device=buffer.device)
+    for i in range(0, rows, step):
+        block = buffer[: min(step, rows - i)]
+        block.copy_(weight[i : i + step])
+        projections.addmv_(block.t(), r[i : i + step])
+        if squares is not None:
+            squares.addmv_(block.square_().t(), ones[: block.shape[0]])
+    return projections, squares
+
+
 def _edit_streamed(
     weight: torch.Tensor,
     out: torch.Tensor,
@@ -124,15 +133,7 @@ def _edit_streamed(
             _edit_rows(block, r, scale, norm_preserve)
             out[i : i + step].copy_(block)
         return
-    projections = torch.zeros(cols, dtype=torch.float32, device=compute)
-    squares = torch.zeros(cols, dtype=torch.float32, device=compute) if norm_preserve else None
-    ones = torch.ones(step, dtype=torch.float32, device=compute)
-    for i in range(0, rows, step):
-        block = buffer[: min(step, rows - i)]
-        block.copy_(weight[i : i + step])
-        projections.addmv_(block.t(), r[i : i + step])
-        if squares is not None:
-            squares.addmv_(block.square_().t(), ones[: block.shape[0]])
+    projections, squares = _column_reductions(weight, r, step, buffer, norm_preserve)
     if squares is not None:
         factor = _norm_factor(projections, squares.sqrt(), scale)
         coefficients = projections * factor
@@ -169,14 +170,7 @@ def vector_stats(
             projections[i : i + step] = block @ r
             norms[i : i + step] = torch.linalg.vector_norm(block, dim=1)
         return projections, norms
-    projections = torch.zeros(cols, dtype=torch.float32, device=compute)
-    squares = torch.zeros(cols, dtype=torch.float32, device=compute)
-    ones = torch.ones(step, dtype=torch.float32, device=compute)
-    for i in range(0, rows, step):
-        block = buffer[: min(step, rows - i)]
-        block.copy_(weight[i : i + step])
-        projections.addmv_(block.t(), r[i : i + step])
-        squares.addmv_(block.square_().t(), ones[: block.shape[0]])
+    projections, squares = _column_reductions(weight, r, step, buffer, with_squares=True)
     return projections, squares.sqrt()
 
 
