@@ -241,3 +241,36 @@ def test_the_edit_has_the_same_bits_with_one_or_two_torch_threads(shape, hidden_
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
+
+
+@pytest.mark.parametrize(("shape", "hidden_axis"), [((D, 40), 0), ((40, D), 1), ((3, 20, D), 2)])
+@pytest.mark.parametrize("norm_preserve", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 0.7, -0.5, 1.5])
+def test_the_in_memory_check_knows_the_edit_at_any_scale(shape, hidden_axis, norm_preserve, scale):
+    """The exporter judges each edit from (r.v, |v|) before and after; the real edit must pass
+    at every scale and mode, and an edit at another scale must not."""
+    from abliterate.edit import edit_errors, hidden_vector_stats
+    from abliterate.verify import tolerance
+
+    r = random_direction(11, shape[hidden_axis])
+    weight = random_weight(shape, torch.bfloat16, seed=12)
+    before = hidden_vector_stats(weight, r, hidden_axis)
+    kwargs = {"hidden_axis": hidden_axis, "norm_preserve": norm_preserve}
+    edited = ablate_tensor(weight, r, scale, **kwargs)
+    residual, drift = edit_errors(
+        before, hidden_vector_stats(edited, r, hidden_axis), scale, norm_preserve
+    )
+    assert residual <= tolerance("BF16") and drift <= tolerance("BF16")
+    wrong = ablate_tensor(weight, r, scale - 0.3, **kwargs)
+    errors = edit_errors(before, hidden_vector_stats(wrong, r, hidden_axis), scale, norm_preserve)
+    assert max(errors) > tolerance("BF16")
+
+
+def test_the_in_memory_check_of_a_bias():
+    from abliterate.edit import edit_errors, hidden_vector_stats
+
+    r = random_direction(13, D)
+    bias = random_weight((D,), torch.float32, seed=14)
+    before = hidden_vector_stats(bias, r, -1)
+    after = hidden_vector_stats(ablate_bias(bias, r, 0.8), r, -1)
+    assert max(edit_errors(before, after, 0.8, norm_preserve=False)) < 1e-5

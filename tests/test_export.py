@@ -431,6 +431,65 @@ def test_verify_catches_a_changed_untouched_tensor_and_a_wrong_edit(glm_bf16, tm
     assert f"{shard}: SHA-256 differs from manifest.json" in messages
 
 
+def test_verification_by_digest_covers_every_tensor_and_agrees_with_the_full_check(
+    glm_bf16, tmp_path
+):
+    """`abliterate ablate`'s default check: edits judged in memory before writing, shards
+    by the digest the exporter took on the way; it accounts for every tensor."""
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    written: dict = {}
+    output = export_model(plan, tmp_path / "out", jobs=2, written=written)
+    assert set(written) == set(plan_shards(plan, model)["edit"])
+    report = verify(model, output, plan, generate=False, written=written)
+    assert report["ok"], report["failures"]
+    assert report["shards_checked_by_digest"] == len(written)
+    assert report["edited_by_digest"] > 0 and report["untouched_by_digest"] > 0
+    # keys edited twice (layer 1's composed entries) are recomputed from the source
+    assert report["edited"] + report["edited_by_digest"] == len(plan.keys())
+    assert report["edited"] == sum(len(e) > 1 for e in plan.edits().values())
+    full = verify(model, output, plan, generate=False)
+    assert full["ok"] and full["edited"] == len(plan.keys())
+    untouched = ("untouched", "untouched_linked", "untouched_by_digest")
+    assert sum(report[k] for k in untouched) == sum(full[k] for k in untouched)
+
+
+def test_verification_by_digest_catches_a_changed_byte_and_a_wrong_edit(
+    glm_bf16, tmp_path, monkeypatch
+):
+    model = glm_bf16[0]
+    plan = glm_plan(glm_bf16)
+    written: dict = {}
+    output = export_model(plan, tmp_path / "out", written=written)
+    shard = sorted(written)[0]
+    header = export_module.read_header(output / shard)
+    untouched = next(i for k, i in header.tensors.items() if k not in plan.keys())
+    with open(output / shard, "r+b") as handle:  # an edited shard: a file of its own
+        handle.seek(untouched.begin)
+        byte = handle.read(1)
+        handle.seek(untouched.begin)
+        handle.write(bytes([byte[0] ^ 1]))
+    report = verify(model, output, plan, generate=False, written=written)
+    assert (
+        f"{shard}: its SHA-256 on disk differs from the bytes the exporter wrote"
+        in (report["failures"])
+    )
+
+    real_edit = export_module.edit_tensor
+
+    def half_the_edit(weight, edits, device=None, out=None):  # an exporter with a bug
+        return real_edit(
+            weight, [(replace(e, scale=e.scale / 2), b) for e, b in edits], device, out
+        )
+
+    monkeypatch.setattr(export_module, "edit_tensor", half_the_edit)
+    written = {}
+    output = export_model(plan, tmp_path / "wrong", written=written)
+    report = verify(model, output, plan, generate=False, written=written)
+    assert not report["ok"]
+    assert any("off the edit's" in message for message in report["failures"]), report["failures"]
+
+
 def test_a_plan_for_another_checkpoint_is_refused(glm_bf16, tmp_path):
     from tiny_models import build_tiny
 

@@ -203,10 +203,12 @@ def verification_lines(report: dict | None) -> list[str]:
         f"- {report.get('tensors')} tensors; missing {report.get('missing')}, extra "
         f"{report.get('extra')}, dtype or shape changed {report.get('dtype_or_shape_changed')}",
         f"- tensors the plan does not edit are bit-identical to the base: "
-        f"{report.get('untouched', 0) + report.get('untouched_linked', 0)}",
+        f"{sum(report.get(k, 0) for k in ('untouched', 'untouched_linked', 'untouched_by_digest'))}",
         f"- edited tensors equal to the plan's edit recomputed from the base: "
-        f"{report.get('edited')} of {report.get('plan_tensors')}",
-        f"- scale-1 invariants on {report.get('invariants_checked')} tensors: largest "
+        f"{report.get('edited')} of {report.get('plan_tensors')}; checked against the edit's "
+        f"invariants in memory before writing, then by the shard's digest: "
+        f"{report.get('edited_by_digest', 0)}",
+        f"- invariants on {report.get('invariants_checked')} tensors: largest "
         f"component left along the direction {report.get('max_residual_along_direction', 0):.1e}, "
         f"largest norm drift {report.get('max_norm_drift', 0):.1e}",
     ]  # fmt: skip

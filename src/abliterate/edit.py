@@ -174,6 +174,50 @@ def vector_stats(
     return projections, squares.sqrt()
 
 
+def hidden_vector_stats(
+    tensor: torch.Tensor, r: torch.Tensor, hidden_axis: int, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r . v, |v|) for every hidden-axis vector v of `tensor` (any rank), flattened.
+
+    The vectors are those `ablate_tensor` edits: along `hidden_axis`, per leading slice for
+    a fused 3-D tensor whose hidden axis is not the first. Streamed like the edit.
+    """
+    hidden_axis = hidden_axis % tensor.ndim
+    if tensor.ndim >= 3 and hidden_axis != 0:
+        stats = [hidden_vector_stats(t, r, hidden_axis - 1, device) for t in tensor]
+        return torch.cat([p for p, _ in stats]), torch.cat([n for _, n in stats])
+    if tensor.ndim == 1:
+        return hidden_vector_stats(tensor.unsqueeze(0), r, 1, device)
+    shape = (tensor.shape[0], -1) if hidden_axis == 0 else (-1, tensor.shape[-1])
+    return vector_stats(tensor.reshape(shape), r, 0 if hidden_axis == 0 else 1, device)
+
+
+def edit_errors(before, after, scale: float, norm_preserve: bool) -> tuple[float, float]:
+    """How far an edited tensor is from the edit's exact effect on each vector's component
+    along r and on its norm: (max |r.v' - expected| / |v|, max ||v'| - expected| / |v|).
+
+    `before` and `after` are `hidden_vector_stats` of the source and of the edited tensor
+    as stored. The edit v' = f (v - s (r.v) r), with f = |v| / |v - s (r.v) r| when
+    norm-preserving (else 1), gives r.v' = (1 - s) f (r.v) and
+    |v'| = f sqrt(|v|^2 - (2s - s^2) (r.v)^2), so both are known from (r.v, |v|) alone at
+    any scale. Why this exists: the exporter checks its edit on the tensor in memory, from
+    two cheap reducing passes, before it writes it, so verification need not read the
+    source and recompute the edit (`verify(..., written=...)`).
+    """
+    p, n = before
+    p_after, n_after = after
+    remaining = (n * n - (2.0 * scale - scale * scale) * p * p).clamp_min(0.0).sqrt()
+    if norm_preserve:
+        factor = _norm_factor(p, n, scale)
+        expected_p, expected_n = (1.0 - scale) * factor * p, n
+    else:
+        expected_p, expected_n = (1.0 - scale) * p, remaining
+    denominator = n.clamp_min(1e-12)
+    residual = ((p_after - expected_p).abs() / denominator).max().item() if p.numel() else 0.0
+    drift = ((n_after - expected_n).abs() / denominator).max().item() if p.numel() else 0.0
+    return residual, drift
+
+
 def ablate_tensor(
     weight: torch.Tensor,
     direction: torch.Tensor,

@@ -23,10 +23,12 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from . import quant
 from .card import CardOptions, model_card, portable_recipe, source_name
+from .edit import edit_errors, hidden_vector_stats, unit
 from .errors import AbliterateError
 from .files import exclusive_lock, place_copy, resolve_source, write_json, write_text_atomic
 from .logs import logger
@@ -212,6 +214,7 @@ def ablate_shard(
     digest: bool = False,
     workers: int = 2,
     times: PhaseTimes | None = None,
+    record: dict | None = None,
 ) -> str | None:
     """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
 
@@ -225,6 +228,14 @@ def ablate_shard(
     the way (the untouched ranges then go through a buffer instead of the kernel copy),
     so no second pass reads the file back; returns the SHA-256. The file is written as
     `<output>.tmp`, fsynced and renamed when complete. `times` collects thread-seconds.
+
+    `record` (a dict) receives what this job knew as it wrote the shard: `"tensors"`,
+    `{key: (residual, drift)}`, the edit's invariants measured on each edited tensor in
+    memory before it was written (`edit.edit_errors`), for every key whose pieces are all
+    single plain edits; and `"sha256"`, when the digest was computed on the way, i.e. from
+    the source's own untouched bytes and the written buffers (not for FP8 shards, hashed
+    from the file). With both, verification need not read the source nor recompute those
+    edits (`verify(..., written=...)`).
     """
     source = Path(model_dir) / shard
     output = Path(output)
@@ -277,6 +288,7 @@ def ablate_shard(
             for _ in range(depth):
                 free.put(bytearray(largest))
             hasher = _Hasher(src, free, times) if digest and not fp8 else None
+            found: dict[str, list] = collections.defaultdict(list)
 
             def edit_piece(piece):
                 info = piece[1]
@@ -292,9 +304,19 @@ def ablate_shard(
                 buffer = free.get()
                 with _phase(times, "read"):
                     weight = read_tensor(ahead_src, info, begin=begin, shape=shape, buffer=buffer)
+                entry = _checkable(chunk_edits) if record is not None else None
                 with _phase(times, "edit"):
+                    if entry is not None:
+                        r = unit(entry.direction)
+                        before = hidden_vector_stats(weight, r, entry.hidden_axis, device)
                     edit_tensor(weight, chunk_edits, device, out=weight)
-                return buffer, weight
+                    errors = None
+                    if entry is not None:
+                        after = hidden_vector_stats(weight, r, entry.hidden_axis, device)
+                        errors = edit_errors(before, after, entry.scale, entry.norm_preserve)
+                    elif not chunk_edits:  # an expert slice outside the subset: source bytes
+                        errors = (0.0, 0.0)
+                return buffer, weight, errors
 
             with (
                 _one_torch_thread_per_worker(),
@@ -322,7 +344,9 @@ def ablate_shard(
                         submit_next()
                         if result is None:  # an FP8 pair, written by its worker
                             continue
-                        buffer, weight = result
+                        buffer, weight, errors = result
+                        if record is not None:
+                            found[piece[1].name].append(errors)
                         data = tensor_bytes(weight)
                         with _phase(times, "write"):
                             write_at(dst.fileno(), data, piece[2])
@@ -350,7 +374,30 @@ def ablate_shard(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if record is not None:
+        record["tensors"] = {
+            key: (max(e[0] for e in errors), max(e[1] for e in errors))
+            for key, errors in found.items()
+            if all(e is not None for e in errors)  # else verification recomputes the key
+        }
+        if hasher is not None:
+            record["sha256"] = sha256
     return sha256
+
+
+def _checkable(chunk_edits):
+    """The one plan entry of a piece whose invariants are known at any scale (a plain
+    projection, or the norm-preserving one along the hidden axis), else None."""
+    if len(chunk_edits) != 1:
+        return None
+    entry, _ = chunk_edits[0]
+    if getattr(entry, "rows", None) is not None or getattr(entry, "experts", None) is not None:
+        return None
+    if entry.norm_preserve and entry.preserve != "hidden" and not chunk_edits[0][1]:
+        return None
+    if chunk_edits[0][1]:  # a writer's bias: plainly projected (edit.ablate_bias)
+        return replace(entry, hidden_axis=-1, norm_preserve=False)
+    return entry
 
 
 class _Hasher:
@@ -654,6 +701,7 @@ def export_model(
     allow_external_links: bool = False,
     card: CardOptions | None = None,
     check: Callable[[Path], dict] | None = None,
+    written: dict | None = None,
 ) -> Path:
     """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
 
@@ -667,6 +715,10 @@ def export_model(
     directory is reused only if it was started for the very same plan).
     `hash_shards=False` leaves the shards' SHA-256 out of the manifest (null), saving a
     hashing pass over the whole model (`--no-hash`).
+
+    `written` (a dict) receives, for each shard edited by this run and hashed on the way,
+    what its job knew as it wrote it (`ablate_shard`'s `record`); `check` may use it to
+    verify by digest.
     """
     model_dir = Path(model_dir or plan.model_dir)
     output = Path(output)
@@ -705,10 +757,17 @@ def export_model(
         if done:
             logger.info("Resuming: %d of %d edited shards already complete", done, len(todo) + done)
         digests: dict[str, str] = {}
+        records: dict[str, dict] = {shard: {} for shard in todo}
         if jobs <= 1 or len(todo) <= 1:
             for shard in todo:
                 digests[shard] = ablate_shard(
-                    model_dir, shard, plan, staging / shard, device=device, digest=hash_shards
+                    model_dir,
+                    shard,
+                    plan,
+                    staging / shard,
+                    device=device,
+                    digest=hash_shards,
+                    record=records[shard] if written is not None else None,
                 )
         else:
             # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
@@ -723,11 +782,14 @@ def export_model(
                         staging / s,
                         device=device,
                         digest=hash_shards,
+                        record=records[s] if written is not None else None,
                     ): s
                     for s in todo
                 }
                 for future in concurrent.futures.as_completed(futures):
                     digests[futures[future]] = future.result()
+        if written is not None:
+            written.update({s: r for s, r in records.items() if "sha256" in r})
         assembled = assemble(
             model_dir,
             output,

@@ -10,6 +10,7 @@ loads with transformers and generates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -148,7 +149,14 @@ class _Tally:
     """The counters and worst invariant errors the report carries."""
 
     def __init__(self):
-        self.stats = {"untouched": 0, "untouched_linked": 0, "edited": 0, "invariants_checked": 0}
+        self.stats = {
+            "untouched": 0,
+            "untouched_linked": 0,
+            "untouched_by_digest": 0,
+            "edited": 0,
+            "edited_by_digest": 0,
+            "invariants_checked": 0,
+        }
         self.worst = {"residual": 0.0, "norm_drift": 0.0}
 
 
@@ -234,8 +242,44 @@ def _check_fp8_pair(
         fail(f"{key}: differs from the plan's edit of the source (FP8 with scales)")
 
 
-def _check_tensors(model_dir, output, source, result, by_key, fail, device) -> _Tally:
-    """Every tensor present in both: untouched ones bit-identical, edited ones the plan's."""
+def _check_record(key, errors, dtype: str, tally: _Tally, fail) -> None:
+    """The exporter's in-memory invariants of an edited tensor (any scale, `edit.edit_errors`)."""
+    residual, drift = errors
+    tally.stats["invariants_checked"] += 1
+    tally.worst["residual"] = max(tally.worst["residual"], residual)
+    tally.worst["norm_drift"] = max(tally.worst["norm_drift"], drift)
+    tol = tolerance(dtype)
+    if residual > tol:
+        fail(f"{key}: its component along r is off the edit's by {residual:.2e} of the norm "
+             f"(measured before writing; tolerance {tol:.1e})")  # fmt: skip
+    if drift > tol:
+        fail(f"{key}: its norms are off the edit's by {drift:.2e} (measured before writing; "
+             f"tolerance {tol:.1e})")  # fmt: skip
+
+
+def _check_digests(output: Path, written: dict, jobs: int, fail) -> int:
+    """Each shard the exporter hashed on the way has that digest on disk.
+
+    The exporter hashed the source's untouched byte ranges (read from the source file) and
+    the edited buffers it wrote, so a match proves the file holds exactly those bytes:
+    untouched tensors equal to the source, edited ones as checked in memory.
+    """
+    shards = sorted(written)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(jobs, len(shards) or 1))) as pool:
+        digests = pool.map(file_sha256, [output / shard for shard in shards])
+        for shard, digest in zip(shards, digests, strict=True):
+            if digest != written[shard]["sha256"]:
+                fail(f"{shard}: its SHA-256 on disk differs from the bytes the exporter wrote")
+    return len(shards)
+
+
+def _check_tensors(model_dir, output, source, result, by_key, fail, device, written) -> _Tally:
+    """Every tensor present in both: untouched ones bit-identical, edited ones the plan's.
+
+    For a shard in `written` (hashed by its exporter on the way) untouched tensors are
+    covered by the shard's digest, and edited ones with an in-memory record by that record;
+    everything else is read back and compared (edits recomputed from the source).
+    """
     tally, files = _Tally(), _Files()
     fp8 = quant.fp8_scales(model_dir, source, by_key)  # edited FP8 weights rewrite their scales
     fp8_scale_keys = {scale.name for scale, _ in fp8.values()}
@@ -245,7 +289,13 @@ def _check_tensors(model_dir, output, source, result, by_key, fail, device) -> _
             if a.dtype != b.dtype or a.shape != b.shape or key in fp8_scale_keys:
                 continue  # reported by _check_structure; a scale is checked with its weight
             src_path, dst_path = model_dir / a.shard, output / b.shard
-            if key in fp8:
+            record = written.get(b.shard)
+            if record is not None and key in record["tensors"] and key in by_key:
+                tally.stats["edited_by_digest"] += 1
+                _check_record(key, record["tensors"][key], a.dtype, tally, fail)
+            elif record is not None and key not in by_key and key not in fp8:
+                tally.stats["untouched_by_digest"] += 1
+            elif key in fp8:
                 _check_fp8_pair(key, a, b, src_path, dst_path, fp8[key], result, by_key[key],
                                 files, tally, fail, device)  # fmt: skip
             elif key in by_key:
@@ -267,6 +317,8 @@ def verify(
     *,
     generate: bool | None = None,
     device: str | None = None,
+    written: dict | None = None,
+    jobs: int = 2,
 ) -> dict:
     """Check `output` against `model_dir` and `plan`; returns the report (never raises on a
     failed check: a failing report is the answer). `generate=None`: only for small models.
@@ -274,6 +326,13 @@ def verify(
     Steps: structure (names, dtypes, shapes), tensors (untouched bit-identical, edited
     equal to the recomputed plan edit and its invariants; an FP8 target with its block
     scales), manifest, generation.
+
+    `written` (`export_model(..., written=)`: what each shard job knew as it wrote its
+    shard) turns the tensor step into digests: a shard hashed on the way is hashed once
+    more on disk (`jobs` at a time) instead of being compared with the source, and an edit
+    whose invariants were measured in memory before writing is judged by them instead of
+    being recomputed. Without it (e.g. `abliterate verify` on an existing export) every
+    tensor is read back and every edit recomputed.
     """
     model_dir, output = Path(model_dir), Path(output)
     if not output.is_dir():
@@ -284,7 +343,9 @@ def verify(
     fail = failures.append
     structure = _check_structure(source, result, fail)
     by_key = plan.edits()
-    tally = _check_tensors(model_dir, output, source, result, by_key, fail, device)
+    written = written or {}
+    tally = _check_tensors(model_dir, output, source, result, by_key, fail, device, written)
+    tally.stats["shards_checked_by_digest"] = _check_digests(output, written, jobs, fail)
     small = sum(info.nbytes for info in result.values()) <= SMALL_MODEL_BYTES
     manifest = _check_manifest(output, small, fail)
     generation = None
@@ -368,10 +429,13 @@ def summary(report: dict) -> str:
         f"- {report['tensors']} source tensors; missing {report['missing']}, extra "
         f"{report['extra']}, dtype/shape changed {report['dtype_or_shape_changed']}",
         f"- untouched tensors bit-identical: {report['untouched']} compared, "
-        f"{report['untouched_linked']} in hard-linked shards",
-        f"- edited tensors equal to the plan's edit: {report['edited']} of "
-        f"{report['plan_tensors']} planned",
-        f"- scale-1 invariants checked on {report['invariants_checked']} tensors: max "
+        f"{report['untouched_linked']} in hard-linked shards, "
+        f"{report.get('untouched_by_digest', 0)} by the digest of "
+        f"{report.get('shards_checked_by_digest', 0)} shard(s) hashed as they were written",
+        f"- edited tensors equal to the plan's edit recomputed: {report['edited']} of "
+        f"{report['plan_tensors']} planned; checked in memory against the edit's invariants "
+        f"before writing, then by digest: {report.get('edited_by_digest', 0)}",
+        f"- invariants checked on {report['invariants_checked']} tensors: max "
         f"component along r {report['max_residual_along_direction']:.2e}, max norm drift "
         f"{report['max_norm_drift']:.2e}",
     ]

@@ -27,6 +27,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification pass")
     parser.add_argument(
+        "--full-verify",
+        action="store_true",
+        help="re-read every tensor and recompute every edit from the source (default: check "
+        "each edit in memory before it is written and re-read the shards only for digests)",
+    )
+    parser.add_argument(
         "--no-hash", action="store_true", help="leave shard SHA-256s out of manifest.json"
     )
     parser.add_argument(
@@ -79,9 +85,14 @@ def run(args) -> int:
         )
     card = CardOptions(base_model=args.base_model, license=args.license, tags=args.tags)
     reports: list[dict] = []
+    written: dict = {}  # what the shard jobs checked as they wrote (unused with --full-verify)
 
     def check(directory: Path) -> dict:
-        reports.append(verify(plan.model_dir, directory, plan, device=args.device))
+        by_digest = None if args.full_verify else written
+        reports.append(
+            verify(plan.model_dir, directory, plan, device=args.device, written=by_digest,
+                   jobs=max(2, args.jobs))
+        )  # fmt: skip
         return reports[-1]
 
     verify_path = Path(recipe.output).with_name(Path(recipe.output).name + ".verify.json")
@@ -97,6 +108,7 @@ def run(args) -> int:
             allow_external_links=args.allow_external_links,
             card=card,
             check=None if args.no_verify else check,
+            written=None if args.no_verify or args.full_verify else written,
         )
     except VerificationFailed as failure:
         write_report(failure.report, verify_path)
