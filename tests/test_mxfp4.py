@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_prompts import chat_tokenizer
 from test_quant import fake_measurements
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
@@ -72,6 +73,7 @@ def gpt_oss_mxfp4(tmp_path_factory):
         root / "bf16", "gpt_oss", dtype=torch.bfloat16, max_shard_size="40KB", intermediate_size=64
     )
     model = to_mixed_mxfp4(bf16, root / "mxfp4")
+    chat_tokenizer().save_pretrained(model)
     measurements = save_measurements(fake_measurements(3, 32), root / "m.safetensors")
     return model, measurements
 
@@ -87,7 +89,12 @@ RECIPE = {
 def write_recipe(model: Path, measurements: Path, output: Path, path: Path) -> Path:
     path.write_text(
         yaml.safe_dump(
-            {**RECIPE, "model": str(model), "measurements": str(measurements), "output": str(output)}
+            {
+                **RECIPE,
+                "model": str(model),
+                "measurements": str(measurements),
+                "output": str(output),
+            }
         )
     )
     return path
@@ -141,7 +148,9 @@ def test_mxfp4_export_via_the_cli_loads_in_transformers_and_meets_the_invariants
         # the edited module is bf16 as a whole (gate_up_proj dequantized, unedited)
         assert exported[down].dtype == torch.bfloat16 and exported[down].shape == (4, 64, 32)
         assert not any(name.startswith(LAYER0 + ".") and "_blocks" in name for name in exported)
-        gate_up = quant.mxfp4_parameter(*(source[n] for n in quant.mxfp4_keys(f"{LAYER0}.gate_up_proj")))
+        gate_up = quant.mxfp4_parameter(
+            *(source[n] for n in quant.mxfp4_keys(f"{LAYER0}.gate_up_proj"))
+        )
         assert torch.equal(exported[f"{LAYER0}.gate_up_proj"], gate_up.to(torch.bfloat16))
         config = json.loads((out / "config.json").read_text())["quantization_config"]
         assert LAYER0 in config["modules_to_not_convert"] and config["quant_method"] == "mxfp4"
@@ -182,3 +191,92 @@ def test_mxfp4_export_via_the_cli_loads_in_transformers_and_meets_the_invariants
 
 def report_keys(plan) -> list[str]:
     return [e.key for e in plan.entries if e.key.endswith(("experts.down_proj", "gate_up_proj"))]
+
+
+def test_cli_inspect_plan_ablate_verify_and_verify_catches_a_changed_expert(
+    gpt_oss_mxfp4, tmp_path
+):
+    """The default output (bf16) through `inspect --json`, `plan --save`, `ablate --layout`
+    and `verify --plan`; one flipped byte in an exported expert, or a config.json that no
+    longer lists the converted module, fails verification naming it."""
+    model, measurements = gpt_oss_mxfp4
+    out = tmp_path / "out"
+    recipe = write_recipe(model, measurements, out, tmp_path / "recipe.yml")
+    layout, plan = tmp_path / "layout.json", tmp_path / "plan.json"
+    assert main(["inspect", str(model), "--json", str(layout)]) == 0
+    assert main(["plan", str(recipe), "--layout", str(layout), "--save", str(plan)]) == 0
+    assert main(["ablate", str(recipe), "--layout", str(layout), "--no-verify"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["mxfp4_output"] == "bf16"
+    command = [
+        "verify",
+        str(model),
+        str(out),
+        "--plan",
+        str(plan),
+        "--json",
+        str(tmp_path / "v.json"),
+    ]
+    assert main(command) == 0
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    key = f"{LAYER0}.down_proj"
+    info = read_checkpoint(broken)[key]
+    with open(broken / info.shard, "r+b") as handle:
+        handle.seek(info.begin + 2 * 64 * 32 + 7)  # expert 1
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x40]))
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"].remove(LAYER0)
+    (broken / "config.json").write_text(json.dumps(config))
+    report = verify(model, broken, build_plan(recipe), generate=False)
+    assert not report["ok"]
+    assert any(f.startswith(f"{key}: differs from the plan's edit") for f in report["failures"])
+    assert any("quantization_config does not match" in f for f in report["failures"])
+
+
+def test_corrupt_mxfp4_scale_block_count_is_named_at_inspection_and_planning(
+    gpt_oss_mxfp4, tmp_path
+):
+    model, measurements = gpt_oss_mxfp4
+    plan = resolve(RECIPE, inspect_checkpoint(model), fake_measurements(3, 32))
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    key = f"{LAYER0}.down_proj_scales"  # blocks [4, 32, 2, 16]: two groups of 32 per row
+    shard = json.loads((broken / INDEX).read_text())["weight_map"][key]
+    tensors = load_file(broken / shard)
+    tensors[key] = tensors[key][..., :1].contiguous()
+    save_file(tensors, broken / shard, metadata={"format": "pt"})
+    expected = f"MXFP4 scale tensor '{key}' has shape [4, 32, 1]"
+    with pytest.raises(AbliterateError, match="needs \\[4, 32, 2\\]") as caught:
+        inspect_checkpoint(broken)
+    assert str(caught.value).startswith(expected) and str(caught.value).count(";") == 1
+    with pytest.raises(AbliterateError, match=expected.replace("[", "\\[")):
+        plan_shards(plan, broken)  # a plan made from the intact copy
+
+
+def test_in_memory_edit_of_an_mxfp4_checkpoint_equals_loading_its_bf16_export(
+    gpt_oss_mxfp4, tmp_path
+):
+    """The sweep edits the dequantized model in memory (checking its MXFP4 parameters
+    against the file's blocks and scales first); loading the bf16 export gives the same
+    parameters, so the sweep scores what the default export holds."""
+    from abliterate.evaluate import InMemoryEditor
+    from abliterate.export import export_model
+    from abliterate.model import LoadOptions, load_model
+
+    model_dir, _ = gpt_oss_mxfp4
+    plan = resolve(RECIPE, inspect_checkpoint(model_dir), fake_measurements(3, 32))
+    plan.model_dir = str(model_dir)
+    cpu = LoadOptions(device="cpu")
+    exported = load_model(export_model(plan, tmp_path / "out"), cpu)[0].state_dict()
+    model = load_model(model_dir, cpu)[0]
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with InMemoryEditor(model, model_dir).applied(plan):
+        edited = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())  # restored
+    key = f"{LAYER0}.down_proj"
+    assert not torch.equal(edited[key], base[key])
+    for name, value in edited.items():
+        assert torch.equal(value, exported[name]), name
