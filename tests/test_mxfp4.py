@@ -280,3 +280,29 @@ def test_in_memory_edit_of_an_mxfp4_checkpoint_equals_loading_its_bf16_export(
     assert not torch.equal(edited[key], base[key])
     for name, value in edited.items():
         assert torch.equal(value, exported[name]), name
+
+
+@pytest.mark.parametrize("output", quant.MXFP4_OUTPUTS)
+def test_experts_outside_the_subset_keep_their_values(gpt_oss_mxfp4, tmp_path, output):
+    """`expert_subset` edits some experts' slices of a fused MXFP4 tensor: the others keep
+    their stored bytes (requantize) or their exact dequantized values (bf16)."""
+    from abliterate.export import export_model
+
+    model_dir, _ = gpt_oss_mxfp4
+    recipe = {**RECIPE, "expert_subset": [1, 3]}
+    plan = resolve(recipe, inspect_checkpoint(model_dir), fake_measurements(3, 32))
+    plan.model_dir = str(model_dir)
+    out = export_model(plan, tmp_path / "out", mxfp4=output)
+    assert verify(model_dir, out, plan)["ok"]
+    source, exported = stored(model_dir), stored(out)
+    key = f"{LAYER0}.down_proj"
+    blocks, scales = quant.mxfp4_keys(key)
+    values = quant.mxfp4_parameter(source[blocks], source[scales])
+    for expert in range(4):
+        if output == "requantize":
+            same = torch.equal(exported[blocks][expert], source[blocks][expert]) and torch.equal(
+                exported[scales][expert], source[scales][expert]
+            )
+        else:
+            same = torch.equal(exported[key][expert], values[expert].to(torch.bfloat16))
+        assert same == (expert not in (1, 3)), expert

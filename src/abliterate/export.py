@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -227,10 +228,30 @@ def edit_fp8_pair(src, dst_fd: int, info, scale_info, block_size, edits, device)
     write_at(dst_fd, tensor_bytes(scale), scale_info.begin)
 
 
+class MXFP4Slice(NamedTuple):
+    """One piece of an MXFP4 pair (`mxfp4_slices`): `index` is its first expert; `packed`
+    and `exponents` its stored blocks and scales; `source` and `edited` float32 values in
+    transformers' layout ([in, out] for one expert, [E, in, out] for the whole tensor)."""
+
+    index: int
+    packed: torch.Tensor
+    exponents: torch.Tensor
+    source: torch.Tensor
+    edited: torch.Tensor
+    edits: list
+
+    def requantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (blocks, scales) the `requantize` output stores: the source's own bytes for
+        a piece no edit touches (an expert outside `expert_subset`), else requantized."""
+        if not self.edits:
+            return self.packed, self.exponents
+        edited = self.edited if self.edited.ndim == self.packed.ndim - 1 else self.edited[None]
+        return quant.mxfp4_from_parameter(edited)
+
+
 def mxfp4_slices(handle, blocks: TensorInfo, scales: TensorInfo, edits, device=None):
-    """Yield (first expert, source values, edited values, the edits applied) of an MXFP4
-    pair, float32 in transformers' layout: one expert [in, out] at a time where the edits
-    allow (as `tensor_chunks` streams a plain fused tensor), else the whole [E, in, out].
+    """Yield the `MXFP4Slice`s of an MXFP4 pair: one expert at a time where the edits
+    allow (as `tensor_chunks` streams a plain fused tensor), else the whole tensor once.
 
     The exporter and the verifier both go through this, so the verifier recomputes the
     exporter's exact bits; memory stays at one expert in float32, not the whole tensor.
@@ -253,7 +274,8 @@ def mxfp4_slices(handle, blocks: TensorInfo, scales: TensorInfo, edits, device=N
         source = quant.mxfp4_parameter(packed, exponents).contiguous()
         if not whole:
             source = source[0]
-        yield index, source, edit_tensor(source.clone(), chunk_edits, device), chunk_edits
+        edited = edit_tensor(source.clone(), chunk_edits, device)
+        yield MXFP4Slice(index, packed, exponents, source, edited, chunk_edits)
 
 
 def edit_mxfp4_requantized(src, dst_fd: int, blocks, scales, edits, device) -> None:
@@ -261,10 +283,10 @@ def edit_mxfp4_requantized(src, dst_fd: int, blocks, scales, edits, device) -> N
     their shapes and offsets (the `requantize` output)."""
     experts = blocks.shape[0]
     block_step, scale_step = blocks.nbytes // experts, scales.nbytes // experts
-    for index, _, edited, _ in mxfp4_slices(src, blocks, scales, edits, device):
-        packed, exponents = quant.mxfp4_from_parameter(edited if edited.ndim == 3 else edited[None])
-        write_at(dst_fd, tensor_bytes(packed), blocks.begin + index * block_step)
-        write_at(dst_fd, tensor_bytes(exponents), scales.begin + index * scale_step)
+    for piece in mxfp4_slices(src, blocks, scales, edits, device):
+        packed, exponents = piece.requantized()
+        write_at(dst_fd, tensor_bytes(packed), blocks.begin + piece.index * block_step)
+        write_at(dst_fd, tensor_bytes(exponents), scales.begin + piece.index * scale_step)
 
 
 _single_thread_users = 0
@@ -508,17 +530,16 @@ def _write_converted(source, header, output, edits, rewrites, device, digest, ti
                 nbytes = math.prod(shape) * DTYPES[dtype][1]
                 if name in rewrites:
                     blocks, scales = rewrites[name]
-                    logger.info("Modifying %s (MXFP4 -> bf16)", name)
+                    logger.info(
+                        "%s %s (MXFP4 -> bf16)",
+                        "Modifying" if name in edits else "Converting",
+                        name,
+                    )
                     step = nbytes // shape[0]
-                    for index, _, edited, _ in mxfp4_slices(
-                        src, blocks, scales, edits.get(name, []), device
-                    ):
+                    for piece in mxfp4_slices(src, blocks, scales, edits.get(name, []), device):
                         with _phase(times, "write"):
-                            write_at(
-                                dst.fileno(),
-                                tensor_bytes(edited.to(torch.bfloat16)),
-                                position + index * step,
-                            )
+                            data = tensor_bytes(piece.edited.to(torch.bfloat16))
+                            write_at(dst.fileno(), data, position + piece.index * step)
                 elif name in edits:
                     info = header.tensors[name]
                     logger.info("Modifying %s", name)

@@ -259,43 +259,41 @@ def _check_mxfp4(key, pair, written, files, src_path, dst_path, edits, tally, fa
     blocks, scales = pair
     tally.stats["edited" if edits else "mxfp4_dequantized"] += 1
     experts = blocks.shape[0]
-    handle = files(src_path)
     out = files(dst_path)
-    for index, source, edited, chunk_edits in mxfp4_slices(handle, blocks, scales, edits, device):
+    for piece in mxfp4_slices(files(src_path), blocks, scales, edits, device):
+        count = piece.packed.shape[0]
         if isinstance(written, tuple):
-            out_blocks, out_scales = written
-            count = experts if edited.ndim == 3 else 1
-            got_blocks = read_tensor(
-                out, out_blocks, begin=out_blocks.begin + index * (out_blocks.nbytes // experts),
-                shape=(count, *out_blocks.shape[1:]),
-            )  # fmt: skip
-            got_scales = read_tensor(
-                out, out_scales, begin=out_scales.begin + index * (out_scales.nbytes // experts),
-                shape=(count, *out_scales.shape[1:]),
-            )  # fmt: skip
-            expected = quant.mxfp4_from_parameter(edited if edited.ndim == 3 else edited[None])
-            same = _bit_equal(expected[0], got_blocks) and _bit_equal(expected[1], got_scales)
-            after = quant.mxfp4_parameter(got_blocks, got_scales)
-            after = after if edited.ndim == 3 else after[0]
+            got = [
+                read_tensor(
+                    out,
+                    info,
+                    begin=info.begin + piece.index * (info.nbytes // experts),
+                    shape=(count, *info.shape[1:]),
+                )  # fmt: skip
+                for info in written
+            ]
+            expected = piece.requantized()
+            same = _bit_equal(expected[0], got[0]) and _bit_equal(expected[1], got[1])
+            after = quant.mxfp4_parameter(*got)
+            after = after if piece.edited.ndim == 3 else after[0]
         else:
             step = written.nbytes // experts
             after = read_tensor(
-                out, written, begin=written.begin + index * step,
-                shape=tuple(edited.shape),
+                out, written, begin=written.begin + piece.index * step,
+                shape=tuple(piece.edited.shape),
             )  # fmt: skip
-            same = _bit_equal(edited.to(torch.bfloat16), after)
+            same = _bit_equal(piece.edited.to(torch.bfloat16), after)
         if not same:
             what = "the plan's edit" if edits else "the dequantization"
             fail(f"{key}: differs from {what} of the source MXFP4 blocks and scales")
             return
-        entry = _scale_one_plain(chunk_edits)
+        entry = _scale_one_plain(piece.edits)
         if entry is None:
             continue
-        errors = invariant_errors(source, after, entry, entry.hidden_axis, device)
+        errors = invariant_errors(piece.source, after, entry, entry.hidden_axis, device)
         if isinstance(written, tuple):
             for name, value in zip(("residual", "norm_drift"), errors, strict=True):
-                worst = tally.requantized
-                worst[name] = max(worst[name], value)
+                tally.requantized[name] = max(tally.requantized[name], value)
         else:
             _check_invariants(key, errors, entry, "BF16", tally, fail)
 
@@ -322,6 +320,16 @@ def _check_tensors(model_dir, output, source, result, by_key, mxfp4, fail, devic
     rewritten = fp8_scale_keys | {n for pair, _ in mxfp4.values() for n in (p.name for p in pair)}
     try:
         for key, (pair, written) in sorted(mxfp4.items()):
+            if isinstance(written, tuple):
+                fits = all(
+                    (a.dtype, a.shape) == (b.dtype, b.shape)
+                    for a, b in zip(pair, written, strict=True)
+                )
+            else:
+                shape = quant.mxfp4_parameter_shape(pair[0].shape)
+                fits = (written.dtype, tuple(written.shape)) == ("BF16", shape)
+            if not fits:
+                continue  # reported by _check_structure
             shard = written[0].shard if isinstance(written, tuple) else written.shard
             _check_mxfp4(key, pair, written, files, model_dir / pair[0].shard, output / shard,
                          by_key.get(key, []), tally, fail, device)  # fmt: skip
