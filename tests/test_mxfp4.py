@@ -306,3 +306,39 @@ def test_experts_outside_the_subset_keep_their_values(gpt_oss_mxfp4, tmp_path, o
         else:
             same = torch.equal(exported[key][expert], values[expert].to(torch.bfloat16))
         assert same == (expert not in (1, 3)), expert
+
+
+@pytest.mark.slow
+def test_workflow_exports_an_mxfp4_checkpoint_in_the_configured_format(gpt_oss_mxfp4, tmp_path):
+    """`export.mxfp4` reaches plan_shards, the shard jobs and assemble: the workflow's
+    export of the MXFP4 source verifies, in the non-default format it was asked for."""
+    from snakemake_runner import snakemake
+
+    model, _ = gpt_oss_mxfp4
+    prompts = {}
+    for cls, first in (("target", 10), ("benign", 30)):
+        for split in ("train", "test"):
+            path = tmp_path / f"{cls}_{split}.txt"
+            path.write_text("\n".join(f"w{first + i} w{first + i + 1}" for i in range(6)) + "\n")
+            prompts.setdefault(cls, {})[split] = str(path)
+    config = {
+        "model": {"name": "oss", "path": str(model)},
+        "prompts": prompts,
+        "measure": {"device": "cpu"},
+        # one target (one shard job): each job is a Python start, the cost of this test
+        "recipe": {
+            "components": ["expert_down"],
+            "ablate_individual_experts": True,
+            "ablate": [{"layer": 0, "measurement": 1}],
+        },
+        "export": {"device": "cpu", "mem_mb": 1024, "mxfp4": "requantize"},
+    }
+    result = snakemake(tmp_path, "--cores", "2", "results/oss/verify.json", config=config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results = tmp_path / "results" / "oss"
+    report = json.loads((results / "verify.json").read_text())
+    assert report["ok"] and report["mxfp4"]["output"] == "requantize", report["failures"]
+    manifest = json.loads((results / "abliterated" / "manifest.json").read_text())
+    assert manifest["mxfp4_output"] == "requantize"
+    shards = json.loads((results / "export" / "shards.json").read_text())
+    assert shards["mxfp4"] == {"output": "requantize", "rewritten": [f"{LAYER0}.down_proj"]}
