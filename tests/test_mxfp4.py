@@ -342,3 +342,23 @@ def test_workflow_exports_an_mxfp4_checkpoint_in_the_configured_format(gpt_oss_m
     assert manifest["mxfp4_output"] == "requantize"
     shards = json.loads((results / "export" / "shards.json").read_text())
     assert shards["mxfp4"] == {"output": "requantize", "rewritten": [f"{LAYER0}.down_proj"]}
+
+
+def test_bf16_export_of_every_mxfp4_module_drops_the_quantization_config(gpt_oss_mxfp4, tmp_path):
+    """Nothing MXFP4 left: config.json loses `quantization_config`, and transformers loads
+    the export as the plain bf16 model it now is (no dequantizing on load)."""
+    from abliterate.export import export_model
+
+    model_dir, _ = gpt_oss_mxfp4
+    recipe = {**RECIPE, "ablate": [{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2}]}
+    plan = resolve(recipe, inspect_checkpoint(model_dir), fake_measurements(3, 32))
+    plan.model_dir = str(model_dir)
+    out = export_model(plan, tmp_path / "out")
+    report = verify(model_dir, out, plan, generate=False)
+    assert report["ok"], report["failures"]
+    assert report["mxfp4"]["rewritten"] == 4 and report["mxfp4_dequantized"] == 2
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert not [name for name in read_checkpoint(out) if name.endswith(("_blocks", "_scales"))]
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert getattr(loaded.config, "quantization_config", None) is None
+    assert loaded.state_dict()[f"{LAYER0}.down_proj"].dtype == torch.bfloat16

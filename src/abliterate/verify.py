@@ -20,6 +20,7 @@ import torch
 from . import quant
 from .edit import unit, vector_stats
 from .errors import AbliterateError
+from .export import mxfp4_slices
 from .files import write_json, write_text_atomic
 from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import DTYPES, read_checkpoint, read_tensor
@@ -250,12 +251,10 @@ def _check_mxfp4(key, pair, written, files, src_path, dst_path, edits, tally, fa
 
     `written` is the output's bf16 `TensorInfo`, or its (blocks, scales) pair for the
     requantize output. bf16 results are held to bf16's tolerance; a requantized result's
-    invariants are recorded (`mxfp4_requantized`), not failed: 4-bit rounding puts back
+    invariants are recorded (verify.json `mxfp4.requantized_max_*`), not failed: 4-bit rounding puts back
     a part of the removed component that no tolerance short of that part would pass
     (docs/quantized.md), so the bit-exact recomputation is what vouches for it.
     """
-    from .export import mxfp4_slices  # export imports this module's users, not this module
-
     blocks, scales = pair
     tally.stats["edited" if edits else "mxfp4_dequantized"] += 1
     experts = blocks.shape[0]
