@@ -91,7 +91,7 @@ def mxfp4_case(name: str, shape, seed: int) -> dict:
         return ablate_tensor(w, r, 1.0, hidden_axis=axis)
 
     exact = edit(source)
-    as_mxfp4 = quant.mxfp4_parameter(*quant.edit_mxfp4(blocks, scales, edit, output="mxfp4"))
+    as_mxfp4 = quant.mxfp4_parameter(*quant.edit_mxfp4(blocks, scales, edit, output="requantize"))
     as_bf16 = quant.edit_mxfp4(blocks, scales, edit, output="bf16").float()
     again = quant.mxfp4_parameter(*quant.mxfp4_from_parameter(source))
     return {

@@ -444,8 +444,9 @@ def test_glm45_air_config_matches_the_published_model():
     )
 
 
-def test_gpt_oss_mxfp4_experts_are_left_out_with_a_warning(tmp_path, capsys):
-    """The original gpt-oss release stores experts as MXFP4 blocks + scales (uint8)."""
+def test_gpt_oss_mxfp4_experts_are_targets_under_their_parameter_names(tmp_path, capsys):
+    """The original gpt-oss release stores experts as MXFP4 blocks + scales (uint8); they
+    are targets under transformers' parameter names and shapes, their storage recorded."""
     h, experts, layers = 2880, 32, 2
     config = {
         "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": h,
@@ -473,7 +474,14 @@ def test_gpt_oss_mxfp4_experts_are_left_out_with_a_warning(tmp_path, capsys):
     code, _, err = cli(capsys, "inspect", str(model), "--json", str(tmp_path / "l.json"))
     assert code == 0, err
     assert "Detected 32 experts per layer" in err.splitlines()
-    assert "stored quantized" in err and "down_proj_blocks" in err
+    assert "stored quantized" not in err
     layout = Layout.load(tmp_path / "l.json")
-    assert layout.component_counts(1) == {"attn_out": 1, "router": 1}
+    assert layout.component_counts(1) == {
+        "attn_out": 1, "router": 1, "expert_down": 1, "expert_gate_up": 1,
+    }  # fmt: skip
     assert layout.experts_per_token == 4
+    down = layout.target("model.layers.1.mlp.experts.down_proj")
+    assert (down.shape, down.dtype, down.hidden_axis) == ((experts, h, h), "BF16", 2)
+    assert down.quant["stored"] == [down.key + "_blocks", down.key + "_scales"]
+    assert down.bias == "model.layers.1.mlp.experts.down_proj_bias"
+    assert layout.target("model.layers.1.mlp.experts.gate_up_proj").shape == (experts, h, 2 * h)

@@ -152,6 +152,19 @@ def test_model_card_defaults_are_the_schema_defaults():
         validate(config, str(SCHEMA), set_default=True)
 
 
+def test_mxfp4_output_choices_and_default_are_the_schema_and_the_clis():
+    from abliterate import quant
+    from abliterate.cli import build_parser
+
+    spec = yaml.safe_load(SCHEMA.read_text())["properties"]["export"]["properties"]["mxfp4"]
+    assert tuple(spec["enum"]) == quant.MXFP4_OUTPUTS
+    assert spec["default"] == default_config()["export"]["mxfp4"] == quant.DEFAULT_MXFP4_OUTPUT
+    args = build_parser().parse_args(["ablate", "recipe.yml"])
+    assert args.mxfp4 == quant.DEFAULT_MXFP4_OUTPUT
+    with pytest.raises(Exception, match="is not one of"):
+        validate({"export": {"mxfp4": "fp8"}}, str(SCHEMA), set_default=True)
+
+
 def test_recipe_defaults_are_the_schema_defaults():
     """Every recipe option the workflow can set has the library's default (paths and the
     ablate list are the workflow's own); router_suppress's nested strength is documented."""

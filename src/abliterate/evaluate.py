@@ -245,7 +245,8 @@ def check_against_disk(
     number meaningless; reading a handful of tensors is cheap insurance. The dtypes must
     agree, except for parameters the model class keeps in float32 (`kept_in_float32`);
     those are compared after the same upcast transformers applied when loading. An FP8
-    weight is loaded dequantized, so its block-scaled values are compared instead.
+    weight (or an MXFP4 expert tensor) is loaded dequantized, so its dequantized values are
+    compared instead.
     """
     from safetensors import safe_open
 
@@ -258,20 +259,19 @@ def check_against_disk(
         chosen.setdefault(re.sub(r"\d+", "N", ref.key), ref)
     picks = list(chosen.values())[:sample] + [refs[-1]]
     for ref in picks:
-        shard = weight_map.get(ref.key)
+        # an MXFP4 expert tensor is stored as `_blocks` + `_scales` in one shard
+        shard = weight_map.get(ref.key) or weight_map.get(quant.mxfp4_keys(ref.key)[0])
         if shard is None:
             raise AbliterateError(f"{ref.key}: not found in the checkpoint index of {model_dir}.")
         path = Path(model_dir) / shard
         with safe_open(str(path), framework="pt") as handle:
-            stored = handle.get_tensor(ref.key)
-            on_disk = quant.stored_values(
-                model_dir, read_header(path).tensors, ref.key, handle.get_tensor
-            )
+            header = read_header(path).tensors
+            on_disk = quant.stored_values(model_dir, header, ref.key, handle.get_tensor)
+        dequantized = ref.key not in header or header[ref.key].dtype == quant.FP8_SAFETENSORS_DTYPE
         in_memory = ref.view(model).detach().cpu()
         upcast = in_memory.dtype == torch.float32 and _matches_module(
             ref.param_name, float32_modules
         )
-        dequantized = stored.dtype == quant.FP8_DTYPE
         same_dtype = on_disk.dtype == in_memory.dtype or upcast or dequantized
         if not same_dtype or not torch.equal(on_disk.to(in_memory.dtype), in_memory):
             raise AbliterateError(

@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from . import quant
 from .card import CardOptions, model_card, portable_recipe, source_name
@@ -37,7 +40,10 @@ from .shards import (
     DTYPES,
     INDEX_NAME,
     ShardHeader,
+    TensorInfo,
     copy_range_at,
+    encode_header,
+    read_checkpoint,
     read_header,
     read_tensor,
     read_weight_map,
@@ -90,27 +96,71 @@ def check_output_location(source: str | Path, output: str | Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def check_mxfp4_output(mxfp4: str) -> str:
+    """The MXFP4 output format (`export.mxfp4`, `--mxfp4`), or one sentence naming the choices."""
+    if mxfp4 not in quant.MXFP4_OUTPUTS:
+        raise AbliterateError(
+            f"export.mxfp4 is {mxfp4!r}; expected one of {', '.join(quant.MXFP4_OUTPUTS)}."
+        )
+    return mxfp4
+
+
+def mxfp4_rewrites(tensors: dict, keys, mxfp4: str) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+    """{logical key: (blocks, scales)} of the MXFP4 pairs an export rewrites.
+
+    `tensors`: stored names -> `shards.TensorInfo` (the checkpoint). The plan's MXFP4 keys
+    among `keys`, and with bf16 output every other MXFP4 tensor of their modules as well
+    (dequantized, unedited): transformers converts a module as a whole, so a module listed
+    in `modules_to_not_convert` must hold only plain parameters (gate_up_proj beside an
+    edited down_proj, say).
+    """
+    rewrites = quant.mxfp4_pairs(tensors, keys)
+    if mxfp4 == "bf16" and rewrites:
+        modules = {quant.mxfp4_module(key) for key in rewrites}
+        suffix = quant.MXFP4_BLOCKS_SUFFIX
+        siblings = [
+            name[: -len(suffix)]
+            for name in tensors
+            if name.endswith(suffix) and quant.mxfp4_module(name[: -len(suffix)]) in modules
+        ]
+        rewrites.update(quant.mxfp4_pairs(tensors, siblings))
+    return rewrites
+
+
 def plan_shards(
-    plan: Plan, model_dir: str | Path | None = None, allow_external_links: bool = False
+    plan: Plan,
+    model_dir: str | Path | None = None,
+    allow_external_links: bool = False,
+    mxfp4: str = quant.DEFAULT_MXFP4_OUTPUT,
 ) -> dict:
     """{'edit': {shard: [keys]}, 'link': [shards]}: the jobs the plan needs.
 
     Every key the plan names must exist in the checkpoint with the plan's dtype and shape
     (a plan made for another checkpoint is refused here, before any job runs), and every
-    shard must be a file of the model (a link leaving it is refused unless allowed).
+    shard must be a file of the model (a link leaving it is refused unless allowed). An
+    MXFP4 key (`...mlp.experts.down_proj`) lives in the shard of its `_blocks` tensor;
+    with `mxfp4="bf16"` the shards of its module's other MXFP4 tensors are edit jobs too
+    (`mxfp4_rewrites`), and `'mxfp4'` lists the rewritten keys and the output format.
     """
+    check_mxfp4_output(mxfp4)
     model_dir = Path(model_dir or plan.model_dir)
     weight_map = read_weight_map(model_dir)
     quant.require_full_precision(model_dir, weight_map)
     for shard in sorted(set(weight_map.values())):
         resolve_source(model_dir, shard, allow_external=allow_external_links)
     headers = {s: read_header(model_dir / s) for s in sorted(set(weight_map.values()))}
+    stored = {name: headers[shard].tensors.get(name) for name, shard in weight_map.items()}
+    stored = {name: info for name, info in stored.items() if info is not None}
+    rewrites = mxfp4_rewrites(stored, plan.keys(), mxfp4)
+    logical = {key: quant.mxfp4_logical_info(key, pair[0]) for key, pair in rewrites.items()}
     edit: dict[str, list[str]] = {}
     for shard, items in plan.by_shard().items():
         for key, entry in items:
             info = headers.get(shard, None)
             info = info.tensors.get(key) if info else None
-            if info is None or weight_map.get(key) != shard:
+            if key in logical and logical[key].shard == shard:
+                info = logical[key]
+            elif info is None or weight_map.get(key) != shard:
                 raise AbliterateError(
                     f"plan names {key!r} in shard {shard!r}, but {model_dir} has it "
                     f"{'in ' + repr(weight_map[key]) if key in weight_map else 'nowhere'}; "
@@ -126,8 +176,15 @@ def plan_shards(
             keys = edit.setdefault(shard, [])
             if key not in keys:
                 keys.append(key)
+    for key, info in logical.items():  # bf16 output: the edited modules' other MXFP4 tensors
+        keys = edit.setdefault(info.shard, [])
+        if key not in keys:
+            keys.append(key)
     link = [s for s in headers if s not in edit]
-    return {"model_dir": str(model_dir), "edit": edit, "link": link}
+    jobs = {"model_dir": str(model_dir), "edit": edit, "link": link}
+    if rewrites:
+        jobs["mxfp4"] = {"output": mxfp4, "rewritten": sorted(rewrites)}
+    return jobs
 
 
 # --------------------------------------------------------------------------------------
@@ -173,6 +230,67 @@ def edit_fp8_pair(src, dst_fd: int, info, scale_info, block_size, edits, device)
     write_at(dst_fd, tensor_bytes(scale), scale_info.begin)
 
 
+class MXFP4Slice(NamedTuple):
+    """One piece of an MXFP4 pair (`mxfp4_slices`): `index` is its first expert; `packed`
+    and `exponents` its stored blocks and scales; `source` and `edited` float32 values in
+    transformers' layout ([in, out] for one expert, [E, in, out] for the whole tensor)."""
+
+    index: int
+    packed: torch.Tensor
+    exponents: torch.Tensor
+    source: torch.Tensor
+    edited: torch.Tensor
+    edits: list
+
+    def requantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (blocks, scales) the `requantize` output stores: the source's own bytes for
+        a piece no edit touches (an expert outside `expert_subset`), else requantized."""
+        if not self.edits:
+            return self.packed, self.exponents
+        edited = self.edited if self.edited.ndim == self.packed.ndim - 1 else self.edited[None]
+        return quant.mxfp4_from_parameter(edited)
+
+
+def mxfp4_slices(handle, blocks: TensorInfo, scales: TensorInfo, edits, device=None):
+    """Yield the `MXFP4Slice`s of an MXFP4 pair: one expert at a time where the edits
+    allow (as `tensor_chunks` streams a plain fused tensor), else the whole tensor once.
+
+    The exporter and the verifier both go through this, so the verifier recomputes the
+    exporter's exact bits; memory stays at one expert in float32, not the whole tensor.
+    """
+    experts = blocks.shape[0]
+    shape = quant.mxfp4_parameter_shape(blocks.shape)
+    virtual = TensorInfo(blocks.name, blocks.shard, "F32", shape, 0, 4 * math.prod(shape))
+    block_step, scale_step = blocks.nbytes // experts, scales.nbytes // experts
+    for index, (_, chunk_shape, chunk_edits) in enumerate(tensor_chunks(virtual, edits)):
+        whole = tuple(chunk_shape) == tuple(shape)
+        count = experts if whole else 1
+        packed = read_tensor(
+            handle, blocks, begin=blocks.begin + index * block_step,
+            shape=(count, *blocks.shape[1:]),
+        )  # fmt: skip
+        exponents = read_tensor(
+            handle, scales, begin=scales.begin + index * scale_step,
+            shape=(count, *scales.shape[1:]),
+        )  # fmt: skip
+        source = quant.mxfp4_parameter(packed, exponents).contiguous()
+        if not whole:
+            source = source[0]
+        edited = edit_tensor(source.clone(), chunk_edits, device)
+        yield MXFP4Slice(index, packed, exponents, source, edited, chunk_edits)
+
+
+def edit_mxfp4_requantized(src, dst_fd: int, blocks, scales, edits, device) -> None:
+    """Dequantize an MXFP4 target, edit it, requantize it in place: blocks and scales keep
+    their shapes and offsets (the `requantize` output)."""
+    experts = blocks.shape[0]
+    block_step, scale_step = blocks.nbytes // experts, scales.nbytes // experts
+    for piece in mxfp4_slices(src, blocks, scales, edits, device):
+        packed, exponents = piece.requantized()
+        write_at(dst_fd, tensor_bytes(packed), blocks.begin + piece.index * block_step)
+        write_at(dst_fd, tensor_bytes(exponents), scales.begin + piece.index * scale_step)
+
+
 _single_thread_users = 0
 _single_thread_lock = threading.Lock()
 _saved_threads = 1
@@ -188,8 +306,6 @@ def _one_torch_thread_per_worker():
     thread count (tests/test_edit.py), so the export still equals the evaluation.
     """
     global _single_thread_users, _saved_threads
-    import torch
-
     with _single_thread_lock:
         if _single_thread_users == 0:
             _saved_threads = torch.get_num_threads()
@@ -215,6 +331,7 @@ def ablate_shard(
     workers: int = 2,
     times: PhaseTimes | None = None,
     record: dict | None = None,
+    mxfp4: str = quant.DEFAULT_MXFP4_OUTPUT,
 ) -> str | None:
     """Write `shard` of `model_dir`, with the plan's edits applied, to `output`.
 
@@ -229,6 +346,10 @@ def ablate_shard(
     so no second pass reads the file back; returns the SHA-256. The file is written as
     `<output>.tmp`, fsynced and renamed when complete. `times` collects thread-seconds.
 
+    MXFP4 targets (gpt-oss experts, stored as `_blocks` + `_scales`) are written as
+    `mxfp4`: "requantize" rewrites the pair in place (the layout stays the source's), "bf16"
+    replaces it by the bf16 parameter, so the shard gets a new header (`_write_converted`).
+
     `record` (a dict) receives what this job knew as it wrote the shard: `"tensors"`,
     `{key: (residual, drift)}`, the edit's invariants measured on each edited tensor in
     memory before it was written (`edit.edit_errors`), for every key whose pieces are all
@@ -237,19 +358,30 @@ def ablate_shard(
     from the file). With both, verification need not read the source nor recompute those
     edits (`verify(..., written=...)`).
     """
+    check_mxfp4_output(mxfp4)
     source = Path(model_dir) / shard
     output = Path(output)
     check_output_location(model_dir, output.parent)
     header: ShardHeader = read_header(source)
     edits = plan.edits(shard)
-    missing = [k for k in edits if k not in header.tensors]
+    rewrites = {}
+    if any(name.endswith(quant.MXFP4_BLOCKS_SUFFIX) for name in header.tensors):
+        # the whole checkpoint decides which modules' tensors convert (bf16 output)
+        every = mxfp4_rewrites(read_checkpoint(model_dir), plan.keys(), mxfp4)
+        rewrites = {k: pair for k, pair in every.items() if pair[0].shard == shard}
+    missing = [k for k in edits if k not in header.tensors and k not in rewrites]
     if missing:
         raise AbliterateError(f"{source}: has no tensor {missing[0]!r}, which the plan edits.")
-    targets = sorted((header.tensors[k] for k in edits), key=lambda info: info.begin)
+    if rewrites and mxfp4 == "bf16":
+        return _write_converted(source, header, output, edits, rewrites, device, digest, times)
+    targets = sorted(
+        (header.tensors[k] for k in edits if k not in rewrites), key=lambda info: info.begin
+    )
     fp8 = quant.fp8_scales(model_dir, header.tensors, edits)  # FP8 targets rewrite their scale too
     size = source.stat().st_size
-    # the file in order: ("copy", begin, end), ("edit", info, begin, shape, edits) pieces and
-    # ("fp8", info) pairs (weight + block scales, written by their worker at two offsets)
+    # the file in order: ("copy", begin, end), ("edit", info, begin, shape, edits) pieces,
+    # ("fp8", info) pairs (weight + block scales, written by their worker at two offsets) and
+    # ("mxfp4", blocks, key) pairs (requantized blocks + scales, likewise)
     pieces: list[tuple] = []
     for info in targets:
         if info.name in fp8:
@@ -257,10 +389,12 @@ def ablate_shard(
             continue
         for begin, shape, chunk_edits in tensor_chunks(info, edits[info.name]):
             pieces.append(("edit", info, begin, shape, chunk_edits))
+    pieces += [("mxfp4", blocks, key) for key, (blocks, _) in rewrites.items()]
     written = sorted(
         [(p[2], p[2] + _nbytes(p[1], p[3])) for p in pieces if p[0] == "edit"]
-        + [(p[1].begin, p[1].end) for p in pieces if p[0] == "fp8"]
+        + [(p[1].begin, p[1].end) for p in pieces if p[0] in ("fp8", "mxfp4")]
         + [(scale.begin, scale.end) for scale, _ in fp8.values()]
+        + [(scales.begin, scales.end) for _, scales in rewrites.values()]
     )
     segments, position = [], 0
     for begin, end in written:
@@ -287,11 +421,19 @@ def ablate_shard(
             free: queue.Queue[bytearray] = queue.Queue()
             for _ in range(depth):
                 free.put(bytearray(largest))
-            hasher = _Hasher(src, free, times) if digest and not fp8 else None
+            out_of_order = fp8 or rewrites
+            hasher = _Hasher(src, free, times) if digest and not out_of_order else None
             found: dict[str, list] = collections.defaultdict(list)
 
             def edit_piece(piece):
                 info = piece[1]
+                if piece[0] == "mxfp4":
+                    logger.info("Modifying %s (MXFP4, requantized)", piece[2])
+                    blocks, scales = rewrites[piece[2]]
+                    edit_mxfp4_requantized(
+                        ahead_src, dst.fileno(), blocks, scales, edits.get(piece[2], []), device
+                    )
+                    return None
                 if piece[0] == "fp8":
                     logger.info("Modifying %s", info.name)
                     edit_fp8_pair(
@@ -342,7 +484,7 @@ def ablate_shard(
                             continue
                         result = futures.popleft().result()
                         submit_next()
-                        if result is None:  # an FP8 pair, written by its worker
+                        if result is None:  # an FP8 or MXFP4 pair, written by its worker
                             continue
                         buffer, weight, errors = result
                         if record is not None:
@@ -367,7 +509,7 @@ def ablate_shard(
                 os.fsync(dst.fileno())
         if tmp.stat().st_size != size:
             raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {size}.")
-        if digest and sha256 is None:  # FP8 pairs are written out of order: hash the file
+        if digest and sha256 is None:  # quantized pairs are written out of order: hash the file
             with _phase(times, "hash"):
                 sha256 = file_sha256(tmp)
         tmp.replace(output)
@@ -382,6 +524,83 @@ def ablate_shard(
         }
         if hasher is not None:
             record["sha256"] = sha256
+    return sha256
+
+
+def converted_entries(header: ShardHeader, rewrites: dict) -> list[tuple[str, str, tuple]]:
+    """[(name, dtype, shape)] of a shard whose MXFP4 pairs become bf16 parameters, in the
+    source's order: each `_blocks` tensor's place taken by its parameter, `_scales` gone."""
+    blocks = {pair[0].name: key for key, pair in rewrites.items()}
+    scales = {pair[1].name for pair in rewrites.values()}
+    entries = []
+    for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+        if info.name in blocks:
+            key = blocks[info.name]
+            entries.append((key, "BF16", quant.mxfp4_parameter_shape(info.shape)))
+        elif info.name not in scales:
+            entries.append((info.name, info.dtype, tuple(info.shape)))
+    return entries
+
+
+def _write_converted(source, header, output, edits, rewrites, device, digest, times) -> str | None:
+    """Write a shard whose MXFP4 pairs become bf16 parameters (the `bf16` output).
+
+    Why a writer of its own: the tensors change size, so the file gets a new header and
+    every tensor a new offset; untouched tensors are still copied byte for byte by the
+    kernel, plain targets streamed through `tensor_chunks`, MXFP4 pairs one expert at a
+    time (`mxfp4_slices`), all front to back on one thread. Same temp-name convention.
+    """
+    entries = converted_entries(header, rewrites)
+    head = encode_header(entries, header.metadata)
+    tmp = output.with_name(output.name + ".tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    position = len(head)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            write_at(dst.fileno(), head, 0)
+            for name, dtype, shape in entries:
+                nbytes = math.prod(shape) * DTYPES[dtype][1]
+                if name in rewrites:
+                    blocks, scales = rewrites[name]
+                    logger.info(
+                        "%s %s (MXFP4 -> bf16)",
+                        "Modifying" if name in edits else "Converting",
+                        name,
+                    )
+                    step = nbytes // shape[0]
+                    for piece in mxfp4_slices(src, blocks, scales, edits.get(name, []), device):
+                        with _phase(times, "write"):
+                            data = tensor_bytes(piece.edited.to(torch.bfloat16))
+                            write_at(dst.fileno(), data, position + piece.index * step)
+                elif name in edits:
+                    info = header.tensors[name]
+                    logger.info("Modifying %s", name)
+                    for begin, chunk_shape, chunk_edits in tensor_chunks(info, edits[name]):
+                        with _phase(times, "read"):
+                            weight = read_tensor(src, info, begin=begin, shape=chunk_shape)
+                        with _phase(times, "edit"):
+                            edit_tensor(weight, chunk_edits, device, out=weight)
+                        with _phase(times, "write"):
+                            write_at(
+                                dst.fileno(), tensor_bytes(weight), position + begin - info.begin
+                            )
+                else:
+                    info = header.tensors[name]
+                    with _phase(times, "copy"):
+                        copy_range_at(src.fileno(), dst.fileno(), info.begin, info.end, position)
+                position += nbytes
+            with _phase(times, "fsync"):
+                os.fsync(dst.fileno())
+        if tmp.stat().st_size != position:
+            raise AbliterateError(f"{tmp}: wrote {tmp.stat().st_size} bytes, expected {position}.")
+        sha256 = None
+        if digest:
+            with _phase(times, "hash"):
+                sha256 = file_sha256(tmp)
+        tmp.replace(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return sha256
 
 
@@ -513,6 +732,7 @@ def assemble(
     locked: bool = False,
     card: CardOptions | None = None,
     publish: bool = True,
+    mxfp4: str = quant.DEFAULT_MXFP4_OUTPUT,
 ) -> Path:
     """Build the output checkpoint directory from edited shards + the untouched source.
 
@@ -523,11 +743,14 @@ def assemble(
     across filesystems). Writes the index, the config/tokenizer/chat-template files,
     remote-code `.py` files if the source has any, `README.md` (model card) and
     `manifest.json` (names and relative paths only: it is published with the weights).
+    Where edited shards replaced MXFP4 pairs by bf16 parameters (`mxfp4="bf16"`), the
+    index is rewritten from their headers and config.json's `quantization_config` updated
+    (`quant.mxfp4_output_config`), so transformers loads what the shards now hold.
     """
     model_dir, output, edited_dir = Path(model_dir), Path(output), Path(edited_dir)
     check_output_location(model_dir, output)
     with contextlib.nullcontext() if locked else exclusive_lock(output):
-        jobs_info = plan_shards(plan, model_dir, allow_external_links)
+        jobs_info = plan_shards(plan, model_dir, allow_external_links, mxfp4)
         staging_path = output.with_name(output.name + ".partial")
         in_place = edited_dir.absolute() == staging_path.absolute()
         keep = set(jobs_info["edit"]) | {MARKER} if in_place else set()
@@ -549,10 +772,13 @@ def assemble(
                 "(export.link: hardlink): writing to them in place changes the base model.",
                 output,
             )
+        converted = _converted_names(model_dir, staging, jobs_info["edit"])
         if (model_dir / INDEX_NAME).is_file():
             index_path = resolve_source(model_dir, INDEX_NAME, allow_external=allow_external_links)
             index = json.loads(index_path.read_text())
             index.setdefault("metadata", {})["abliterated"] = True
+            if converted["added"]:
+                _rewrite_index(index, converted, staging)
             write_json(index, staging / INDEX_NAME)
         copied = []
         for path in sorted(model_dir.iterdir()):
@@ -562,6 +788,13 @@ def assemble(
                 source = resolve_source(model_dir, path.name, allow_external=allow_external_links)
                 place_copy(source, staging / path.name, "copy")
                 copied.append(path.name)
+        if converted["added"]:
+            config = json.loads((staging / "config.json").read_text())
+            left = any(
+                name.endswith(quant.MXFP4_BLOCKS_SUFFIX) for name in read_weight_map(staging)
+            )
+            config = quant.mxfp4_output_config(config, converted["added"], left)
+            write_json(config, staging / "config.json")
         card_text = model_card(plan, model_dir, metrics, link_mode=link_mode, options=card)
         write_text_atomic(staging / "README.md", card_text)
         if publish:
@@ -580,6 +813,7 @@ def assemble(
             "plan_sha256": plan.sha256(),
             "edited_tensors": len(plan.entries),
             "shards": actions,
+            **({"mxfp4_output": mxfp4} if jobs_info.get("mxfp4") else {}),
             "copied_files": copied,
             "metrics": metrics,
             "verification": None,
@@ -597,6 +831,36 @@ def assemble(
             len(copied),
         )
         return output
+
+
+def _converted_names(model_dir: Path, staging: Path, shards) -> dict:
+    """{'added': {name: shard}, 'removed': [names]}: tensor names the edited shards in
+    `staging` have that their sources do not (bf16 parameters of MXFP4 pairs), and back."""
+    added: dict[str, str] = {}
+    removed: list[str] = []
+    for shard in shards:
+        before = read_header(model_dir / shard).tensors
+        after = read_header(staging / shard).tensors
+        added.update((name, shard) for name in after if name not in before)
+        removed += [name for name in before if name not in after]
+    return {"added": added, "removed": removed}
+
+
+def _rewrite_index(index: dict, converted: dict, staging: Path) -> None:
+    """The index of an export whose shards renamed tensors: the weight map from the edited
+    shards' headers, and `total_size` (the tensors' bytes) recomputed."""
+    weight_map = {
+        name: shard
+        for name, shard in index["weight_map"].items()
+        if name not in converted["removed"]
+    }
+    weight_map.update(converted["added"])
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    if "total_size" in index.get("metadata", {}):
+        total = 0
+        for shard in sorted(set(weight_map.values())):
+            total += sum(info.nbytes for info in read_header(staging / shard).tensors.values())
+        index["metadata"]["total_size"] = total
 
 
 def _move_into_place(directory: Path, output: Path) -> None:
@@ -702,6 +966,7 @@ def export_model(
     card: CardOptions | None = None,
     check: Callable[[Path], dict] | None = None,
     written: dict | None = None,
+    mxfp4: str = quant.DEFAULT_MXFP4_OUTPUT,
 ) -> Path:
     """Run every shard job (`jobs` in parallel) and assemble `output`, resumably.
 
@@ -714,12 +979,14 @@ def export_model(
     after an interruption only redoes the shards that were not complete (the staging
     directory is reused only if it was started for the very same plan).
     `hash_shards=False` leaves the shards' SHA-256 out of the manifest (null), saving a
-    hashing pass over the whole model (`--no-hash`).
+    hashing pass over the whole model (`--no-hash`). `mxfp4` is the output format of
+    MXFP4 targets ("bf16" or "requantize", docs/quantized.md).
 
     `written` (a dict) receives, for each shard edited by this run and hashed on the way,
     what its job knew as it wrote it (`ablate_shard`'s `record`); `check` may use it to
     verify by digest.
     """
+    check_mxfp4_output(mxfp4)
     model_dir = Path(model_dir or plan.model_dir)
     output = Path(output)
     check_output_location(model_dir, output)
@@ -728,17 +995,19 @@ def export_model(
             f"{output}: exists and is not a directory; expected an output directory."
         )
     if output.exists() and not force:
-        if _holds_export_of(output, plan):
+        if _holds_export_of(output, plan, mxfp4):
             logger.info("%s already holds the export of this plan; keeping it", output)
             return output
         raise AbliterateError(
             f"{output}: output directory already exists; remove it or pass --force."
         )
     with exclusive_lock(output):
-        jobs_info = plan_shards(plan, model_dir, allow_external_links)
+        jobs_info = plan_shards(plan, model_dir, allow_external_links, mxfp4)
         staging = output.with_name(output.name + ".partial")
         marker = staging / MARKER
         plan_id = plan.sha256()
+        if jobs_info.get("mxfp4"):  # shards written in the other format are not reusable
+            plan_id += f" mxfp4={mxfp4}"
         same_plan = (
             staging.is_dir()
             and not staging.is_symlink()
@@ -768,6 +1037,7 @@ def export_model(
                     device=device,
                     digest=hash_shards,
                     record=records[shard] if written is not None else None,
+                    mxfp4=mxfp4,
                 )
         else:
             # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
@@ -783,6 +1053,7 @@ def export_model(
                         device=device,
                         digest=hash_shards,
                         record=records[s] if written is not None else None,
+                        mxfp4=mxfp4,
                     ): s
                     for s in todo
                 }
@@ -804,6 +1075,7 @@ def export_model(
             locked=True,  # this export holds the lock already
             card=card,
             publish=False,
+            mxfp4=mxfp4,
         )
         report = check(assembled) if check is not None else None
         if report is not None and not report.get("ok"):
@@ -826,7 +1098,7 @@ def export_model(
         )
 
 
-def _holds_export_of(output: Path, plan: Plan) -> bool:
+def _holds_export_of(output: Path, plan: Plan, mxfp4: str = quant.DEFAULT_MXFP4_OUTPUT) -> bool:
     """Whether `output` is a finished export of this very plan (a rerun after a kill that
     came once the output was in place, e.g. during verification, converges instead of
     failing). An output only ever appears by renaming a complete staging directory."""
@@ -834,7 +1106,11 @@ def _holds_export_of(output: Path, plan: Plan) -> bool:
         manifest = json.loads((output / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and manifest.get("plan_sha256") == plan.sha256()
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("plan_sha256") == plan.sha256()
+        and manifest.get("mxfp4_output", mxfp4) == mxfp4
+    )
 
 
 def read_digests(paths) -> dict[str, str]:

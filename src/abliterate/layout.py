@@ -209,7 +209,8 @@ def config_int(config, quantity: str) -> int | None:
 
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight")
-# Fused MXFP4 blocks (original gpt-oss release) cannot be edited in place.
+# Stored names of quantized expert tensors: an MXFP4 pair is a target under its logical
+# name, so any of these left in a layer were not recognized as a pair.
 QUANTIZED_EXPERT_MARKERS = ("_blocks", "_scales")
 EDITABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -718,6 +719,8 @@ def inspect_checkpoint(model_dir: str | Path) -> Layout:
     quantization = quant.checkpoint_quantization(config, tensors)
     quant.require_editable(quantization, model_dir)
     quantized = quant.quantized_tensors(tensors, quantization)
+    # MXFP4 pairs under their parameter names (`mlp.experts.down_proj`), so the patterns match
+    tensors = quant.logical_tensors(tensors, quantized)
 
     prefix = detect_layer_prefix(tensors, model_dir)
     logger.info("Detected layer prefix: %s", prefix)
@@ -807,7 +810,8 @@ def _global_targets(tensors, prefix: str, hidden_size: int, model_dir) -> tuple[
 
 
 def _mark_quantized(entry: LayerTargets, quantized: dict) -> LayerTargets:
-    """Targets stored quantized (FP8 + block scales) carry their storage, for the exporter."""
+    """Targets stored quantized (FP8 + block scales, MXFP4 blocks + scales) carry their
+    storage, for the exporter."""
     from dataclasses import replace
 
     targets = tuple(

@@ -67,10 +67,11 @@ MXFP4_GROUP = 32  # values per scale
 MXFP4_BYTES = MXFP4_GROUP // 2  # bytes per group (two values per byte)
 MXFP4_BLOCKS_SUFFIX = "_blocks"
 MXFP4_SCALES_SUFFIX = "_scales"
-# What an edited MXFP4 tensor is written as: bf16 (the edit holds to bf16 precision, the
-# tensor grows 4x) or mxfp4 (same size, but 4-bit requantization leaves part of the
-# removed component behind). docs/quantized.md has the numbers behind the default.
-MXFP4_OUTPUTS = ("bf16", "mxfp4")
+# What an edited MXFP4 tensor is written as (`export.mxfp4`, `abliterate ablate --mxfp4`):
+# bf16 (the edit holds to bf16 precision, the tensor grows 4x) or requantize (same size and
+# byte layout, but 4-bit requantization leaves part of the removed component behind).
+# docs/quantized.md has the numbers behind the default.
+MXFP4_OUTPUTS = ("bf16", "requantize")
 DEFAULT_MXFP4_OUTPUT = "bf16"
 
 EDITABLE_METHODS = ("fp8", "mxfp4")
@@ -311,6 +312,11 @@ def quantized_tensors(
             key = name[: -len(MXFP4_BLOCKS_SUFFIX)]
             scales = tensors[key + MXFP4_SCALES_SUFFIX]
             check_mxfp4_pair(key, info, scales)
+            if scales.shard != info.shard:  # one shard job rewrites (or replaces) both
+                raise AbliterateError(
+                    f"MXFP4 tensor {key + MXFP4_SCALES_SUFFIX!r} is in {scales.shard}, not "
+                    f"beside {name!r} in {info.shard}; expected blocks and scales in one shard."
+                )
             found[key] = QuantizedTensor(
                 key, "mxfp4", mxfp4_keys(key), mxfp4_parameter_shape(info.shape)
             )
@@ -483,7 +489,7 @@ def edit_mxfp4(
     """Edit a gpt-oss MXFP4 expert tensor in transformers' [E, in, out] layout.
 
     Returns the bf16 parameter (`output="bf16"`) or requantized (blocks, scales)
-    (`output="mxfp4"`, same shapes and bytes as the source).
+    (`output="requantize"`, same shapes and bytes as the source).
     """
     if output not in MXFP4_OUTPUTS:
         raise AbliterateError(
@@ -493,6 +499,25 @@ def edit_mxfp4(
     if output == "bf16":
         return edited.to(torch.bfloat16).contiguous()
     return mxfp4_from_parameter(edited)
+
+
+def mxfp4_module(key: str) -> str:
+    """`model.layers.3.mlp.experts.down_proj` -> `model.layers.3.mlp.experts`: the module
+    transformers converts (or, listed in `modules_to_not_convert`, leaves plain) as a whole."""
+    return key.rsplit(".", 1)[0]
+
+
+def mxfp4_output_config(config: Mapping, converted_keys, pairs_left: bool) -> dict:
+    """config.json of an export whose `converted_keys` are now bf16 tensors.
+
+    With MXFP4 pairs left elsewhere in the checkpoint, the converted modules join
+    `modules_to_not_convert` (transformers loads them as plain parameters beside the
+    quantized experts); with none left, `quantization_config` is dropped, so the export
+    loads as the plain bf16 model it now is.
+    """
+    if not pairs_left:
+        return {k: v for k, v in config.items() if k != "quantization_config"}
+    return mxfp4_bf16_config(config, sorted({mxfp4_module(k) for k in converted_keys}))
 
 
 def mxfp4_bf16_config(config: Mapping, edited_modules) -> dict:
@@ -541,14 +566,67 @@ def fp8_scales(model_dir, tensors: Mapping, keys) -> dict:
     return {k: (tensors[found[k].stored[1]], found[k].block_size) for k in fp8}
 
 
+def logical_tensors(tensors: Mapping, quantized: Mapping[str, QuantizedTensor]) -> dict:
+    """`tensors` (name -> `shards.TensorInfo`) as transformers names its parameters: each
+    MXFP4 pair replaced by its logical key, a BF16 `TensorInfo` of the parameter shape in
+    the shard of its `_blocks` (bf16 is what transformers dequantizes it to).
+
+    Why: inspection matches the architecture's patterns (`mlp.experts.down_proj`) and the
+    planner checks a plan's shapes against these names. The byte range of a logical entry
+    is not in any file (begin 0); the exporter reads the stored pair (`mxfp4_pairs`).
+    """
+    logical = dict(tensors)
+    for key, found in quantized.items():
+        if found.format != "mxfp4":
+            continue
+        logical[key] = mxfp4_logical_info(key, logical.pop(found.stored[0]))
+        logical.pop(found.stored[1])
+    return logical
+
+
+def mxfp4_logical_info(key: str, blocks):
+    """The `shards.TensorInfo` of the BF16 parameter an MXFP4 pair stands for (in the
+    shard of its `blocks`; no byte range of any file)."""
+    from .shards import TensorInfo
+
+    shape = mxfp4_parameter_shape(blocks.shape)
+    return TensorInfo(key, blocks.shard, "BF16", shape, 0, 2 * math.prod(shape))
+
+
+def mxfp4_pairs(tensors: Mapping, keys) -> dict:
+    """{key: (blocks TensorInfo, scales TensorInfo)} for the MXFP4 logical keys among `keys`.
+
+    `tensors` maps stored names to `shards.TensorInfo` (one shard's header or the
+    checkpoint); a key that is stored under its own name is not an MXFP4 key. The pairs
+    are validated again here (a plan may come from another copy of the model).
+    """
+    pairs = {}
+    for key in keys:
+        blocks_key, scales_key = mxfp4_keys(key)
+        if key in tensors or blocks_key not in tensors:
+            continue
+        if scales_key not in tensors:
+            raise AbliterateError(
+                f"MXFP4 tensor {blocks_key!r} has no {scales_key!r} beside it; expected blocks "
+                "and scales in pairs."
+            )
+        check_mxfp4_pair(key, tensors[blocks_key], tensors[scales_key])
+        pairs[key] = (tensors[blocks_key], tensors[scales_key])
+    return pairs
+
+
 def stored_values(model_dir, tensors: Mapping, key: str, get_tensor) -> torch.Tensor:
-    """`key` as transformers loads it dequantized: an FP8 weight times its block scales
-    (float32), any other tensor as stored. `tensors`: the shard's header (name ->
+    """`key` as transformers loads it dequantized: an FP8 weight times its block scales,
+    an MXFP4 expert tensor from its blocks and scales (float32), any other tensor as stored. `tensors`: the shard's header (name ->
     `shards.TensorInfo`); `get_tensor(name)` reads one tensor of that shard.
 
     Why: the in-memory evaluator checks a few loaded parameters against the file, and an
     FP8 checkpoint's parameters are those values, not the float8 bytes.
     """
+    mxfp4 = mxfp4_pairs(tensors, [key])
+    if key in mxfp4:  # a gpt-oss expert tensor: its blocks times their scales, [E, in, out]
+        blocks, scales = mxfp4[key]
+        return mxfp4_parameter(get_tensor(blocks.name), get_tensor(scales.name))
     fp8 = fp8_scales(model_dir, tensors, [key])
     if key not in fp8:
         return get_tensor(key)

@@ -271,8 +271,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def copy_range_at(src_fd: int, dst_fd: int, begin: int, end: int) -> None:
-    """Copy bytes [begin, end) of `src_fd` to the same offsets of `dst_fd`.
+def copy_range_at(
+    src_fd: int, dst_fd: int, begin: int, end: int, dst_begin: int | None = None
+) -> None:
+    """Copy bytes [begin, end) of `src_fd` to the same offsets of `dst_fd` (or to
+    `dst_begin` onwards: a shard whose header changed, e.g. MXFP4 experts written as bf16).
 
     The kernel copies (`copy_file_range`, as `cp` does) where it can; otherwise 64 MiB
     chunks go through `pread`/`pwrite`. Explicit offsets let several workers fill one
@@ -280,12 +283,13 @@ def copy_range_at(src_fd: int, dst_fd: int, begin: int, end: int) -> None:
     """
     import os
 
+    shift = 0 if dst_begin is None else dst_begin - begin
     position = begin
     if hasattr(os, "copy_file_range"):
         try:
             while position < end:
                 copied = os.copy_file_range(
-                    src_fd, dst_fd, min(end - position, 1 << 30), position, position
+                    src_fd, dst_fd, min(end - position, 1 << 30), position, position + shift
                 )
                 if copied <= 0:
                     break
@@ -296,8 +300,29 @@ def copy_range_at(src_fd: int, dst_fd: int, begin: int, end: int) -> None:
         chunk = os.pread(src_fd, min(COPY_CHUNK, end - position), position)
         if not chunk:
             raise AbliterateError(f"source file ended at byte {position}, expected {end}.")
-        write_at(dst_fd, chunk, position)
+        write_at(dst_fd, chunk, position + shift)
         position += len(chunk)
+
+
+def encode_header(entries, metadata: dict | None = None) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file holding `entries`
+    [(name, dtype, shape)] back to back in that order; the JSON is padded with spaces to a
+    multiple of 8 bytes, as the safetensors library writes it, so the data stays aligned."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = DTYPES[dtype][1]
+        for n in shape:
+            nbytes *= n
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def write_at(fd: int, data, offset: int) -> None:

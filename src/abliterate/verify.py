@@ -21,6 +21,7 @@ import torch
 from . import quant
 from .edit import unit, vector_stats
 from .errors import AbliterateError
+from .export import mxfp4_slices
 from .files import write_json, write_text_atomic
 from .recipe import Plan, edit_tensor, file_sha256, tensor_chunks
 from .shards import DTYPES, read_checkpoint, read_tensor
@@ -157,7 +158,9 @@ class _Tally:
             "edited_by_digest": 0,
             "invariants_checked": 0,
         }
+        self.stats["mxfp4_dequantized"] = 0  # unedited MXFP4 tensors of edited modules, now bf16
         self.worst = {"residual": 0.0, "norm_drift": 0.0}
+        self.requantized = {"residual": 0.0, "norm_drift": 0.0}  # MXFP4 requantize output
 
 
 def _check_untouched(key, a, b, src_path, dst_path, files: _Files, tally: _Tally, fail) -> None:
@@ -203,20 +206,17 @@ def _check_edited(key, a, b, src_path, dst_path, edits, files, tally, fail, devi
         )
         # router suppression edits chosen rows only (those along r), so the whole-tensor
         # invariants do not apply to it; the bit-for-bit comparison below still does
-        plain = [
-            e for e, is_bias in chunk_edits if not is_bias and getattr(e, "rows", None) is None
-        ]
-        scale_one = len(chunk_edits) == 1 and plain and plain[0].scale == 1.0
+        entry = _scale_one_plain(chunk_edits)
         errors = (
-            invariant_errors(original, written, plain[0], plain[0].hidden_axis, device)
-            if scale_one
+            invariant_errors(original, written, entry, entry.hidden_axis, device)
+            if entry is not None
             else None
         )
         if not _bit_equal(edit_tensor(original, chunk_edits, device, out=original), written):
             fail(f"{key}: differs from the plan's edit of the source tensor")
             return
         if errors is not None:
-            _check_invariants(key, errors, plain[0], a.dtype, tally, fail)
+            _check_invariants(key, errors, entry, a.dtype, tally, fail)
 
 
 def _check_fp8_pair(
@@ -273,23 +273,117 @@ def _check_digests(output: Path, written: dict, jobs: int, fail) -> int:
     return len(shards)
 
 
-def _check_tensors(model_dir, output, source, result, by_key, fail, device, written) -> _Tally:
-    """Every tensor present in both: untouched ones bit-identical, edited ones the plan's.
+def _scale_one_plain(chunk_edits):
+    """The single scale-1 weight edit whose invariants can be checked, else None (router
+    suppression edits chosen rows only, several edits compose)."""
+    plain = [e for e, is_bias in chunk_edits if not is_bias and getattr(e, "rows", None) is None]
+    if len(chunk_edits) == 1 and plain and plain[0].scale == 1.0:
+        return plain[0]
+    return None
 
-    For a shard in `written` (hashed by its exporter on the way) untouched tensors are
+
+def _check_mxfp4(key, pair, written, files, src_path, dst_path, edits, tally, fail, device):
+    """An MXFP4 target (or, with bf16 output, an unedited tensor of an edited module) is
+    exactly the exporter's dequant -> edit -> bf16 / requantized pair of the source,
+    recomputed one expert at a time (`export.mxfp4_slices`), and meets the invariants
+    after dequantization.
+
+    `written` is the output's bf16 `TensorInfo`, or its (blocks, scales) pair for the
+    requantize output. bf16 results are held to bf16's tolerance; a requantized result's
+    invariants are recorded (verify.json `mxfp4.requantized_max_*`), not failed: 4-bit rounding puts back
+    a part of the removed component that no tolerance short of that part would pass
+    (docs/quantized.md), so the bit-exact recomputation is what vouches for it.
+    """
+    blocks, scales = pair
+    tally.stats["edited" if edits else "mxfp4_dequantized"] += 1
+    experts = blocks.shape[0]
+    out = files(dst_path)
+    for piece in mxfp4_slices(files(src_path), blocks, scales, edits, device):
+        count = piece.packed.shape[0]
+        if isinstance(written, tuple):
+            got = [
+                read_tensor(
+                    out,
+                    info,
+                    begin=info.begin + piece.index * (info.nbytes // experts),
+                    shape=(count, *info.shape[1:]),
+                )  # fmt: skip
+                for info in written
+            ]
+            expected = piece.requantized()
+            same = _bit_equal(expected[0], got[0]) and _bit_equal(expected[1], got[1])
+            after = quant.mxfp4_parameter(*got)
+            after = after if piece.edited.ndim == 3 else after[0]
+        else:
+            step = written.nbytes // experts
+            after = read_tensor(
+                out, written, begin=written.begin + piece.index * step,
+                shape=tuple(piece.edited.shape),
+            )  # fmt: skip
+            same = _bit_equal(piece.edited.to(torch.bfloat16), after)
+        if not same:
+            what = "the plan's edit" if edits else "the dequantization"
+            fail(f"{key}: differs from {what} of the source MXFP4 blocks and scales")
+            return
+        entry = _scale_one_plain(piece.edits)
+        if entry is None:
+            continue
+        errors = invariant_errors(piece.source, after, entry, entry.hidden_axis, device)
+        if isinstance(written, tuple):
+            for name, value in zip(("residual", "norm_drift"), errors, strict=True):
+                tally.requantized[name] = max(tally.requantized[name], value)
+        else:
+            _check_invariants(key, errors, entry, "BF16", tally, fail)
+
+
+def _mxfp4_outputs(source, result, by_key) -> dict:
+    """{key: (source pair, written)} of the MXFP4 tensors the export rewrote: the plan's
+    (bf16 in the output, or a requantized pair) and the converted unedited ones (bf16)."""
+    found = {}
+    for key, pair in quant.mxfp4_pairs(source, set(by_key) | set(result)).items():
+        blocks_key, scales_key = quant.mxfp4_keys(key)
+        if key in result:
+            found[key] = (pair, result[key])
+        elif key in by_key and blocks_key in result and scales_key in result:
+            found[key] = (pair, (result[blocks_key], result[scales_key]))
+    return found
+
+
+def _check_tensors(
+    model_dir, output, source, result, by_key, mxfp4, fail, device, by_digest
+) -> _Tally:
+    """Every tensor present in both: untouched ones bit-identical, edited ones the plan's;
+    `mxfp4` (`_mxfp4_outputs`): the MXFP4 tensors the export rewrote.
+
+    For a shard in `by_digest` (hashed by its exporter on the way) untouched tensors are
     covered by the shard's digest, and edited ones with an in-memory record by that record;
     everything else is read back and compared (edits recomputed from the source).
     """
     tally, files = _Tally(), _Files()
     fp8 = quant.fp8_scales(model_dir, source, by_key)  # edited FP8 weights rewrite their scales
     fp8_scale_keys = {scale.name for scale, _ in fp8.values()}
+    rewritten = fp8_scale_keys | {n for pair, _ in mxfp4.values() for n in (p.name for p in pair)}
     try:
+        for key, (pair, written) in sorted(mxfp4.items()):
+            if isinstance(written, tuple):
+                fits = all(
+                    (a.dtype, a.shape) == (b.dtype, b.shape)
+                    for a, b in zip(pair, written, strict=True)
+                )
+            else:
+                shape = quant.mxfp4_parameter_shape(pair[0].shape)
+                fits = (written.dtype, tuple(written.shape)) == ("BF16", shape)
+            if not fits:
+                continue  # reported by _check_structure
+            shard = written[0].shard if isinstance(written, tuple) else written.shard
+            _check_mxfp4(key, pair, written, files, model_dir / pair[0].shard, output / shard,
+                         by_key.get(key, []), tally, fail, device)  # fmt: skip
         for key in sorted(set(source) & set(result)):
             a, b = source[key], result[key]
-            if a.dtype != b.dtype or a.shape != b.shape or key in fp8_scale_keys:
+            if a.dtype != b.dtype or a.shape != b.shape or key in rewritten:
                 continue  # reported by _check_structure; a scale is checked with its weight
             src_path, dst_path = model_dir / a.shard, output / b.shard
-            record = written.get(b.shard)
+            record = by_digest.get(b.shard)
             if record is not None and key in record["tensors"] and key in by_key:
                 tally.stats["edited_by_digest"] += 1
                 _check_record(key, record["tensors"][key], a.dtype, tally, fail)
@@ -305,7 +399,7 @@ def _check_tensors(model_dir, output, source, result, by_key, fail, device, writ
                 _check_untouched(key, a, b, src_path, dst_path, files, tally, fail)
     finally:
         files.close()
-    for key in sorted(set(by_key) - set(result))[:MAX_FAILURES]:
+    for key in sorted(set(by_key) - set(result) - set(mxfp4))[:MAX_FAILURES]:
         fail(f"{key}: the plan edits it but the output lacks it")
     return tally
 
@@ -341,10 +435,14 @@ def verify(
     result = read_checkpoint(output)
     failures: list[str] = []
     fail = failures.append
-    structure = _check_structure(source, result, fail)
     by_key = plan.edits()
+    mxfp4 = _mxfp4_outputs(source, result, by_key)
+    converted = {k: pair for k, (pair, out) in mxfp4.items() if not isinstance(out, tuple)}
+    structure = _check_structure(_converted_source(source, converted), result, fail)
+    if converted:
+        _check_mxfp4_config(model_dir, output, source, result, converted, fail)
     written = written or {}
-    tally = _check_tensors(model_dir, output, source, result, by_key, fail, device, written)
+    tally = _check_tensors(model_dir, output, source, result, by_key, mxfp4, fail, device, written)
     tally.stats["shards_checked_by_digest"] = _check_digests(output, written, jobs, fail)
     small = sum(info.nbytes for info in result.values()) <= SMALL_MODEL_BYTES
     manifest = _check_manifest(output, small, fail)
@@ -361,11 +459,56 @@ def verify(
         "plan_tensors": len(by_key),
         "max_residual_along_direction": tally.worst["residual"],
         "max_norm_drift": tally.worst["norm_drift"],
+        **(
+            {
+                "mxfp4": {
+                    "output": "bf16" if converted else "requantize",
+                    "rewritten": len(mxfp4),
+                    "requantized_max_residual": tally.requantized["residual"],
+                    "requantized_max_norm_drift": tally.requantized["norm_drift"],
+                }
+            }
+            if mxfp4
+            else {}
+        ),
         "manifest": manifest,
         "generation": generation,
         "failures": failures[:MAX_FAILURES],
         "failure_count": len(failures),
     }
+
+
+def _converted_source(source: dict, converted: dict) -> dict:
+    """The source's tensors as a bf16-converting export should hold them: each converted
+    MXFP4 pair replaced by its bf16 parameter (name, shape), everything else as it is."""
+    expected = dict(source)
+    for key, (blocks, scales) in converted.items():
+        del expected[blocks.name], expected[scales.name]
+        expected[key] = quant.mxfp4_logical_info(key, blocks)
+    return expected
+
+
+def _check_mxfp4_config(model_dir: Path, output: Path, source, result, converted, fail) -> None:
+    """A module transformers converts as a whole has all of its MXFP4 tensors converted,
+    and config.json says what the shards hold (`quant.mxfp4_output_config` of the source's)."""
+    modules = {quant.mxfp4_module(key) for key in converted}
+    suffix = quant.MXFP4_BLOCKS_SUFFIX
+    left = [n for n in result if n.endswith(suffix)]
+    for name in left:
+        if quant.mxfp4_module(name[: -len(suffix)]) in modules:
+            fail(f"{name}: still MXFP4 in a module whose other tensors were converted to bf16")
+    try:
+        before = json.loads((model_dir / "config.json").read_text())
+        after = json.loads((output / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        fail(f"{output / 'config.json'}: unreadable ({error})")
+        return
+    if after != quant.mxfp4_output_config(before, converted, bool(left)):
+        fail(
+            f"{output / 'config.json'}: quantization_config does not match the converted MXFP4 "
+            "tensors (expected modules_to_not_convert to list them, or no quantization_config "
+            "when none is left)"
+        )
 
 
 def _check_manifest(output: Path, small: bool, fail) -> dict:
@@ -435,6 +578,21 @@ def summary(report: dict) -> str:
         f"- edited tensors equal to the plan's edit recomputed: {report['edited']} of "
         f"{report['plan_tensors']} planned; checked in memory against the edit's invariants "
         f"before writing, then by digest: {report.get('edited_by_digest', 0)}",
+        *(
+            [
+                f"- MXFP4 experts ({report['mxfp4']['output']}): {report['mxfp4']['rewritten']} "
+                f"rewritten, {report.get('mxfp4_dequantized', 0)} of them dequantized unedited; "
+                + (
+                    f"after requantization max component along r "
+                    f"{report['mxfp4']['requantized_max_residual']:.2e}, max norm drift "
+                    f"{report['mxfp4']['requantized_max_norm_drift']:.2e}"
+                    if report["mxfp4"]["output"] == "requantize"
+                    else "invariants held to bf16 tolerance"
+                )
+            ]
+            if report.get("mxfp4")
+            else []
+        ),
         f"- invariants checked on {report['invariants_checked']} tensors: max "
         f"component along r {report['max_residual_along_direction']:.2e}, max norm drift "
         f"{report['max_norm_drift']:.2e}",

@@ -60,6 +60,7 @@ checkpoint plan_shards:
     params:
         model=model_dir,
         allow_external_links=config["export"]["allow_external_links"],
+        mxfp4=config["export"]["mxfp4"],
     script:
         "../scripts/plan_shards.py"
 
@@ -91,6 +92,7 @@ rule ablate_shard:
     params:
         model=model_dir,
         device=config["export"]["device"],
+        mxfp4=config["export"]["mxfp4"],
     script:
         "../scripts/ablate_shard.py"
 
@@ -116,6 +118,7 @@ rule assemble_model:
         link=config["export"]["link"],
         allow_external_links=config["export"]["allow_external_links"],
         card=config["export"]["card"],
+        mxfp4=config["export"]["mxfp4"],
     script:
         "../scripts/assemble_model.py"
 

@@ -15,5 +15,6 @@ with rule_log(snakemake):
         snakemake.output.shard,
         device=snakemake.params.device,
         digest=True,
+        mxfp4=snakemake.params.mxfp4,
     )
     write_text_atomic(snakemake.output.digest, digest + "\n")

@@ -22,4 +22,5 @@ with rule_log(snakemake):
         link_mode=snakemake.params.link,
         allow_external_links=snakemake.params.allow_external_links,
         card=CardOptions(**snakemake.params.card),
+        mxfp4=snakemake.params.mxfp4,
     )

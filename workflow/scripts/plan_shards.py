@@ -10,5 +10,6 @@ with rule_log(snakemake):
         Plan.load(snakemake.input.plan),
         snakemake.params.model,
         allow_external_links=snakemake.params.allow_external_links,
+        mxfp4=snakemake.params.mxfp4,
     )
     write_json(jobs, snakemake.output.shards)

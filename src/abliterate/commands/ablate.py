@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import quant
 from ..card import CardOptions, is_hub_id
 from ..errors import AbliterateError
 from ..export import VerificationFailed, export_model
@@ -42,6 +43,15 @@ def add_arguments(parser) -> None:
         help="how unedited shards reach the output: auto (reflink where the file system can, "
         "else copy), reflink, copy, or hardlink (shares the source's inodes: an in-place write "
         "to the output then changes the source)",
+    )
+    parser.add_argument(
+        "--mxfp4",
+        choices=quant.MXFP4_OUTPUTS,
+        default=quant.DEFAULT_MXFP4_OUTPUT,
+        help="how edited MXFP4 experts (gpt-oss originals) are written: bf16 (default; the "
+        "edit holds to bf16 precision, config.json's quantization_config updated) or "
+        "requantize (MXFP4 again, same size, but 4-bit rounding puts part of the removed "
+        "direction back; docs/quantized.md)",
     )
     parser.add_argument(
         "--allow-external-links",
@@ -109,6 +119,7 @@ def run(args) -> int:
             card=card,
             check=None if args.no_verify else check,
             written=None if args.no_verify or args.full_verify else written,
+            mxfp4=args.mxfp4,
         )
     except VerificationFailed as failure:
         write_report(failure.report, verify_path)
