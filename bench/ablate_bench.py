@@ -10,8 +10,8 @@ random bf16), it times, interleaved so that load drift shows up in the baseline 
   manifest's SHA-256 of each shard, warm and cold,
 - the export with each `export.link` mode (the unedited embedding shard is copied,
   reflinked where the file system can, or hard-linked),
-- the user's whole command, `abliterate ablate recipe.yml` (default verification), and
-  the same with `--no-verify`,
+- the user's whole command, `abliterate ablate recipe.yml` (default verification: by
+  digest), the same with `--full-verify` (every edit recomputed) and with `--no-verify`,
 - one shard job alone in a fresh process, with the guide's default recipe and with all
   128 experts: its peak RSS (VmHWM) and where its time goes (thread-seconds per phase:
   read, edit, write, kernel copy of untouched ranges, fsync, hash),
@@ -20,7 +20,7 @@ and prints a JSON summary. Cold runs drop the source (and earlier outputs) from 
 cache with `posix_fadvise(DONTNEED)` after a `sync`; `cached_source` says how much of the
 source was in the cache when each run started.
 
-    python bench/ablate_bench.py [--dir /big/tmp] [--keep] [--experts 8]
+    python bench/ablate_bench.py [--dir /big/tmp] [--keep] [--experts 8] [--slice DIR]
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to put the ~40 GB of temp files")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--experts", type=int, default=128, help="fewer for a smoke run")
+    parser.add_argument(
+        "--slice",
+        default=None,
+        help="an existing slice directory (bench/glm_slice.py, same --experts) to reuse; kept",
+    )
     args = parser.parse_args()
     from abliterate.export import export_model
     from abliterate.logs import setup_logging
@@ -102,7 +107,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ablate-bench-", dir=args.dir))
     try:
         start = time.perf_counter()
-        model = glm_slice.build_slice(root, LAYERS, args.experts)
+        if args.slice:
+            model = Path(args.slice)
+        else:
+            model = glm_slice.build_slice(root, LAYERS, args.experts)
         build_s = time.perf_counter() - start
         size = sum(p.stat().st_size for p in model.iterdir())
         measurements = glm_slice.write_measurements(root / "measurements.safetensors", LAYERS)
@@ -122,6 +130,7 @@ def main() -> None:
         def prepare(cold: bool) -> float:
             if cold:
                 glm_slice.evict(root)
+                glm_slice.evict(model)  # also when --slice put it outside root
             else:
                 glm_slice.warm(model)
             return round(glm_slice.cached_fraction(model), 2)
@@ -188,6 +197,7 @@ def main() -> None:
         (root / "one-shard").unlink()
         run_cli("cli_ablate_j1")
         run_cli("cli_ablate_j1_no_verify", "--no-verify")
+        run_cli("cli_ablate_j1_full_verify", "--full-verify")
         run_cli("cli_ablate_j2", "-j", "2")
         run_cp()
         jobs_alone = {

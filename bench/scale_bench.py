@@ -17,7 +17,7 @@ edit workers; the overhead is fsync and start-up per shard), checks it against t
 measured 1- and 2-job times, and prints the predicted time of the full 46-layer model
 (45 MoE layers + 1 dense, about 220 GB) for several disk speeds and job counts.
 
-    python bench/scale_bench.py [--dir /big/tmp] [--layers 3] [--keep]
+    python bench/scale_bench.py [--dir /big/tmp] [--layers 3] [--keep] [--slice DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to put ~3 x the slice's size")
     parser.add_argument("--layers", type=int, default=3, help="MoE layers in the slice")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument(
+        "--slice", default=None, help="an existing slice of --layers layers to reuse; kept"
+    )
     args = parser.parse_args()
     from abliterate.recipe import build_plan
 
@@ -62,7 +65,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=args.dir))
     try:
-        model = glm_slice.build_slice(root, args.layers)
+        model = Path(args.slice) if args.slice else glm_slice.build_slice(root, args.layers)
         size = sum(p.stat().st_size for p in model.iterdir())
         measurements = glm_slice.write_measurements(root / "m.safetensors", args.layers)
         recipe = {**glm_slice.recipe(args.layers, all_experts=True), "model": str(model),
