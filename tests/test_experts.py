@@ -23,7 +23,14 @@ from abliterate.errors import AbliterateError
 from abliterate.layout import inspect_checkpoint
 from abliterate.measure import MeasureOptions, load_measurements, measure, save_measurements
 from abliterate.model import LoadOptions, load_model
-from abliterate.recipe import Plan, edit_tensor, load_recipe, resolve, tensor_chunks
+from abliterate.recipe import (
+    Plan,
+    edit_tensor,
+    expert_columns,
+    load_recipe,
+    resolve,
+    tensor_chunks,
+)
 from abliterate.shards import TensorInfo
 
 A, C = 0, 7  # the trigger dimension the router reads, the dimension planted experts write
@@ -281,6 +288,11 @@ def test_fused_subset_edits_only_those_experts_slices(gpt_oss):
     )
     fused = [e for e in plan.entries if e.component == "expert_down"]
     assert len(fused) == 1 and fused[0].experts == (1, 3) and fused[0].bias
+    # the sweep/search columns count the slices, and a whole fused tensor as every expert
+    assert expert_columns(plan, layout) == {"experts_edited": 2, "expert_selection": "1:1,3"}
+    every = resolve({"ablate": [{"layer": 1, "measurement": 2}], "expert_subset": [0, 1, 2, 3]},
+                    layout, meas)  # fmt: skip
+    assert expert_columns(every, layout) == {"experts_edited": 4, "expert_selection": "1:all"}
     entry = fused[0]
     weight = torch.randn(entry.shape, generator=g).to(torch.bfloat16)
     edited = edit_tensor(weight, [(entry, False)])

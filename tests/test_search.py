@@ -23,6 +23,7 @@ from abliterate.errors import AbliterateError
 from abliterate.recipe import load_recipe
 from abliterate.search import (
     SearchSpace,
+    check_strategies,
     first_trials,
     layer_strengths,
     params_recipe,
@@ -47,6 +48,10 @@ EVALUATE = {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4}
         ({"search": {"strength": [-0.5, 1.0]}}, r"sweep\.search\.strength: expected values >= 0"),
         ({"search": {"projection": ["sideways"]}}, r"sweep\.search\.projection"),
         ({"search": {"sparsity": [0.0, 1.0]}}, r"sweep\.search\.sparsity: expected values below"),
+        ({"search": {"experts": ["auto:0"]}}, r"sweep\.search\.experts: expected a non-empty"),
+        ({"search": {"experts": ["coverage:1.5"]}}, r"sweep\.search\.experts: expected"),
+        ({"search": {"experts": ["some"]}}, r"sweep\.search\.experts: expected"),
+        ({"search": {"experts": []}}, r"sweep\.search\.experts: expected"),
     ],
 )
 def test_bad_search_config_is_one_sentence_naming_the_key(sweep, message):
@@ -355,3 +360,128 @@ def test_every_study_starts_from_the_biprojected_anchor_and_the_analyzed_interve
     fixed = resolve_space({"projection": ["biprojected"], "norm_preserve": [True]},
                           num_layers=4, num_indices=6, is_moe=False)  # fmt: skip
     assert len(first_trials(fixed, 3)) == 2  # still two: the second edits the embedding
+
+
+# ---------------------------------------------------------------- expert strategies (MoE)
+
+STRATEGIES = ["none", "all", "auto:2", "coverage:0.5"]
+
+
+def test_expert_strategies_are_a_categorical_whose_default_is_unchanged():
+    default = resolve_space({}, num_layers=4, num_indices=6, is_moe=True)
+    assert default.experts == ("none", "all")  # the default search space is what it was
+    assert [t.get("experts") for t in first_trials(default, 4)] == ["none", "all"]
+    space = resolve_space({"experts": [*STRATEGIES, " Coverage:0.50", "3,1"]}, num_layers=4,
+                          num_indices=6, is_moe=True)  # fmt: skip
+    assert space.experts == (*STRATEGIES, "1,3")  # canonical spelling, duplicates dropped
+    assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space
+    # the study starts with one trial per strategy, each editing the experts at strength 1
+    trials = first_trials(space, 4)
+    assert [t.get("experts") for t in trials] == [*STRATEGIES, "1,3"]
+    subsets = []
+    for params in trials:
+        recipe = params_recipe(suggest_params(FixedTrial(params), space), space)
+        edits_experts = any("expert_down" in e["components"] for e in recipe["ablate"])
+        assert edits_experts is (params["experts"] != "none")
+        subsets.append(load_recipe(recipe).expert_subset)
+    assert subsets == [None, None, "auto:2", "coverage:0.5", (1, 3)]
+    dense = resolve_space({"experts": STRATEGIES}, num_layers=4, num_indices=6, is_moe=False)
+    assert dense.experts == ("none",) and len(first_trials(dense, 4)) == 2
+
+
+@pytest.fixture(scope="module")
+def moe_setup(tmp_path_factory, demo_moe):
+    """Layout, measurements (with expert attribution) and 12 validation prompts per class
+    of the MoE demo organism (glm4_moe: layer 0 dense, layers 1-3 with 8 experts, top-2)."""
+    return search_inputs(demo_moe, tmp_path_factory.mktemp("moe-search"), 12, EVALUATE)
+
+
+def test_strategies_the_model_cannot_serve_are_refused_naming_the_key(moe_setup):
+    from abliterate.layout import Layout
+    from abliterate.measure import load_measurements
+
+    layout = Layout.load(moe_setup["layout_path"])
+    meas = load_measurements(moe_setup["measurements_path"])
+    space = resolve_space({"experts": ["none", "2,9"]}, num_layers=4, num_indices=6, is_moe=True)
+    with pytest.raises(AbliterateError, match=r"sweep\.search\.experts: '2,9' names expert 9"):
+        check_strategies(space, layout, meas)
+    meas.target_expert_write = None  # as measured with measure.attribution false
+    space = resolve_space({"experts": ["auto:2"]}, num_layers=4, num_indices=6, is_moe=True)
+    with pytest.raises(AbliterateError, match=r"sweep\.search\.experts: 'auto:2' picks"):
+        check_strategies(space, layout, meas)
+
+
+def test_a_search_over_strategies_rows_each_with_routing_shift_and_exports_its_experts(
+    moe_setup, tmp_path
+):
+    """One trial per strategy on the MoE organism: each row has the strategy, how many
+    experts it edited, refusal, KL and routing shift; the auto:2 trial's best.yaml, resolved
+    from the same measurements, edits exactly the experts the trial edited."""
+    from abliterate.experts import expert_signal, select_experts
+    from abliterate.recipe import build_plan, entry_direction
+    from abliterate.search_steps import worker
+    from abliterate.sweep import write_best
+
+    sweep = {"n_trials": len(STRATEGIES), "search": {"experts": STRATEGIES}}
+    study_json = start_study(moe_setup, tmp_path, sweep)
+    worker(study_json=study_json, worker_index=0, output=None, sweep_config=sweep, **moe_setup)
+    data = json.loads(study_json.read_text())
+    from abliterate.search import trials_table
+
+    table, recipes = trials_table(data["journal"], data["fingerprint"], parse_settings(sweep))
+    assert list(table["experts"]) == STRATEGIES  # the queued first trials, one per strategy
+    metrics = ["refusal_rate", "benign_kept", "kl_first_token", "routing_kl_benign",
+               "routing_kl_target", "topk_changed_benign", "topk_changed_target"]  # fmt: skip
+    assert table[metrics].notna().all().all()
+    rows = table.set_index("experts")
+    assert (
+        rows.loc["none", "experts_edited"] == 0 and rows.loc["none", "expert_selection"] == "none"
+    )
+    assert rows.loc["all", "experts_edited"] == 3 * 8  # every expert of MoE layers 1-3
+    assert rows.loc["all", "expert_selection"] == "1:all;2:all;3:all"
+    assert 0 < rows.loc["auto:2", "experts_edited"] <= 3 * 2
+    assert 0 < rows.loc["coverage:0.5", "experts_edited"] < 3 * 8
+    assert rows.loc["all", "routing_kl_target"] > 0  # editing experts moves later routers
+    # best.yaml of the auto:2 trial, exported from the same measurements
+    name = rows.loc["auto:2", "variant"]
+    write_best(recipes[name], "test", tmp_path / "best.yaml", tmp_path / "best.txt")
+    recipe = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert recipe["expert_subset"] == "auto:2"
+    plan = build_plan(recipe, model=moe_setup["model_dir"],
+                      measurements=moe_setup["measurements_path"])  # fmt: skip
+    exported = plan.edited_experts()
+    text = ";".join(f"{layer}:{','.join(map(str, e))}" for layer, e in exported.items())
+    assert text == rows.loc["auto:2", "expert_selection"]
+    # and those are the top-2 positive signals along the trial's own direction
+    from abliterate.measure import load_measurements
+
+    meas, loaded = load_measurements(moe_setup["measurements_path"]), load_recipe(recipe)
+    entry = next(e for e in loaded.ablate if "expert_down" in e.components and e.layer == 2)
+    signal = expert_signal(meas, 2, entry_direction(loaded, entry, meas, 4))
+    assert list(exported[2]) == select_experts(signal, top_k=2)
+
+
+def test_grid_rows_over_strategies_show_the_experts_edited_and_routing_shift(moe_setup):
+    from abliterate.grid import variants
+    from abliterate.search_steps import eval_settings
+    from abliterate.sweep import evaluate_chunk
+
+    grid = variants({"layers": ["all"], "measurement": [3], "experts": STRATEGIES})
+    table = evaluate_chunk(
+        moe_setup["model_dir"],
+        grid,
+        layout_path=moe_setup["layout_path"],
+        measurements_path=moe_setup["measurements_path"],
+        target_prompts=moe_setup["validation"]["target"],
+        benign_prompts=moe_setup["validation"]["benign"],
+        settings=eval_settings(EVALUATE, {}),
+    )
+    rows = table[table["variant"] != "base"].set_index("experts")
+    assert list(rows.index) == STRATEGIES
+    columns = list(table.columns)
+    assert columns[columns.index("layers_resolved") + 1 :][:2] == ["experts_edited",
+                                                                   "expert_selection"]  # fmt: skip
+    assert rows[["refusal_rate", "kl_first_token", "routing_kl_benign",
+                 "topk_changed_target"]].notna().all().all()  # fmt: skip
+    assert list(rows["experts_edited"][:2]) == [0, 24]
+    assert 0 < rows.loc["auto:2", "experts_edited"] <= 6

@@ -511,6 +511,22 @@ class Plan:
     def keys(self) -> list[str]:
         return list(dict.fromkeys(e.key for e in self.entries))
 
+    def edited_experts(self) -> dict[int, tuple[int, ...]]:
+        """Per MoE layer, the routed experts whose weights the plan edits (any expert
+        tensor: a per-expert key, or the edited slices of a fused one; a router row edit
+        is not an expert edit). Why from the plan: it is what the export touches, whatever
+        strategy (`all`, a list, `auto:K`, `coverage:F`) chose it."""
+        experts: dict[int, set[int]] = {}
+        for entry in self.entries:
+            if entry.component not in EXPERT_COMPONENTS or entry.layer is None:
+                continue
+            if entry.expert is not None:
+                chosen = {entry.expert}
+            else:  # fused [E, ...]: its slices, or every expert
+                chosen = set(entry.experts or range(entry.shape[0]))
+            experts.setdefault(entry.layer, set()).update(chosen)
+        return {layer: tuple(sorted(experts[layer])) for layer in sorted(experts)}
+
     def by_shard(self) -> dict[str, list[tuple[str, PlanEntry]]]:
         """shard -> [(key, entry)] in plan order; a bias is its own item (possibly elsewhere)."""
         shards: dict[str, list[tuple[str, PlanEntry]]] = {}
@@ -795,6 +811,28 @@ def _layer_expert_count(layout: Layout, layer: int) -> int:
         return fused[0].shape[0]
     routers = [t for t in targets if t.component == "router"]
     return routers[0].shape[0] if routers else layout.num_experts
+
+
+# the columns `expert_columns` adds to the rows of an MoE model's sweep and search tables
+EXPERT_COLUMNS = ("experts_edited", "expert_selection")
+
+
+def expert_columns(plan: Plan | None, layout: Layout) -> dict:
+    """The expert columns of a sweep or search row on an MoE model: `experts_edited`, the
+    (layer, routed expert) pairs whose weights the plan edits, and `expert_selection`,
+    which ones ("2:2,6;3:all"; "none"). None for a trial that edits nothing. Empty for a
+    dense model, whose tables keep their columns."""
+    if not layout.is_moe:
+        return {}
+    selection = plan.edited_experts() if plan is not None else {}
+    parts = []
+    for layer, experts in selection.items():
+        every = len(experts) == _layer_expert_count(layout, layer)
+        parts.append(f"{layer}:{'all' if every else ','.join(map(str, experts))}")
+    return {
+        "experts_edited": sum(len(experts) for experts in selection.values()),
+        "expert_selection": ";".join(parts) or "none",
+    }
 
 
 def _moe_layer_range(layout: Layout) -> str:

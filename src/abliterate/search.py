@@ -15,7 +15,10 @@ A trial picks (parameter names as stored in the study, documented in docs/evalua
   `experts` = routed experts' down_proj, `router`): whether it is on and a strength curve
   over the layers, `strength * (floor + (1 - floor) * max(0, 1 - |layer - peak| / width))`
   (the embedding, edited once, has a strength only); on MoE models the `experts` group is
-  switched by the expert strategy (`none` or `all`);
+  switched by the expert strategy, a categorical over `sweep.search.experts` (default
+  `none` and `all`; also `auto:K`, `coverage:F` and expert lists like `"3,17"`, which
+  become the recipe's `expert_subset`, so the exported recipe picks the same experts from
+  the same measurements);
 - `projection` (none, projected, biprojected), `norm_preserve`, `sparsity`, and
   `norm_scaled` (the direction multiplied by the weight of the norm that reads it);
 - only when `router_suppress: {top, strength}` is in the space (MoE): whether to suppress
@@ -46,6 +49,7 @@ from .logs import logger
 
 STUDY_NAME = "abliterate"
 PROJECTIONS = ("none", "projected", "biprojected")
+# the default expert strategies; `sweep.search.experts` may list others (`expert_strategy`)
 EXPERT_STRATEGIES = ("none", "all")
 # search group -> recipe components it edits (whichever the layer has)
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -224,8 +228,67 @@ def _parse_space(search: dict) -> dict:
         if "norm_scaled" in search
         else None,
         "sparsity": _range(search, "sparsity", [0.0, 0.0], lowest=0, below=1),
-        "experts": _choices(search, "experts", EXPERT_STRATEGIES, EXPERT_STRATEGIES),
+        "experts": _strategies(search.get("experts", list(EXPERT_STRATEGIES))),
     }
+
+
+STRATEGY_FORMS = (
+    "'none', 'all', 'auto:K' (K >= 1), 'coverage:F' (0 < F <= 1) or an expert list like '3,17'"
+)
+
+
+def expert_strategy(value) -> str | None:
+    """A search expert strategy in canonical spelling ('none', 'all', 'auto:2',
+    'coverage:0.5', '3,17'), or None when `value` is not one.
+
+    Why strings: they are Optuna categorical choices (which must be plain values) and the
+    study's fingerprint; an expert list is a comma-joined string as in the grid's
+    `sweep.experts`.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("none", "all"):
+        return text
+    kind, colon, amount = text.partition(":")
+    if colon:
+        try:
+            number = int(amount) if kind == "auto" else float(amount)
+        except ValueError:
+            return None
+        if kind == "auto" and number >= 1:
+            return f"auto:{number}"
+        if kind == "coverage" and 0.0 < number <= 1.0:
+            return f"coverage:{number:g}"
+        return None
+    parts = text.split(",")
+    if not all(part.isdigit() for part in parts):
+        return None
+    return ",".join(str(e) for e in sorted({int(part) for part in parts}))
+
+
+def _strategies(value) -> tuple[str, ...]:
+    """`sweep.search.experts`: a non-empty list of expert strategies (duplicates dropped)."""
+    chosen = (
+        [expert_strategy(v) for v in value]
+        if isinstance(value, (list, tuple)) and value
+        else [None]
+    )
+    if None in chosen:
+        raise AbliterateError(
+            f"sweep.search.experts: expected a non-empty list of {STRATEGY_FORMS}, got {value!r}."
+        )
+    return tuple(dict.fromkeys(chosen))
+
+
+def strategy_subset(strategy: str):
+    """The recipe's `expert_subset` for a strategy that restricts the routed experts
+    (`auto:K`, `coverage:F`, a list), None for `none` / `all`."""
+    if strategy in ("none", "all"):
+        return None
+    if strategy.startswith(("auto:", "coverage:")):
+        return strategy
+    return [int(e) for e in strategy.split(",")]
 
 
 def _parse_suppress(value) -> dict:
@@ -339,6 +402,29 @@ def resolve_space(
     )
 
 
+def check_strategies(space: SearchSpace, layout, measurements) -> None:
+    """Refuse, before any trial runs, expert strategies this model or these measurements
+    cannot serve: `auto:K` / `coverage:F` without expert attribution, an expert list
+    naming an expert the model does not have."""
+    for strategy in space.experts:
+        if strategy.startswith(("auto:", "coverage:")):
+            if not getattr(measurements, "has_attribution", False):
+                raise AbliterateError(
+                    f"sweep.search.experts: {strategy!r} picks experts from the expert "
+                    "attribution, but the measurements hold none (measured with "
+                    "measure.attribution false, or before it existed); measure again or "
+                    "leave it out."
+                )
+        elif strategy not in ("none", "all"):
+            count = layout.num_experts or 0
+            missing = [e for e in strategy_subset(strategy) if e >= count]
+            if missing:
+                raise AbliterateError(
+                    f"sweep.search.experts: {strategy!r} names expert {missing[0]}, but the "
+                    f"model has {count} routed experts per layer (0-{count - 1})."
+                )
+
+
 # --------------------------------------------------------------------------------------
 # Trial parameters -> recipe (pure)
 # --------------------------------------------------------------------------------------
@@ -379,8 +465,8 @@ def suggest_params(trial, space: SearchSpace) -> dict:
     }
     for group in space.groups:
         if group == "experts":
-            on = _choice(trial, "experts", space.experts) == "all"
-            params["experts"] = "all" if on else "none"
+            params["experts"] = _choice(trial, "experts", space.experts)
+            on = params["experts"] != "none"
         else:
             on = _choice(trial, f"{group}.on", (True, False) if space.optional else (True,))
         params[f"{group}.on"] = on
@@ -452,7 +538,9 @@ def params_recipe(params: dict, space: SearchSpace, base: dict | None = None) ->
         norm_scaled=bool(params.get("norm_scaled", False)),
         components=None,
         ablate_individual_experts=False,
-        expert_subset=None,
+        expert_subset=strategy_subset(params["experts"])
+        if params.get("experts.on") and params.get("experts")
+        else None,
         gate_scale=1.0,
         scale=1.0,
     )
@@ -538,12 +626,33 @@ def intervention_params(space: SearchSpace, measurement: int | None) -> dict:
     return params
 
 
+def strategy_params(space: SearchSpace, measurement: int | None, strategy: str) -> dict:
+    """The anchor trial (`anchor_params`) with the routed experts edited by `strategy` at
+    strength 1 over all layers."""
+    params = anchor_params(space, measurement)
+    params["experts"] = strategy
+    _full_strength(params, space, "experts")
+    return params
+
+
 def first_trials(space: SearchSpace, measurement: int | None) -> list[dict]:
-    """The trials every study starts with (`anchor_params`, `intervention_params`), once each."""
+    """The trials every study starts with, once each: `anchor_params`,
+    `intervention_params`, and for each further expert strategy in the space (one neither
+    of them uses, e.g. `auto:2`) the anchor with that strategy (`strategy_params`).
+
+    Why one per strategy: which strategy costs least differs between MoE models, and the
+    sampler learns little about a categorical value it has not seen scored; the default
+    space (`none`, `all`) is covered by the first two, so its studies start as before.
+    """
     trials: list[dict] = []
     for params in (anchor_params(space, measurement), intervention_params(space, measurement)):
         if params not in trials:
             trials.append(params)
+    if "experts" in space.groups:
+        used = {params.get("experts") for params in trials}
+        for strategy in space.experts:
+            if strategy not in used:
+                trials.append(strategy_params(space, measurement, strategy))
     return trials
 
 
@@ -691,16 +800,19 @@ def edits_something(layout, entry: dict) -> bool:
 
 def score_trial(evaluator, context: TrialContext, name: str, params: dict):
     """(recipe, metrics row) of one trial; a trial that edits nothing (every group off,
-    or on only where its tensors do not exist) is the base model's row."""
-    from .recipe import resolve
+    or on only where its tensors do not exist) is the base model's row. On MoE models the
+    row also says which routed experts the trial's plan edited (`recipe.expert_columns`),
+    the experts an export of the same recipe and measurements edits."""
+    from .recipe import expert_columns, resolve
 
     recipe = params_recipe(params, context.space, context.base_recipe)
     recipe["ablate"] = [e for e in recipe["ablate"] if edits_something(context.layout, e)]
     if not recipe["ablate"]:
         base = evaluator.evaluate_base()
-        return recipe, {**base.row(), "variant": name, "seconds": 0.0}
+        row = {**base.row(), "variant": name, "seconds": 0.0}
+        return recipe, {**row, **expert_columns(None, context.layout)}
     plan = resolve(recipe, context.layout, context.measurements)
-    return recipe, evaluator.evaluate(name, plan).row()
+    return recipe, {**evaluator.evaluate(name, plan).row(), **expert_columns(plan, context.layout)}
 
 
 def run_worker(

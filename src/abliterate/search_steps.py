@@ -18,6 +18,7 @@ from .search import (
     SearchSpace,
     TrialContext,
     add_intervals,
+    check_strategies,
     create_study,
     fingerprint,
     first_trials,
@@ -94,6 +95,7 @@ def init_study(
         components={target.component for target in layout.targets()},
         tied_embeddings=bool(layout.tie_word_embeddings),
     )
+    check_strategies(space, layout, meas)
     suggested = load_suggested(suggested_path) if suggested_path else None
     measurement = (
         resolve_measurement("suggested", suggested, layout.num_layers) if suggested else None

@@ -26,7 +26,7 @@ from .logs import logger
 from .measure import load_measurements
 from .model import load_model
 from .plots import plot_pareto, plot_routing_shift, plot_sweep_heatmap
-from .recipe import load_recipe, resolve
+from .recipe import EXPERT_COLUMNS, expert_columns, load_recipe, resolve
 
 KL_COLUMNS = {"first_token": "kl_first_token", "multi_token": "kl_multi_token"}
 
@@ -173,7 +173,7 @@ def _evaluate_plans(evaluator: Evaluator, plans: dict, recipes: dict, columns: d
 def _table(rows: list[dict]) -> pd.DataFrame:
     """The rows as a table, variant and grid columns first."""
     table = pd.DataFrame(rows)
-    front = ["variant", *SWEEP_KEYS, "measurement_resolved", "layers_resolved"]
+    front = ["variant", *SWEEP_KEYS, "measurement_resolved", "layers_resolved", *EXPERT_COLUMNS]
     return table[[c for c in front if c in table] + [c for c in table if c not in front]]
 
 
@@ -200,10 +200,15 @@ def evaluate_recipes(
     """
     settings = settings or EvalSettings()
     plans = {name: resolve(load_recipe(r), layout, measurements) for name, r in recipes.items()}
+    # MoE: which routed experts each plan edits (the strategy's effect, auto:K resolved)
+    columns = {
+        name: {**(columns or {}).get(name, {}), **expert_columns(plan, layout)}
+        for name, plan in plans.items()
+    }
     model, tokenizer, _ = load_model(model_dir, settings.load)
     target, benign = _prompt_sets(tokenizer, target_prompts, benign_prompts, settings, model.config)
     evaluator = Evaluator(model, tokenizer, target, benign, settings, model_dir=model_dir)
-    rows, samples, routing = _evaluate_plans(evaluator, plans, recipes, columns or {})
+    rows, samples, routing = _evaluate_plans(evaluator, plans, recipes, columns)
     table = _table(rows)
     if table_path:
         write_table(table, table_path)
