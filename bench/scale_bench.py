@@ -6,14 +6,16 @@ plus the 2.5 GB embedding shard), it measures in one run:
 - `cp -r` + `sync` of the slice: the disk's copy throughput W (bytes / second),
 - `abliterate ablate RECIPE -j N --no-verify` (all 128 experts' down_proj, o_proj and
   the shared expert, norm-preserving, CPU) for N = 1, 2: wall seconds,
-- one shard job's edit throughput e (edited bytes per thread-second of the edit phase),
+- one shard job's edit throughput e (edited bytes per thread-second of the edit phase)
+  and hash throughput h (shard bytes per thread-second of its SHA-256 thread),
 
 and states the model
 
-    T(N) = max( B / W,  E / (e * min(2 N, cores)) ) + shard_overhead * ceil(S / N)
+    T(N) = max( B / W,  (E / e + H / h) / min(3 N, cores) ) + shard_overhead * ceil(S / N)
 
-(B: bytes of the model, E: bytes edited, S: shards with edits; each shard job runs two
-edit workers; the overhead is fsync and start-up per shard), checks it against the
+(B: bytes of the model, E: bytes edited, H: bytes of the shards with edits, which are
+hashed as they are written, S: those shards; each shard job runs two edit workers and a
+hash thread; the overhead is fsync and start-up per shard), checks it against the
 measured 1- and 2-job times, and prints the predicted time of the full 46-layer model
 (45 MoE layers + 1 dense, about 220 GB) for several disk speeds and job counts.
 
@@ -39,13 +41,20 @@ GB = 1e9
 # GLM-4.5-Air in bf16: 45 MoE layers of ~4.68 GB (at the slice's widths), one dense layer
 # (~0.6 GB), embeddings + LM head (2.5 GB); default export edits o_proj + shared expert
 # + all routed experts' down_proj of each MoE layer (1.59 GB per layer).
-FULL = {"bytes": 45 * 4.68 * GB + 0.6 * GB + 2.5 * GB, "edited": 45 * 1.59 * GB, "shards": 45}
+FULL = {
+    "bytes": 45 * 4.68 * GB + 0.6 * GB + 2.5 * GB,
+    "edited": 45 * 1.59 * GB,
+    "hashed": 45 * 4.68 * GB,  # the shards with edits, hashed as they are written
+    "shards": 45,
+}
 
 
-def predict(bytes_total, edited, shards, jobs, disk, edit_rate, overhead, cores) -> float:
-    """Seconds for an export of `bytes_total` (of which `edited` are edited) in `shards`."""
+def predict(bytes_total, edited, hashed, shards, jobs, disk, edit_rate, hash_rate, overhead,
+            cores) -> float:  # fmt: skip
+    """Seconds for an export of `bytes_total` (of which `edited` are edited and `hashed`
+    in shards with edits) in `shards`."""
     io = bytes_total / disk
-    cpu = edited / (edit_rate * min(2 * jobs, cores))
+    cpu = (edited / edit_rate + hashed / hash_rate) / min(3 * jobs, cores)
     return max(io, cpu) + overhead * math.ceil(shards / jobs)
 
 
@@ -103,9 +112,13 @@ def main() -> None:
         edit_rate = shard_edited / job["phases_thread_s"]["edit"]
         disk = size / min(cp_runs)
         overhead = job["phases_thread_s"]["fsync"]
+        hash_rate = (model / shards[0]).stat().st_size / job["phases_thread_s"]["hash"]
+        hashed = sum((model / shard).stat().st_size for shard in shards)
         cores = os.cpu_count() or 1
         predicted = {
-            jobs: predict(size, edited, len(shards), jobs, disk, edit_rate, overhead, cores)
+            jobs: predict(
+                size, edited, hashed, len(shards), jobs, disk, edit_rate, hash_rate, overhead, cores
+            )  # fmt: skip
             for jobs in measured
         }
         full = {
@@ -114,12 +127,14 @@ def main() -> None:
                     predict(
                         FULL["bytes"],
                         FULL["edited"],
+                        FULL["hashed"],
                         FULL["shards"],
                         j,
                         w * GB,
                         edit_rate,
+                        hash_rate,
                         overhead,
-                        2 * j,
+                        3 * j,
                     )
                     / 60,
                     1,
@@ -136,12 +151,13 @@ def main() -> None:
             "cp_s": [round(t, 2) for t in cp_runs],
             "disk_copy_GB_per_s": round(disk / GB, 2),
             "edit_GB_per_thread_s": round(edit_rate / GB, 2),
+            "hash_GB_per_thread_s": round(hash_rate / GB, 2),
             "fsync_s_per_shard": round(overhead, 2),
             "export_s": {f"{j} jobs": round(t, 2) for j, t in measured.items()},
             "vs_cp": {f"{j} jobs": round(min(cp_runs) / t, 3) for j, t in measured.items()},
             "model_s": {f"{j} jobs": round(t, 2) for j, t in predicted.items()},
             "shard_job": job,
-            "full_46_layer_model_minutes (cores = 2 x jobs)": full,
+            "full_46_layer_model_minutes (cores = 3 x jobs)": full,
             "cp_of_the_full_model_minutes": {
                 f"{w:g} GB/s": round(FULL["bytes"] / (w * GB) / 60, 1) for w in (0.5, 1, 2, 4, 8)
             },
