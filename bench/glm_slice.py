@@ -64,28 +64,16 @@ def embedding_tensors() -> list[tuple[str, tuple[int, ...], str]]:
 
 def write_streaming_shard(path: Path, items, generator: torch.Generator) -> int:
     """A safetensors file written one random tensor at a time (header first)."""
-    from abliterate.shards import DTYPES, tensor_bytes
+    from abliterate.shards import DTYPES, encode_header, tensor_bytes
 
-    header, offset = {}, 0
-    for key, shape, dtype in items:
-        size = DTYPES[dtype][1]
-        for n in shape:
-            size *= n
-        header[key] = {
-            "dtype": dtype,
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head = encode_header([(key, dtype, shape) for key, shape, dtype in items], {"format": "pt"})
+    size = len(head)
     with open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.write(head)
         for _, shape, dtype in items:
             data = torch.randn(shape, generator=generator).mul_(0.02).to(DTYPES[dtype][0])
-            handle.write(tensor_bytes(data))
-    return 8 + len(raw) + offset
+            size += handle.write(tensor_bytes(data))
+    return size
 
 
 def build_slice(root: Path, layers: int = 2, experts: int = 128) -> Path:

@@ -407,7 +407,7 @@ def ablate_shard(
         segments.append(("copy", position, size))
     order = sorted(
         segments + pieces,
-        key=lambda p: p[1] if p[0] == "copy" else (p[2] if p[0] == "edit" else p[1].begin),
+        key=_piece_start,
     )
     largest = max((_nbytes(p[1], p[3]) for p in pieces if p[0] == "edit"), default=0)
     tmp = output.with_name(output.name + ".tmp")
@@ -479,8 +479,7 @@ def ablate_shard(
                     submit_next()
                 try:
                     for piece in order:
-                        read_ahead.advance(piece[1] if piece[0] == "copy" else piece[2]
-                                           if piece[0] == "edit" else piece[1].begin)  # fmt: skip
+                        read_ahead.advance(_piece_start(piece))
                         if piece[0] == "copy":
                             with _phase(times, "copy"):
                                 copy_range_at(src.fileno(), dst.fileno(), piece[1], piece[2])
@@ -609,6 +608,13 @@ def _write_converted(source, header, output, edits, rewrites, device, digest, ti
         tmp.unlink(missing_ok=True)
         raise
     return sha256
+
+
+def _piece_start(piece) -> int:
+    """The byte offset in the shard where a piece of `ablate_shard`'s file order begins."""
+    if piece[0] == "copy":
+        return piece[1]
+    return piece[2] if piece[0] == "edit" else piece[1].begin
 
 
 def _checkable(chunk_edits):
@@ -1079,36 +1085,27 @@ def export_model(
             logger.info("Resuming: %d of %d edited shards already complete", done, len(todo) + done)
         digests: dict[str, str] = {}
         records: dict[str, dict] = {shard: {} for shard in todo}
+
+        def shard_job(shard: str) -> str | None:
+            return ablate_shard(
+                model_dir,
+                shard,
+                plan,
+                staging / shard,
+                device=device,
+                digest=hash_shards,
+                record=records[shard] if written is not None else None,
+                mxfp4=mxfp4,
+            )
+
         if jobs <= 1 or len(todo) <= 1:
             for shard in todo:
-                digests[shard] = ablate_shard(
-                    model_dir,
-                    shard,
-                    plan,
-                    staging / shard,
-                    device=device,
-                    digest=hash_shards,
-                    record=records[shard] if written is not None else None,
-                    mxfp4=mxfp4,
-                )
+                digests[shard] = shard_job(shard)
         else:
             # Threads, not processes: the edit (torch) and the copies (kernel) release the GIL,
             # and a thread needs no second interpreter importing torch.
             with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-                futures = {
-                    pool.submit(
-                        ablate_shard,
-                        model_dir,
-                        s,
-                        plan,
-                        staging / s,
-                        device=device,
-                        digest=hash_shards,
-                        record=records[s] if written is not None else None,
-                        mxfp4=mxfp4,
-                    ): s
-                    for s in todo
-                }
+                futures = {pool.submit(shard_job, s): s for s in todo}
                 for future in concurrent.futures.as_completed(futures):
                     digests[futures[future]] = future.result()
         if written is not None:
