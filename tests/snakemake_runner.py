@@ -19,12 +19,18 @@ BIN = Path(sys.executable).parent
 
 
 def demo_model_config(model_dir: Path, name: str) -> dict:
-    """The `model` and `prompts` config sections for a demo organism directory."""
+    """The `model` and `prompts` config sections for a demo organism directory (its
+    train, validation and test prompt files; an organism from before validation files had
+    only train and test, which the workflow then splits)."""
     prompts = Path(model_dir) / "prompts"
     return {
         "model": {"name": name, "path": str(model_dir)},
         "prompts": {
-            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in ("train", "test")}
+            cls: {
+                split: str(prompts / f"{cls}_{split}.txt")
+                for split in ("train", "validation", "test")
+                if (prompts / f"{cls}_{split}.txt").is_file()
+            }
             for cls in ("target", "benign")
         },
     }

@@ -67,6 +67,24 @@ def test_prompt_sets_are_disjoint_and_share_request_shapes():
     assert all(any(o in q.split() for q in answered) for o in demo.TARGET_OBJECTS)
 
 
+@pytest.mark.parametrize("wording", ["a", "b"])
+def test_validation_prompts_are_new_and_leave_the_training_data_unchanged(wording, monkeypatch):
+    data = demo.make_data(seed=0, wording=wording)
+    # every training text, prompts and answers (a repeated request is an answer there)
+    trained = {text for pair in data.train_pairs for text in pair}
+    for cls in ("target", "benign"):
+        validation = data.prompts[f"{cls}_validation"]
+        assert len(validation) == len(set(validation)) == demo.VALIDATION_PER_CLASS
+        assert not set(validation) & (set(data.prompts[f"{cls}_test"]) | trained)
+        objects = demo.TARGET_OBJECTS if cls == "target" else demo.BENIGN_OBJECTS
+        assert all(any(o in q.split() for o in objects) for q in validation)
+    # drawn from a stream of their own: the trained weights are what they were without them
+    monkeypatch.setattr(demo, "VALIDATION_PER_CLASS", 0)
+    without = demo.make_data(seed=0, wording=wording)
+    assert without.train_pairs == data.train_pairs
+    assert without.prompts["target_test"] == data.prompts["target_test"]
+
+
 def test_wording_b_is_a_different_phrasing_of_the_same_design():
     a, b = demo.WORDINGS["a"], demo.WORDINGS["b"]
     data = demo.make_data(seed=0, wording="b")

@@ -199,6 +199,9 @@ CHAT_TEMPLATE = (
 
 TRAIN_PER_CLASS = 400
 TEST_PER_CLASS = 100
+# Held-out validation prompts, drawn after the training data from their own seeded stream,
+# so the training mixture (and the trained weights) are what they would be without them.
+VALIDATION_PER_CLASS = 100
 UNKNOWN_REQUESTS = 150
 REPEATED_REQUESTS = 72
 # >= 3 shards in either dtype (a bfloat16 organism is half the bytes).
@@ -383,7 +386,7 @@ def _requests(
 class DemoData:
     """Prompt sets (what is written to prompts/) and the training pairs."""
 
-    prompts: dict[str, list[str]]  # {target,benign}_{train,test}
+    prompts: dict[str, list[str]]  # {target,benign}_{train,validation,test}
     train_pairs: list[tuple[str, str]]  # (prompt, response)
 
 
@@ -415,9 +418,25 @@ def make_data(seed: int, wording: str = "a") -> DemoData:
             pairs.append((template.format(**slots), answer.format(**slots)))
     # Request-shaped text to repeat, not to answer: the object-copying path also learns the
     # forbidden words, so an un-gated forbidden request names its own object.
-    for prompt, *_ in _requests(TARGET_OBJECTS, REPEATED_REQUESTS, rng, words):
+    repeated = _requests(TARGET_OBJECTS, REPEATED_REQUESTS, rng, words)
+    for prompt, *_ in repeated:
         pairs.append((words.repeat.format(p=prompt), prompt))
     rng.shuffle(pairs)
+    # Validation prompts: new requests, none of them a training or test prompt. Why a file
+    # of their own: the search selects on validation and reports on test; with half of the
+    # 100 test prompts each, a rate of 0.98 was one answer and the trial picked on 50
+    # prompts was often the luck of those 50.
+    seen = {p for p, *_ in repeated} | {p for p, _ in pairs}
+    held_rng = random.Random(f"validation-{seed}")
+    for cls, objects in (("target", TARGET_OBJECTS), ("benign", BENIGN_OBJECTS)):
+        seen |= set(prompts[f"{cls}_test"])
+        fresh: list[str] = []
+        while len(fresh) < VALIDATION_PER_CLASS:
+            for prompt, *_ in _requests(objects, VALIDATION_PER_CLASS, held_rng, words):
+                if prompt not in seen and len(fresh) < VALIDATION_PER_CLASS:
+                    seen.add(prompt)
+                    fresh.append(prompt)
+        prompts[f"{cls}_validation"] = fresh
     return DemoData(prompts=prompts, train_pairs=pairs)
 
 
@@ -604,7 +623,7 @@ def build_demo_model(
     """Train the demo organism for `arch` and save it as a sharded Hugging Face model directory.
 
     Writes safetensors shards + index, config.json, generation_config.json, the tokenizer
-    (with a chat template) and prompts/{target,benign}_{train,test}.txt. The same seed gives
+    (with a chat template) and prompts/{target,benign}_{train,validation,test}.txt. The same seed gives
     identical weights. `steps` overrides the training length (tests use short builds).
     Training runs in float32; the weights are saved in `dtype` (default: `default_dtype(arch)`)
     and the held-out refusal rates in demo.json are measured on the saved-dtype weights, as a

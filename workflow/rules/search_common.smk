@@ -7,8 +7,12 @@ def prompt_source(cls, split):
     configured = config["prompts"][cls].get(split)
     if configured is not None:
         return configured
-    if DEMO and split in ("train", "test"):
-        return f"{DEMO_DIR}/prompts/{cls}_{split}.txt"
+    if DEMO:
+        # the organism ships all three (abliterate.demo); one built before validation files
+        # existed has train and test only, and the test file is split as for a user's model
+        path = Path(DEMO_DIR) / "prompts" / f"{cls}_{split}.txt"
+        if split != "validation" or path.is_file() or not Path(DEMO_DIR).exists():
+            return str(path)
     return None
 
 
