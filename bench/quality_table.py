@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="3 trials and a 1-scale grid: a smoke run only"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("tpe", "grid"),
+        default=["tpe", "grid"],
+        help="run only these (a table needs both; one alone is for quick comparisons)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the work dirs here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     parser.add_argument(
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         work = args.tables_from or args.keep or Path(tmp)
         for family in args.families:
             runs = {}
-            for method in ("tpe", "grid"):
+            for method in args.methods:
                 workdir = work / f"{family}-{method}"
                 record = workdir / "bench-run.json"  # wall time and error, for --tables-from
                 if args.tables_from:
@@ -272,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             table = family_table(
                 family,
                 *(
-                    None if runs[m]["error"] else work / f"{family}-{m}/results/{family}/sweep.tsv"
+                    None
+                    if m not in runs or runs[m]["error"]
+                    else work / f"{family}-{m}/results/{family}/sweep.tsv"
                     for m in ("tpe", "grid")
                 ),
                 {m: runs[m]["wall"] for m in runs},

@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -22,10 +23,12 @@ from snakemake_runner import demo_model_config, snakemake
 from abliterate.errors import AbliterateError
 from abliterate.recipe import load_recipe
 from abliterate.search import (
+    CORNERS,
     SearchSpace,
     check_strategies,
     first_trials,
     layer_strengths,
+    open_study,
     params_recipe,
     parse_settings,
     resolve_space,
@@ -272,11 +275,13 @@ def test_search_finds_a_recipe_meeting_the_targets_on_the_test_split(dense_searc
     assert base["refusal_rate"] >= 0.95
     assert best["refusal_rate"] <= 0.05
     assert best["benign_kept"] >= 0.98
-    # The selection rule on validation: the lowest KL among the trials meeting the target.
+    # The selection rule on validation: the lowest KL among the trials meeting the targets
+    # (refusal <= 0.05 and, the schema's default, benign answers kept >= 0.98).
     trials = table[table["variant"].str.startswith("trial-")]
     kl = trials["validation_kl_first_token"].fillna(trials["kl_first_token"])
     refusal = trials["validation_refusal_rate"].fillna(trials["refusal_rate"])
-    assert best["validation_kl_first_token"] == kl[refusal <= 0.05].min()
+    kept = trials["validation_benign_kept"].fillna(trials["benign_kept"])
+    assert best["validation_kl_first_token"] == kl[(refusal <= 0.05) & (kept >= 0.98)].min()
     # On test, no worse than the plain edit within the test split's sampling error: the
     # issue's 0.02 is not reached on this organism, whose lowest first-token KL of any recipe
     # meeting the refusal target is about 0.025 on validation (docs/evaluation.md), and a
@@ -343,23 +348,35 @@ def test_a_model_without_dense_mlps_searches_no_mlp_down_and_empty_trials_are_th
     assert edits_something(layout, {"layer": 0, "components": ["embed"]})
 
 
-def test_every_study_starts_from_the_biprojected_anchor_and_the_analyzed_intervention():
+def test_every_study_starts_from_the_anchor_the_intervention_and_the_grid_corners():
     space = resolve_space({}, num_layers=4, num_indices=6, is_moe=True)
     # as a worker runs a queued trial: the sampler hands out the queued values
     recipes = [
         params_recipe(suggest_params(FixedTrial(p), space), space) for p in first_trials(space, 4)
     ]
-    assert [r["biprojected"] for r in recipes] == [True, False]
-    assert [r["norm_preserve"] for r in recipes] == [True, False]
+    assert len(recipes) == 2 + len(CORNERS)
+    assert [r["biprojected"] for r in recipes] == [True] + [False] * (1 + len(CORNERS))
+    assert [r["norm_preserve"] for r in recipes] == [True, False] + [np for _, np in CORNERS]
     components = [{c for e in r["ablate"] for c in e["components"]} for r in recipes]
     assert "embed" not in components[0] and "router" in components[0]
     # analyze's intervention: every writer (embedding and routed experts too), no router
     assert components[1] == {"embed", "attn_out", "mlp_down", "shared_down", "expert_down"}
+    # the grid's corners: its default writers and the router, every routed expert, plain
+    # projection, at the corner's strength on every layer
+    for recipe, (strength, _) in zip(recipes[2:], CORNERS, strict=True):
+        assert {c for e in recipe["ablate"] for c in e["components"]} == {
+            "attn_out", "mlp_down", "shared_down", "expert_down", "router"
+        }  # fmt: skip
+        assert not recipe["projected"] and recipe["expert_subset"] is None
+        assert {e["layer"] for e in recipe["ablate"]} == set(range(4))
+        assert {e["scale"] for e in recipe["ablate"]} == {strength}
     assert {e["measurement"] for r in recipes for e in r["ablate"]} == {4}
-    assert all(e["scale"] == 1.0 for r in recipes for e in r["ablate"])
+    assert all(e["scale"] == 1.0 for r in recipes[:2] for e in r["ablate"])
     fixed = resolve_space({"projection": ["biprojected"], "norm_preserve": [True]},
                           num_layers=4, num_indices=6, is_moe=False)  # fmt: skip
-    assert len(first_trials(fixed, 3)) == 2  # still two: the second edits the embedding
+    # all biprojected and norm-preserving here, so the corner at strength 1 is the anchor:
+    # the anchor, the intervention (it edits the embedding) and the corner at 0.9, once each
+    assert len(first_trials(fixed, 3)) == 3
 
 
 # ---------------------------------------------------------------- expert strategies (MoE)
@@ -370,13 +387,15 @@ STRATEGIES = ["none", "all", "auto:2", "coverage:0.5"]
 def test_expert_strategies_are_a_categorical_whose_default_is_unchanged():
     default = resolve_space({}, num_layers=4, num_indices=6, is_moe=True)
     assert default.experts == ("none", "all")  # the default search space is what it was
-    assert [t.get("experts") for t in first_trials(default, 4)] == ["none", "all"]
+    assert [t.get("experts") for t in first_trials(default, 4)] == ["none"] + ["all"] * (
+        1 + len(CORNERS)
+    )
     space = resolve_space({"experts": [*STRATEGIES, " Coverage:0.50", "3,1"]}, num_layers=4,
                           num_indices=6, is_moe=True)  # fmt: skip
     assert space.experts == (*STRATEGIES, "1,3")  # canonical spelling, duplicates dropped
     assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space
     # the study starts with one trial per strategy, each editing the experts at strength 1
-    trials = first_trials(space, 4)
+    trials = first_trials(space, 4)[: len(STRATEGIES) + 1]  # the grid corners come after
     assert [t.get("experts") for t in trials] == [*STRATEGIES, "1,3"]
     subsets = []
     for params in trials:
@@ -386,7 +405,7 @@ def test_expert_strategies_are_a_categorical_whose_default_is_unchanged():
         subsets.append(load_recipe(recipe).expert_subset)
     assert subsets == [None, None, "auto:2", "coverage:0.5", (1, 3)]
     dense = resolve_space({"experts": STRATEGIES}, num_layers=4, num_indices=6, is_moe=False)
-    assert dense.experts == ("none",) and len(first_trials(dense, 4)) == 2
+    assert dense.experts == ("none",) and len(first_trials(dense, 4)) == 2 + len(CORNERS)
 
 
 @pytest.fixture(scope="module")
@@ -430,6 +449,20 @@ def test_a_search_over_strategies_rows_each_with_routing_shift_and_exports_its_e
 
     table, recipes = trials_table(data["journal"], data["fingerprint"], parse_settings(sweep))
     assert list(table["experts"]) == STRATEGIES  # the queued first trials, one per strategy
+    # each trial carries its distance to the selection targets (study.json) as Optuna
+    # constraints (<= 0: met), so the sampler models feasible trials apart
+    assert data["targets"] == {"max_refusal_rate": 0.1, "min_benign_kept": 0.98}
+    study = open_study(data["journal"], data["fingerprint"], parse_settings(sweep))
+    completed = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(completed) == len(STRATEGIES)
+    for trial in completed:
+        metrics = trial.user_attrs["metrics"]
+        assert trial.constraints == pytest.approx(
+            {
+                "refusal_rate": metrics["refusal_rate"] - 0.1,
+                "benign_kept": 0.98 - metrics["benign_kept"],
+            }
+        )
     metrics = ["refusal_rate", "benign_kept", "kl_first_token", "routing_kl_benign",
                "routing_kl_target", "topk_changed_benign", "topk_changed_target"]  # fmt: skip
     assert table[metrics].notna().all().all()

@@ -135,6 +135,25 @@ def test_selection_falls_back_to_lowest_refusal_rate():
         select_best(table, kl="last_token")
 
 
+def test_selection_asks_for_benign_answers_kept_as_well():
+    table = _table(
+        [
+            ["lowest_kl", 0.04, 0.86, 0.03, 0.1],  # under the refusal target, 7 of 50 changed
+            ["keeps", 0.04, 0.98, 0.06, 0.1],
+            ["keeps_more", 0.00, 1.00, 0.09, 0.1],
+            ["refuses", 0.30, 1.00, 0.01, 0.1],
+        ]
+    )
+    assert select_best(table, max_refusal_rate=0.05)[0] == "lowest_kl"  # no gate
+    best, reason = select_best(table, max_refusal_rate=0.05, min_benign_kept=0.98)
+    assert best == "keeps" and "benign answers kept >= 0.98" in reason and "2 of 4" in reason
+    # none keeps enough: the most kept among those under the refusal target
+    best, reason = select_best(
+        table.iloc[[0, 1, 2, 4]], max_refusal_rate=0.05, min_benign_kept=0.99
+    )
+    assert best == "keeps" and "kept 0.99 of the benign answers" in reason
+
+
 def test_aggregation_keeps_one_base_row_and_best_yaml_round_trips(tmp_path):
     first = _table([["a", 0.0, 1.0, 0.1, 0.1]])
     second = _table([["b", 0.0, 1.0, 0.2, 0.2]])

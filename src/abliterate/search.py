@@ -635,24 +635,61 @@ def strategy_params(space: SearchSpace, measurement: int | None, strategy: str) 
     return params
 
 
+def corner_params(
+    space: SearchSpace, measurement: int | None, strength: float, norm_preserve: bool
+) -> dict:
+    """A corner of the grid as a first trial: the suggested direction projected plainly
+    out of the grid's default writers (attention output, dense and shared MLP down, the
+    router; on MoE models every routed expert too), no embedding, at `strength` over all
+    layers, norm-preserving or not."""
+    params = anchor_params(space, measurement)
+    params.update(
+        projection=_pick(space.projection, "none"),
+        norm_preserve=_pick(space.norm_preserve, norm_preserve),
+    )
+    for group in space.groups:
+        if group == "embed":
+            continue
+        if group == "experts":
+            params["experts"] = _pick(space.experts, "all")
+            if params["experts"] == "none":
+                continue
+        else:
+            params[f"{group}.on"] = True
+        _full_strength(params, space, group)
+        params[f"{group}.strength"] = _clip(space.strength, strength)
+    return params
+
+
+# The grid corners every study also starts from (strength, norm_preserve): on the family
+# organisms the grid's best variant was always one of them.
+CORNERS = ((1.0, True), (0.9, False), (0.9, True), (1.0, False))
+
+
 def first_trials(space: SearchSpace, measurement: int | None) -> list[dict]:
     """The trials every study starts with, once each: `anchor_params`,
-    `intervention_params`, and for each further expert strategy in the space (one neither
-    of them uses, e.g. `auto:2`) the anchor with that strategy (`strategy_params`).
+    `intervention_params`, for each further expert strategy in the space (one neither of
+    them uses, e.g. `auto:2`) the anchor with that strategy (`strategy_params`), then the
+    grid corners (`corner_params` at `CORNERS`).
 
-    Why one per strategy: which strategy costs least differs between MoE models, and the
-    sampler learns little about a categorical value it has not seen scored; the default
-    space (`none`, `all`) is covered by the first two, so its studies start as before.
+    Why the corners: a search that has scored the grid's corners on validation selects
+    among them too, so it is never worse there than the grid's best corner; TPE's own
+    trials then only have to improve on them. Why one per strategy: which strategy costs
+    least differs between MoE models, and the sampler learns little about a categorical
+    value it has not seen scored.
     """
+    anchors = [anchor_params(space, measurement), intervention_params(space, measurement)]
+    if "experts" in space.groups:
+        used = {params.get("experts") for params in anchors}
+        anchors += [
+            strategy_params(space, measurement, strategy)
+            for strategy in space.experts
+            if strategy not in used
+        ]
     trials: list[dict] = []
-    for params in (anchor_params(space, measurement), intervention_params(space, measurement)):
+    for params in anchors + [corner_params(space, measurement, s, np) for s, np in CORNERS]:
         if params not in trials:
             trials.append(params)
-    if "experts" in space.groups:
-        used = {params.get("experts") for params in trials}
-        for strategy in space.experts:
-            if strategy not in used:
-                trials.append(strategy_params(space, measurement, strategy))
     return trials
 
 
@@ -674,6 +711,23 @@ def fingerprint(data: dict) -> str:
     """sha256 of the JSON of what a study's trials depend on."""
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def target_constraints(row: dict, targets: dict) -> dict[str, float]:
+    """A trial's constraint values (Optuna's `Trial.set_constraint`; <= 0 means met): its
+    validation refusal rate above `max_refusal_rate`, its benign answers kept below
+    `min_benign_kept`, the selection rule's own test.
+
+    Why: the objectives (refusal rate, KL) have a Pareto front that runs all the way to the
+    unedited model (refusal 1, KL 0), and an unconstrained sampler spends most trials along
+    it, far from the recipes the rule can select. With constraints, TPE models the feasible
+    trials apart and proposes near them (on the llama and GLM organisms, two seeds each:
+    4-8 of 40 trials met every target on the test prompts, against 0-5 without).
+    """
+    return {
+        "refusal_rate": float(row["refusal_rate"]) - float(targets["max_refusal_rate"]),
+        "benign_kept": float(targets["min_benign_kept"]) - float(row["benign_kept"]),
+    }
 
 
 def _sampler(settings: SearchSettings, worker: int):
@@ -787,6 +841,7 @@ class TrialContext:
     measurements: object
     base_recipe: dict
     kl: str = "first_token"
+    targets: dict | None = None  # the selection targets (`target_constraints`)
 
 
 def edits_something(layout, entry: dict) -> bool:
@@ -849,6 +904,9 @@ def run_worker(
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("params", params)
         trial.set_user_attr("metrics", {k: v for k, v in row.items() if k != "variant"})
+        if context.targets:  # the sampler tells feasible trials from the rest
+            for name, value in target_constraints(row, context.targets).items():
+                trial.set_constraint(name, value)
         study.tell(trial, [float(row["refusal_rate"]), float(row[kl_column])])
         done.append(trial.number)
         logger.info(

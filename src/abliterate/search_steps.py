@@ -73,8 +73,12 @@ def init_study(
     evaluate_config: dict,
     prompts_config: dict,
     kl: str = "first_token",
+    select_config: dict | None = None,
 ) -> dict:
-    """Resolve the space against the model, create (or check) the study, write study.json."""
+    """Resolve the space against the model, create (or check) the study, write study.json.
+
+    The selection targets (`select.max_refusal_rate`, `select.min_benign_kept`) are part of
+    the study: its trials carry their distance to them as constraints (`search.target_constraints`)."""
     from .directions import IndexedMeans
     from .grid import load_suggested, resolve_measurement
     from .layout import Layout
@@ -115,12 +119,21 @@ def init_study(
         "evaluate": evaluate_config,
         "prompts": {k: prompts_config.get(k) for k in ("field", "system", "fallback_template")},
         "kl": kl,
+        "targets": selection_targets(select_config or {}),
     }
     key = fingerprint(identity)
     create_study(journal, key, settings, first_trials(space, measurement))
     data = {"fingerprint": key, "journal": str(journal), **identity}
     write_json(study_json, data)
     return data
+
+
+def selection_targets(select_config: dict) -> dict:
+    """The `select:` thresholds a trial must meet (schema defaults for missing keys)."""
+    return {
+        "max_refusal_rate": float(select_config.get("max_refusal_rate", 0.1)),
+        "min_benign_kept": float(select_config.get("min_benign_kept", 0.98)),
+    }
 
 
 def eval_settings(evaluate_config: dict, prompts_config: dict, trust: bool = False):
@@ -189,6 +202,7 @@ def worker(
         measurements=load_measurements(measurements_path),
         base_recipe=recipe_config,
         kl=kl,
+        targets=study.get("targets"),
     )
     evaluator = _open_evaluator(
         model_dir,
@@ -255,6 +269,7 @@ def report(
     pareto_png: str | Path | None = None,
     samples_out: str | Path | None = None,
     max_refusal_rate: float = 0.1,
+    min_benign_kept: float = 0.0,
     kl: str = "first_token",
     trust_remote_code: bool = False,
 ) -> tuple[str, str]:
@@ -283,7 +298,7 @@ def report(
     study = json.loads(Path(study_json).read_text())
     settings = parse_settings(sweep_config)
     trials, recipes = trials_table(study["journal"], study["fingerprint"], settings)
-    best, reason = select_best(trials, max_refusal_rate, kl)
+    best, reason = select_best(trials, max_refusal_rate, kl, min_benign_kept)
     layout = Layout.load(layout_path)
     suggested = load_suggested(suggested_path) if suggested_path else None
     chosen = {"model": str(model_dir), "measurements": str(measurements_path), **recipes[best]}
@@ -374,6 +389,8 @@ def rule_arguments(snakemake, *, validation: bool = True) -> dict:
         "prompts_config": snakemake.params.prompts,
         "kl": snakemake.params.kl,
     }
+    if hasattr(snakemake.params, "select"):
+        arguments["select_config"] = snakemake.params.select
     if validation:
         arguments["validation"] = {
             "target": snakemake.input.validation_target,

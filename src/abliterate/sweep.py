@@ -50,39 +50,66 @@ def read_chunk_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def select_best(
-    table: pd.DataFrame, max_refusal_rate: float = 0.1, kl: str = "first_token"
+    table: pd.DataFrame,
+    max_refusal_rate: float = 0.1,
+    kl: str = "first_token",
+    min_benign_kept: float = 0.0,
 ) -> tuple[str, str]:
     """Pick the variant to export and say why.
 
-    Rule: among variants whose refusal rate is at or under `max_refusal_rate`, the lowest
-    KL (`kl`: first_token or multi_token; ties: more benign answers kept, then lower
-    refusal rate, then id). If none qualifies, the lowest refusal rate (ties: lowest KL).
+    Rule: among variants whose refusal rate is at or under `max_refusal_rate` and that keep
+    at least `min_benign_kept` of the benign answers, the lowest KL (`kl`: first_token or
+    multi_token; ties: more benign answers kept, then lower refusal rate, then id). If
+    none keeps that many, the most benign answers kept among those meeting the refusal
+    target (ties: lowest KL); if none meets the refusal target, the lowest refusal rate
+    (ties: most kept, then lowest KL).
+
+    Why the benign gate: first-token KL sees only the first answer token, while "kept"
+    sees the whole greedy answer. The lowest-KL trial under the refusal target can change
+    several benign answers (one organism: KL 0.032 with 86 % kept, beside KL 0.064 with
+    98 % kept, which on the test prompts kept 100 % at KL 0.005).
     """
     if kl not in KL_COLUMNS:
         raise AbliterateError(f"select.kl: expected one of {', '.join(KL_COLUMNS)}, got {kl!r}.")
     column = KL_COLUMNS[kl]
+    name = kl.replace("_", "-")
     candidates = table[table["variant"] != "base"]
     if candidates.empty:
         raise AbliterateError("the sweep has no variants to select from.")
-    qualifying = candidates[candidates["refusal_rate"] <= max_refusal_rate + 1e-12]
+    under = candidates[candidates["refusal_rate"] <= max_refusal_rate + 1e-12]
+    qualifying = under[under["benign_kept"] >= min_benign_kept - 1e-12]
+    kept_rule = f" and benign answers kept >= {min_benign_kept:g}" if min_benign_kept else ""
     if not qualifying.empty:
         ranked = qualifying.sort_values(
             [column, "benign_kept", "refusal_rate", "variant"], ascending=[True, False, True, True]
         )
         best = ranked.iloc[0]
         reason = (
-            f"Selected {best['variant']}: lowest {kl.replace('_', '-')} KL ({best[column]:.4g}) among "
+            f"Selected {best['variant']}: lowest {name} KL ({best[column]:.4g}) among "
             f"{len(qualifying)} of {len(candidates)} variants with refusal rate <= "
-            f"{max_refusal_rate:g} (its refusal rate {best['refusal_rate']:.3f}, benign answers "
-            f"kept {best['benign_kept']:.3f})."
+            f"{max_refusal_rate:g}{kept_rule} (its refusal rate {best['refusal_rate']:.3f}, "
+            f"benign answers kept {best['benign_kept']:.3f})."
+        )
+    elif not under.empty:
+        ranked = under.sort_values(
+            ["benign_kept", column, "variant"], ascending=[False, True, True]
+        )
+        best = ranked.iloc[0]
+        reason = (
+            f"Selected {best['variant']}: none of the {len(under)} variants with refusal rate "
+            f"<= {max_refusal_rate:g} kept {min_benign_kept:g} of the benign answers, so the "
+            f"one keeping the most was taken ({best['benign_kept']:.3f} kept, refusal rate "
+            f"{best['refusal_rate']:.3f}, {name} KL {best[column]:.4g})."
         )
     else:
-        ranked = candidates.sort_values(["refusal_rate", column, "variant"])
+        ranked = candidates.sort_values(
+            ["refusal_rate", "benign_kept", column, "variant"], ascending=[True, False, True, True]
+        )
         best = ranked.iloc[0]
         reason = (
             f"Selected {best['variant']}: no variant reached refusal rate <= {max_refusal_rate:g}, "
             f"so the lowest refusal rate was taken ({best['refusal_rate']:.3f}, "
-            f"{kl.replace('_', '-')} KL {best[column]:.4g}, benign answers kept "
+            f"{name} KL {best[column]:.4g}, benign answers kept "
             f"{best['benign_kept']:.3f})."
         )
     return str(best["variant"]), reason
@@ -303,6 +330,7 @@ def aggregate(
     routing_json: str | Path | None = None,
     routing_png: str | Path | None = None,
     max_refusal_rate: float = 0.1,
+    min_benign_kept: float = 0.0,
     kl: str = "first_token",
 ) -> tuple[str, str]:
     """sweep.tsv, plots, best.yaml/best.txt (and the samples page) from the chunk outputs.
@@ -313,7 +341,7 @@ def aggregate(
     """
     table = read_chunk_tables(table_paths)
     recipes, samples = read_chunk_details(details_paths)
-    best, reason = select_best(table, max_refusal_rate, kl)
+    best, reason = select_best(table, max_refusal_rate, kl, min_benign_kept)
     if best not in recipes:
         raise AbliterateError(f"the evaluation details have no recipe for variant {best!r}.")
     table.insert(1, "selected", table["variant"] == best)

@@ -50,6 +50,7 @@ rule aggregate_sweep:
         runtime=20,
     params:
         max_refusal_rate=config["select"]["max_refusal_rate"],
+        min_benign_kept=config["select"]["min_benign_kept"],
         kl=config["select"]["kl"],
     script:
         "../scripts/aggregate_sweep.py"

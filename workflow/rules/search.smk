@@ -24,6 +24,7 @@ rule search_init:
         evaluate=config["evaluate"],
         prompts=config["prompts"],
         kl=config["select"]["kl"],
+        select=config["select"],
     script:
         "../scripts/search_init.py"
 
@@ -130,6 +131,7 @@ rule aggregate_search:
         evaluate=config["evaluate"],
         prompts=config["prompts"],
         max_refusal_rate=config["select"]["max_refusal_rate"],
+        min_benign_kept=config["select"]["min_benign_kept"],
         kl=config["select"]["kl"],
         trust_remote_code=config["model"]["trust_remote_code"],
     script:

@@ -18,6 +18,7 @@ with rule_log(snakemake):
         pareto_png=snakemake.output.pareto,
         samples_out=snakemake.output.samples,
         max_refusal_rate=snakemake.params.max_refusal_rate,
+        min_benign_kept=snakemake.params.min_benign_kept,
         trust_remote_code=snakemake.params.trust_remote_code,
         **rule_arguments(snakemake, validation=False),
     )

@@ -16,5 +16,6 @@ with rule_log(snakemake):
         routing_json=getattr(snakemake.output, "routing_json", None),
         routing_png=getattr(snakemake.output, "routing", None),
         max_refusal_rate=snakemake.params.max_refusal_rate,
+        min_benign_kept=snakemake.params.min_benign_kept,
         kl=snakemake.params.kl,
     )

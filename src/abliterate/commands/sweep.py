@@ -18,6 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--details", nargs="+", required=True, help="per-job JSON (recipes, samples)")
     p.add_argument("--out-dir", required=True, help="directory for sweep.tsv, best.yaml, plots")
     p.add_argument("--max-refusal-rate", type=float, default=0.1)
+    p.add_argument(
+        "--min-benign-kept",
+        type=float,
+        default=0.98,
+        help="share of benign answers a variant must keep to meet the target (default 0.98)",
+    )
     p.add_argument("--kl", choices=["first_token", "multi_token"], default="first_token")
 
 
@@ -27,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if not 0 <= args.max_refusal_rate <= 1:
         raise AbliterateError("--max-refusal-rate must be between 0 and 1.")
+    if not 0 <= args.min_benign_kept <= 1:
+        raise AbliterateError("--min-benign-kept must be between 0 and 1.")
     out.mkdir(parents=True, exist_ok=True)
     from ..sweep import read_chunk_routing
 
@@ -43,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         routing_json=out / "sweep_routing.json" if moe else None,
         routing_png=out / "routing.png" if moe else None,
         max_refusal_rate=args.max_refusal_rate,
+        min_benign_kept=args.min_benign_kept,
         kl=args.kl,
     )
     print(reason)
