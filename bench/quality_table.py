@@ -185,9 +185,9 @@ def family_table(
         )
     if grid_tsv is not None:
         parts.append(
-            f"grid rows on the grid's held-out prompts ({n_grid}: the organism's whole test "
-            "file, i.e. the search's validation and test splits together), where the grid "
-            "also selects"
+            f"grid rows on the grid's held-out prompts ({n_grid}: the organism's test file, "
+            "which is the search's test split too), where the grid also selects, which "
+            "flatters it"
         )
     lines = [
         f"**{family}** — " + "; ".join(parts or ["no run finished"]) + ".",

@@ -721,8 +721,8 @@ def target_constraints(row: dict, targets: dict) -> dict[str, float]:
     Why: the objectives (refusal rate, KL) have a Pareto front that runs all the way to the
     unedited model (refusal 1, KL 0), and an unconstrained sampler spends most trials along
     it, far from the recipes the rule can select. With constraints, TPE models the feasible
-    trials apart and proposes near them (on the llama and GLM organisms, two seeds each:
-    4-8 of 40 trials met every target on the test prompts, against 0-5 without).
+    trials apart and proposes near them (llama and GLM organisms, two seeds each: 8, 6, 6
+    and 0 of 40 trials met every target on the test prompts, against 2, 5, 0 and 0 without).
     """
     return {
         "refusal_rate": float(row["refusal_rate"]) - float(targets["max_refusal_rate"]),
