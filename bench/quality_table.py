@@ -50,7 +50,7 @@ def workflow_config(model_dir: Path, name: str, method: str, quick: bool = False
     from snakemake_runner import demo_model_config
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config.update(demo_model_config(model_dir, name))
+    config.update(demo_model_config(model_dir, name, validation=True))
     config["sweep"]["method"] = method
     if quick:  # a smoke run of the script, not numbers to report
         config["sweep"].update(n_trials=3, n_startup_trials=2, scale=[1.0])

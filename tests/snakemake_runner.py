@@ -18,19 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def demo_model_config(model_dir: Path, name: str) -> dict:
-    """The `model` and `prompts` config sections for a demo organism directory (its
-    train, validation and test prompt files; an organism from before validation files had
-    only train and test, which the workflow then splits)."""
+def demo_model_config(model_dir: Path, name: str, validation: bool = False) -> dict:
+    """The `model` and `prompts` config sections for a demo organism directory.
+
+    `validation`: also name the organism's validation files (what the workflow does with
+    its own demo organism, and what bench/quality_table.py measures with). The tests leave
+    it off: the workflow then halves the test file into validation and test as for a
+    user's model, which halves the search's prompts and keeps the suite within its time.
+    """
     prompts = Path(model_dir) / "prompts"
+    splits = ("train", "validation", "test") if validation else ("train", "test")
     return {
         "model": {"name": name, "path": str(model_dir)},
         "prompts": {
-            cls: {
-                split: str(prompts / f"{cls}_{split}.txt")
-                for split in ("train", "validation", "test")
-                if (prompts / f"{cls}_{split}.txt").is_file()
-            }
+            cls: {split: str(prompts / f"{cls}_{split}.txt") for split in splits}
             for cls in ("target", "benign")
         },
     }
