@@ -571,6 +571,20 @@ def _full_strength(params: dict, space: SearchSpace, group: str) -> None:
         params[f"{group}.floor"] = _clip(space.floor, 1.0)
 
 
+def _switch_on(params: dict, space: SearchSpace, groups) -> dict:
+    """Switch `groups` on at strength 1 over all layers, the routed experts as `all`
+    (left off when the space offers only `none`); returns `params`."""
+    for group in groups:
+        if group == "experts":
+            params["experts"] = _pick(space.experts, "all")
+            if params["experts"] == "none":
+                continue
+        else:
+            params[f"{group}.on"] = True
+        _full_strength(params, space, group)
+    return params
+
+
 def anchor_params(space: SearchSpace, measurement: int | None) -> dict:
     """A first trial every study starts with: the suggested direction, every group on at
     strength 1 over all layers, biprojected, norm-preserving (on dense demo models this is
@@ -609,21 +623,11 @@ def intervention_params(space: SearchSpace, measurement: int | None) -> dict:
     params = anchor_params(space, measurement)
     params.update(projection=_pick(space.projection, "none"))
     params.update(norm_preserve=_pick(space.norm_preserve, False))
-    for group in space.groups:
-        if group == "router":
-            if space.optional:
-                params["router.on"] = False
-                for key in ("strength", "peak", "width", "floor"):
-                    params.pop(f"router.{key}", None)
-            continue
-        if group == "experts":
-            params["experts"] = _pick(space.experts, "all")
-            if params["experts"] == "none":
-                continue
-        else:
-            params[f"{group}.on"] = True
-        _full_strength(params, space, group)
-    return params
+    if "router" in space.groups and space.optional:
+        params["router.on"] = False
+        for key in ("strength", "peak", "width", "floor"):
+            params.pop(f"router.{key}", None)
+    return _switch_on(params, space, [g for g in space.groups if g != "router"])
 
 
 def strategy_params(space: SearchSpace, measurement: int | None, strategy: str) -> dict:
@@ -647,17 +651,11 @@ def corner_params(
         projection=_pick(space.projection, "none"),
         norm_preserve=_pick(space.norm_preserve, norm_preserve),
     )
-    for group in space.groups:
-        if group == "embed":
-            continue
-        if group == "experts":
-            params["experts"] = _pick(space.experts, "all")
-            if params["experts"] == "none":
-                continue
-        else:
-            params[f"{group}.on"] = True
-        _full_strength(params, space, group)
-        params[f"{group}.strength"] = _clip(space.strength, strength)
+    writers = [g for g in space.groups if g != "embed"]
+    _switch_on(params, space, writers)
+    for group in writers:
+        if f"{group}.strength" in params:  # on (routed experts: unless the space has none)
+            params[f"{group}.strength"] = _clip(space.strength, strength)
     return params
 
 

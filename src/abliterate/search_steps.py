@@ -389,8 +389,6 @@ def rule_arguments(snakemake, *, validation: bool = True) -> dict:
         "prompts_config": snakemake.params.prompts,
         "kl": snakemake.params.kl,
     }
-    if hasattr(snakemake.params, "select"):
-        arguments["select_config"] = snakemake.params.select
     if validation:
         arguments["validation"] = {
             "target": snakemake.input.validation_target,

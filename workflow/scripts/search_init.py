@@ -8,5 +8,6 @@ with rule_log(snakemake):
         journal=snakemake.params.journal,
         study_json=snakemake.output.study,
         suggested_path=snakemake.input.suggested,
+        select_config=snakemake.params.select,
         **rule_arguments(snakemake),
     )
