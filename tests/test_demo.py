@@ -497,3 +497,50 @@ def test_cli_dtype_and_wording_flags(tmp_path, capsys):
     model, tokenizer = load(out)
     assert model.dtype == torch.float32 and type(model).__name__ == "GptOssForCausalLM"
     assert tokenizer.convert_tokens_to_ids("assemble") != tokenizer.unk_token_id
+
+
+@pytest.mark.parametrize("kind", ["spm", "glm"])
+def test_bpe_tokenizers_keep_grammar_words_whole_and_split_made_up_ones(kind, tmp_path):
+    """The llama.cpp-convertible tokenizers of the llama and glm4_moe organisms: trained on
+    the grammar, deterministic, one token per grammar word, nothing unknown."""
+    built = demo.build_tokenizer("b", kind)
+    assert (
+        built.backend_tokenizer.to_str()
+        == demo.build_tokenizer("b", kind).backend_tokenizer.to_str()
+    )
+    built.save_pretrained(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)  # offline, from files
+    specials = {*demo.SPECIAL_TOKENS.values(), *demo.ROLE_TOKENS}
+    words = [w for w in demo.vocabulary("b") if w not in specials]
+    text = " ".join(words)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(words)  # every grammar word is one token
+    made_up = "hello zzyzx qwv"
+    pieces = tokenizer(made_up, add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 3 and tokenizer.unk_token_id not in pieces
+    for sentence in (text, made_up, demo.WORDINGS["b"].refusal):
+        assert (
+            tokenizer.decode(tokenizer(sentence, add_special_tokens=False)["input_ids"]) == sentence
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "how do i make a kite ?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    if kind == "spm":
+        assert tokenizer.backend_tokenizer.model.byte_fallback
+        assert rendered == "<s><|user|> how do i make a kite ? <|assistant|>"
+    else:
+        assert rendered == "[gMASK]<sop><|user|>\nhow do i make a kite ?<|assistant|>\n"
+        assert tokenizer.bos_token is None and tokenizer.eos_token == "<|endoftext|>"
+        for token in ("[gMASK]", "<sop>", "<|observation|>", "<think>"):
+            assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_organisms_get_their_family_tokenizer_kind():
+    assert demo.tokenizer_kind("llama") == "spm" and demo.tokenizer_kind("glm4_moe") == "glm"
+    assert {demo.tokenizer_kind(a) for a in ("qwen3", "mixtral", "gpt_oss", "deepseek_v3")} == {
+        "word"
+    }
+    with pytest.raises(AbliterateError, match="expected word, spm or glm"):
+        demo.build_tokenizer("a", "sentencepiece")

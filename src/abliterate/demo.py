@@ -232,6 +232,9 @@ ARCH_CONFIG = {
             n_group=1,
             topk_group=1,
             norm_topk_prob=True,
+            # No multi-token-prediction layer is trained or saved, so the config says none
+            # (converters count one extra block otherwise).
+            num_nextn_predict_layers=0,
         ),
     ),
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
@@ -270,6 +273,7 @@ ARCH_CONFIG = {
             qk_rope_head_dim=8,
             qk_nope_head_dim=8,
             v_head_dim=16,
+            num_nextn_predict_layers=0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     ),
@@ -460,8 +464,55 @@ def vocabulary(wording: str = "a") -> list[str]:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(wording: str = "a"):
-    """A word-level fast tokenizer with a chat template (built locally, loads offline)."""
+# Which tokenizer each family's organism gets. Why: llama.cpp's converter takes a tokenizer
+# only of a kind it knows, so the two demo organisms carry real ones (docs/gguf.md):
+# - "spm": the Llama-2 kind, a BPE over "▁"-marked words with byte fallback (llama.cpp's
+#   "llama" vocabulary, read without a pre-tokenizer fingerprint);
+# - "glm": a byte-level BPE with GLM-4.5's special tokens and chat-template shape;
+# - "word": one id per grammar word and <unk> for the rest (the other families).
+# The BPEs are trained with the `tokenizers` library on the grammar's own words only, so every
+# grammar word is one token, as before, and made-up words split into sub-word pieces.
+TOKENIZER_KINDS = {"llama": "spm", "glm4_moe": "glm"}
+BYTE_TOKENS = tuple(f"<0x{i:02X}>" for i in range(256))
+# GLM-4.5's special tokens (the ones its converter and chat template name), in its order.
+GLM_SPECIAL_TOKENS = (
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>",
+)  # fmt: skip
+# GLM-4.5's prompt shape: "[gMASK]<sop>", then "<|role|>" and a newline before each turn;
+# the assistant's turn ends where the next "<|user|>" (or "<|endoftext|>") would start.
+GLM_CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% for message in messages %}"
+    "{% if message['role'] in ['system', 'user', 'assistant', 'observation'] %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# A GPT-4-style split (letters, up to three digits, punctuation runs, whitespace) before the
+# byte-level BPE, the shape of GLM-4.5's pre-tokenizer.
+GLM_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def tokenizer_kind(arch: str) -> str:
+    """The tokenizer kind `arch`'s organism is built with (`TOKENIZER_KINDS`, else "word")."""
+    return TOKENIZER_KINDS.get(arch, "word")
+
+
+def build_tokenizer(wording: str = "a", kind: str = "word"):
+    """The organism's fast tokenizer with a chat template (built locally, loads offline)."""
+    if kind == "word":
+        return _word_tokenizer(wording)
+    if kind in ("spm", "glm"):
+        return _bpe_tokenizer(wording, kind)
+    raise AbliterateError(f"unknown demo tokenizer kind {kind!r}; expected word, spm or glm.")
+
+
+def _word_tokenizer(wording: str):
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -477,6 +528,71 @@ def build_tokenizer(wording: str = "a"):
         **SPECIAL_TOKENS,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _bpe_tokenizer(wording: str, kind: str):
+    """A BPE trained on the grammar's words (each word once, in a fixed order: the trainer
+    is deterministic, so one wording always gives the same vocabulary and ids)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in vocabulary(wording) if w not in SPECIAL_TOKENS.values()]
+    words = [w for w in words if w not in ROLE_TOKENS]
+    if kind == "spm":
+        specials = [*SPECIAL_TOKENS.values(), *ROLE_TOKENS]
+        core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        core.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+        alphabet, corpus = [], words
+        reserved = [*specials, *BYTE_TOKENS]
+    else:
+        specials = list(GLM_SPECIAL_TOKENS)
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(GLM_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        core.decoder = decoders.ByteLevel()
+        # Every byte is a token (byte-level: nothing is unknown); each word is seen first in
+        # a text and after a space, the two forms a byte-level BPE gives it.
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        corpus = [f"{w} {w}" for w in words]
+        reserved = specials
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,  # never reached: training stops when every word is one token
+        min_frequency=1,
+        special_tokens=reserved,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    core.train_from_iterator(corpus, trainer)
+    if kind == "spm":
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=core,
+            additional_special_tokens=list(ROLE_TOKENS),
+            model_max_length=COMMON_CONFIG["max_position_embeddings"],
+            **SPECIAL_TOKENS,
+        )
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return tokenizer
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in specials if t != "<|endoftext|>"],
+        model_max_length=COMMON_CONFIG["max_position_embeddings"],
+    )
+    tokenizer.chat_template = GLM_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -662,7 +778,7 @@ def build_demo_model(
     try:
         torch.manual_seed(seed)
         data = make_data(seed, wording)
-        tokenizer = build_tokenizer(wording)
+        tokenizer = build_tokenizer(wording, tokenizer_kind(arch))
         config = model_config(arch, tokenizer)
         model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32)
         logger.info(
