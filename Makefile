@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES  ?= all
 
-.PHONY: demo test test-slurm lint install install-test bench clean chromium slurm
+.PHONY: demo test test-slurm lint install install-test bench clean chromium slurm gguf-converter
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,29 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# llama.cpp's converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages), taken
+# from the llama-cpp-python source distribution on the package registry, nothing compiled;
+# `export.gguf: true` and the GGUF test use it. Unpacked beside itself, then renamed, so an
+# interrupted download never leaves a converter that looks installed.
+LLAMA_CPP_PYTHON ?= 0.3.36
+GGUF_CONVERTER    = $(VENV)/llama.cpp/convert_hf_to_gguf.py
+LLAMA_CPP_SRC     = llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
+$(GGUF_CONVERTER): $(BIN)/python
+	rm -rf $(VENV)/llama.cpp.partial $(VENV)/llama.cpp-sdist && mkdir -p $(VENV)/llama.cpp.partial
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(VENV)/llama.cpp-sdist \
+	  "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	tar -xzf $(VENV)/llama.cpp-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
+	  -C $(VENV)/llama.cpp.partial --strip-components=3 \
+	  $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py $(LLAMA_CPP_SRC)/conversion $(LLAMA_CPP_SRC)/gguf-py \
+	  $(LLAMA_CPP_SRC)/LICENSE
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp-sdist && mv $(VENV)/llama.cpp.partial $(VENV)/llama.cpp
+
+gguf-converter: $(GGUF_CONVERTER)
+
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(GGUF_CONVERTER)
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)

@@ -65,6 +65,7 @@ else:
 include: "workflow/rules/report.smk"
 include: "workflow/rules/ablate.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/gguf.smk"
 
 
 rule all:

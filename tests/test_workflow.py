@@ -14,10 +14,13 @@ import pytest
 import yaml
 from snakemake_runner import demo_model_config, snakemake
 
+from abliterate.errors import AbliterateError
+from abliterate.gguf import find_converter
+
 _RUNS: dict[str, Path] = {}
 
 
-def demo_config(model_dir: Path, name: str, **sweep) -> dict:
+def demo_config(model_dir: Path, name: str, gguf: bool = False, **sweep) -> dict:
     return {
         **demo_model_config(model_dir, name),
         "measure": {"device": "cpu"},
@@ -31,17 +34,17 @@ def demo_config(model_dir: Path, name: str, **sweep) -> dict:
         # all ~100 held-out prompts per class: the refusal target is judged at 0.1
         "evaluate": {"device": "cpu", "max_new_tokens": 10, "kl_tokens": 4},
         "select": {"max_refusal_rate": 0.1},
-        "export": {"device": "cpu"},
+        "export": {"device": "cpu", "gguf": gguf},
     }
 
 
-def run_workflow(tmp_path_factory, model_dir: Path, name: str, **sweep) -> Path:
+def run_workflow(tmp_path_factory, model_dir: Path, name: str, gguf: bool = False, **sweep) -> Path:
     """Run the default target once per config and test session; return the work dir.
 
     Runs are keyed by the whole config, not the name: a second grid for the same organism
     is a second run, never the first one's results.
     """
-    config = yaml.safe_dump(demo_config(model_dir, name, **sweep), sort_keys=True)
+    config = yaml.safe_dump(demo_config(model_dir, name, gguf, **sweep), sort_keys=True)
     if config not in _RUNS:
         workdir = tmp_path_factory.mktemp(f"workflow-{name}")
         (workdir / "config.yaml").write_text(config)
@@ -51,9 +54,17 @@ def run_workflow(tmp_path_factory, model_dir: Path, name: str, **sweep) -> Path:
     return _RUNS[config]
 
 
+try:  # llama.cpp's converter (make gguf-converter, part of make install-test)
+    find_converter()
+    NO_CONVERTER = ""
+except AbliterateError as missing:
+    NO_CONVERTER = str(missing)
+
+
 @pytest.fixture(scope="session")
 def dense_run(tmp_path_factory, demo_dense) -> Path:
-    return run_workflow(tmp_path_factory, demo_dense, "demo")
+    """The default workflow on the dense organism, with `export.gguf` when it can."""
+    return run_workflow(tmp_path_factory, demo_dense, "demo", gguf=not NO_CONVERTER)
 
 
 def selected_row(results: Path) -> pd.Series:
@@ -123,6 +134,20 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
     assert card.data.library_name == "transformers" and card.data.tags[0] == "abliterated"
     assert f"`{selected['variant']}`, measured on the test split" in card.text
     assert "| refusal rate on harmful prompts |" in card.text and "**Passed**" in card.text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(NO_CONVERTER), reason=NO_CONVERTER or "converter found")
+def test_dense_workflow_writes_a_checked_gguf_beside_the_export(dense_run):
+    results = dense_run / "results" / "demo"
+    report = json.loads((results / "gguf.json").read_text())
+    assert report["ok"] and report["block_count"] == report["num_hidden_layers"]
+    plan = json.loads((results / "export" / "plan.json").read_text())
+    assert {c["key"] for c in report["checked"]} == {e["key"] for e in plan["entries"]}
+    assert (results / "abliterated.gguf").stat().st_size == report["bytes"]
+    assert not list(results.glob(".*partial"))  # no half-written GGUF left behind
+    assert not [p for p in (results / "abliterated").iterdir() if p.suffix == ".gguf"]
+    assert "edited tensors equal to the export" in (results / "gguf.txt").read_text()
 
 
 @pytest.mark.slow

@@ -308,6 +308,16 @@ def compare_inputs(wildcards):
     return inputs
 
 
+def gguf_inputs(wildcards):
+    """The verified export and its plan (the GGUF check looks for every edited tensor)."""
+    return {
+        "model": model_input(),
+        "manifest": f"{RESULTS}/abliterated/manifest.json",
+        "plan": f"{RESULTS}/export/plan.json",
+        "verified": f"{RESULTS}/verify.json",
+    }
+
+
 def final_outputs():
     """The targets of the default rule: the end of every stage."""
     return [
@@ -322,4 +332,8 @@ def final_outputs():
         f"{RESULTS}/compare.png",
         f"{RESULTS}/compare_answers.tsv",
         f"{RESULTS}/model_card.md",
-    ]
+    ] + (
+        [f"{RESULTS}/abliterated.gguf", f"{RESULTS}/gguf.txt"]
+        if config["export"]["gguf"]
+        else []
+    )
