@@ -118,12 +118,12 @@ def test_check_fails_on_a_gguf_of_the_unedited_model(demo_dense, tmp_path):
 
 
 def test_missing_converter_is_one_sentence(tmp_path, monkeypatch):
-    with pytest.raises(AbliterateError, match=r"export.gguf.converter: .*does not exist"):
+    with pytest.raises(AbliterateError, match=r"export.gguf_converter: .*does not exist"):
         gguf.find_converter(tmp_path / "nowhere.py")
     monkeypatch.setenv(gguf.CONVERTER_ENV, str(tmp_path / "nowhere.py"))
     monkeypatch.setattr(gguf.sys, "prefix", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(AbliterateError, match="make gguf-converter"):
         gguf.find_converter()
-    with pytest.raises(AbliterateError, match="export.gguf.outtype"):
+    with pytest.raises(AbliterateError, match="export.gguf_outtype"):
         gguf.convert(tmp_path, tmp_path / "x.gguf", outtype="q4_k")

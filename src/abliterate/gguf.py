@@ -54,14 +54,14 @@ runpy.run_path(script, run_name="__main__")
 
 
 def find_converter(explicit: str | Path | None = None) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py: `explicit` (config `export.gguf.converter`), else
+    """llama.cpp's convert_hf_to_gguf.py: `explicit` (config `export.gguf_converter`), else
     $ABLITERATE_GGUF_CONVERTER, else the one `make gguf-converter` put in the environment
     (`<venv>/llama.cpp/`), else one on PATH."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise AbliterateError(
-                f"export.gguf.converter: {path} does not exist; expected the path of "
+                f"export.gguf_converter: {path} does not exist; expected the path of "
                 f"llama.cpp's {CONVERTER_NAME}."
             )
         return path.resolve()
@@ -77,8 +77,8 @@ def find_converter(explicit: str | Path | None = None) -> Path:
             return path.resolve()
     raise AbliterateError(
         f"export.gguf: llama.cpp's {CONVERTER_NAME} was not found (looked at "
-        f"${CONVERTER_ENV}, {candidates[-1] if not on_path else candidates[-2]} and PATH); "
-        "run `make gguf-converter` or set export.gguf.converter to its path."
+        f"${CONVERTER_ENV}, {Path(sys.prefix) / 'llama.cpp'} and PATH); run "
+        "`make gguf-converter` or set export.gguf_converter to its path."
     )
 
 
@@ -100,7 +100,7 @@ def convert(
     model_dir, output = Path(model_dir), Path(output)
     if outtype not in OUTTYPES:
         raise AbliterateError(
-            f"export.gguf.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}."
+            f"export.gguf_outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}."
         )
     if not (model_dir / "config.json").is_file():
         raise AbliterateError(f"{model_dir}: no config.json; expected a Hugging Face model.")
