@@ -26,7 +26,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # llama.cpp's converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages), taken
 # from the llama-cpp-python source distribution on the package registry, nothing compiled;
 # `export.gguf: true` and the GGUF test use it. Unpacked beside itself, then renamed, so an
-# interrupted download never leaves a converter that looks installed.
+# interrupted download never leaves a converter that looks installed; tar -m dates the files
+# now (not 2022, their date in the sdist), so make does not fetch them again on every run.
 LLAMA_CPP_PYTHON ?= 0.3.36
 GGUF_CONVERTER    = $(VENV)/llama.cpp/convert_hf_to_gguf.py
 LLAMA_CPP_SRC     = llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
@@ -35,7 +36,7 @@ $(GGUF_CONVERTER): $(BIN)/python
 	rm -rf $(VENV)/llama.cpp.partial $(VENV)/llama.cpp-sdist && mkdir -p $(VENV)/llama.cpp.partial
 	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(VENV)/llama.cpp-sdist \
 	  "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
-	tar -xzf $(VENV)/llama.cpp-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
+	tar -xzmf $(VENV)/llama.cpp-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
 	  -C $(VENV)/llama.cpp.partial --strip-components=3 \
 	  $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py $(LLAMA_CPP_SRC)/conversion $(LLAMA_CPP_SRC)/gguf-py \
 	  $(LLAMA_CPP_SRC)/LICENSE
