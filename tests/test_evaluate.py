@@ -302,3 +302,54 @@ def test_judge_model_decides_refusals_and_empty_answers_still_count(demo_dense, 
     # the judge decides, not the markers: the demo model never answers "yes", so even the
     # marker-matching third answer is not called a refusal; the empty one always is
     assert verdicts == [False, True, False]
+
+
+def test_kl_over_answered_prompts_leaves_out_what_the_base_refuses(
+    demo_dense, tmp_path, one_thread
+):
+    """A benign set with some prompts the base model refuses mixed in: the KL over the
+    answered ones is the KL of the benign prompts alone, the all-prompt KL is larger."""
+    import pandas as pd
+    import yaml
+
+    from abliterate.cli import main
+    from abliterate.measure import MeasureOptions, measure_to_file
+    from abliterate.prompts import PromptOptions
+
+    prompts = demo_dense / "prompts"
+    measurements = tmp_path / "measurements.safetensors"
+    measure_to_file(
+        demo_dense,
+        str(prompts / "target_train.txt"),
+        str(prompts / "benign_train.txt"),
+        measurements,
+        MeasureOptions(prompts=PromptOptions(max_count=120)),
+    )
+    recipe = tmp_path / "edit.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "measurements": str(measurements),
+                "ablate": [{"layer": n, "measurement": 2, "scale": 1.0} for n in range(4)],
+            }
+        )
+    )
+    benign = (prompts / "benign_test.txt").read_text().splitlines()[:16]
+    target = (prompts / "target_test.txt").read_text().splitlines()[:4]
+    (tmp_path / "benign.txt").write_text("\n".join(benign) + "\n")
+    (tmp_path / "mixed.txt").write_text("\n".join(benign + target) + "\n")
+    rows = {}
+    for name in ("benign", "mixed"):
+        out = tmp_path / f"{name}.tsv"
+        args = ["evaluate", str(demo_dense), str(recipe), "--target", str(tmp_path / "benign.txt")]
+        args += ["--benign", str(tmp_path / f"{name}.txt"), "--max-new-tokens", "8"]
+        assert main([*args, "--kl-tokens", "2", "--batch-size", "4", "--out", str(out)]) == 0
+        rows[name] = pd.read_csv(out, sep="\t").set_index("variant")
+    mixed, alone = rows["mixed"], rows["benign"]
+    assert mixed.loc["base", "benign_refusal_rate"] == pytest.approx(4 / 20)  # the 4 refused
+    assert mixed.loc["edit", "kl_first_token_answered"] == pytest.approx(
+        alone.loc["edit", "kl_first_token"], rel=1e-3, abs=1e-6
+    )
+    assert alone.loc["edit", "kl_first_token_answered"] == alone.loc["edit", "kl_first_token"]
+    # the refused prompts turned into answers: a large KL that is the intended effect
+    assert mixed.loc["edit", "kl_first_token"] > 2 * mixed.loc["edit", "kl_first_token_answered"]

@@ -535,6 +535,11 @@ class VariantResult:
     n_target: int
     n_benign: int
     seconds: float
+    # first-token KL over the benign prompts the base model answers (does not refuse): the
+    # edit's collateral change alone. Why beside kl_first_token: on a prompt the base model
+    # over-refuses, the edit turning the refusal into an answer is a large KL that is the
+    # intended effect, not damage (docs/evaluation.md, gpt_oss). NaN when the base answers none.
+    kl_first_token_answered: float = 0.0
     samples: dict = field(default_factory=dict)
     # MoE models: per prompt class ("benign", "target"), per MoE layer, the routing shift
     # from the base model ({"kl", "topk_changed"}, abliterate.routing); None for dense ones
@@ -601,6 +606,7 @@ class Evaluator:
         self.routing = RoutingCapture(model)
         self._base_routing: dict[str, RouterRecord] = {}
         self._base_benign_answers: list[str] = []
+        self._base_benign_refused: list[bool] = []
         self._base_continuations: list[list[int]] = []
         self._base_logprobs: list[torch.Tensor] = []
 
@@ -609,7 +615,7 @@ class Evaluator:
             return self.judge.refuses(prompts.texts, answers)
         return [is_refusal(a, self.settings.markers) for a in answers]
 
-    def _run(self, name: str) -> tuple[VariantResult, list[str], list[list[int]], list, dict]:
+    def _run(self, name: str) -> tuple[VariantResult, list[str], list[list[int]], list, dict, list]:
         start = time.perf_counter()
         s = self.settings
         with self.routing.recording() as target_routing:
@@ -635,12 +641,15 @@ class Evaluator:
                 kl_divergence(b, e) for b, e in zip(self._base_logprobs, logprobs, strict=True)
             ]
             kl_first = float(torch.stack([kl[0] for kl in per_prompt]).mean())
+            answered = [kl[0] for kl, refused in zip(per_prompt, self._base_benign_refused,
+                                                     strict=True) if not refused]  # fmt: skip
+            kl_answered = float(torch.stack(answered).mean()) if answered else float("nan")
             kl_multi = float(torch.stack([kl.mean() for kl in per_prompt]).mean())
             kept = sum(
                 a == b for a, b in zip(benign_answers, self._base_benign_answers, strict=True)
             ) / len(benign_answers)
         else:
-            kl_first = kl_multi = 0.0
+            kl_first = kl_multi = kl_answered = 0.0
             kept = 1.0
         ce = (
             text_cross_entropy(self.model, self.tokenizer, self.text_ids) if self.text_ids else None
@@ -671,16 +680,18 @@ class Evaluator:
             n_target=len(target_answers),
             n_benign=len(benign_answers),
             seconds=round(time.perf_counter() - start, 3),
+            kl_first_token_answered=kl_answered,
             samples=samples,
             routing=routing,
         )
-        return result, benign_answers, benign_tokens, logprobs, records
+        return result, benign_answers, benign_tokens, logprobs, records, benign_refused
 
     def evaluate_base(self) -> VariantResult:
         """The unedited model's row; also fixes the references variants are compared to."""
         if self.base is None:
-            result, answers, tokens, logprobs, routing = self._run("base")
+            result, answers, tokens, logprobs, routing, refused = self._run("base")
             self._base_benign_answers = answers
+            self._base_benign_refused = refused
             self._base_continuations = tokens
             self._base_logprobs = logprobs
             self._base_routing = routing

@@ -36,6 +36,7 @@ VALIDATION_COLUMNS = (
     "benign_kept",
     "kl_first_token",
     "kl_multi_token",
+    "kl_first_token_answered",
 )
 
 
