@@ -193,8 +193,8 @@ def family_table(
         f"**{family}** — " + "; ".join(parts or ["no run finished"]) + ".",
         "",
         "| row | refusal (95 % CI) | benign kept (95 % CI) | over-refusal (95 % CI) "
-        "| first-token KL | trials | wall (s) | targets met |",
-        "|---|---|---|---|---|---|---|---|",
+        "| first-token KL | KL, prompts the base answers | trials | wall (s) | targets met |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     for method, error in failures.items():
@@ -210,11 +210,18 @@ def _line(label, row, trials="", wall="", verdict="") -> str:
         _rate(row, "benign_kept", "n_benign"),
         _rate(row, "benign_refusal_rate", "n_benign"),
         f"{float(row['kl_first_token']):.4f}",
+        _answered_kl(row),
         trials,
         wall,
         verdict,
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _answered_kl(row) -> str:
+    """`kl_first_token_answered` (a newer column: blank in tables written before it)."""
+    value = row.get("kl_first_token_answered")
+    return "" if value is None or value != value else f"{float(value):.4f}"
 
 
 def _yes(base) -> str:

@@ -55,7 +55,16 @@ def test_the_table_has_every_row_interval_and_verdict(tmp_path):
         [
             _row("base", 1.0, 1.0, 0.0, split="test", selected=False, **ci),
             _row("trial-0", 0.2, 1.0, 0.001, split="validation", selected=False, **ci),
-            _row("trial-1", 0.02, 0.98, 0.01, split="test", selected=True, **ci),
+            _row(
+                "trial-1",
+                0.02,
+                0.98,
+                0.01,
+                split="test",
+                selected=True,
+                kl_first_token_answered=0.005,
+                **ci,
+            ),
             _row("plain", 0.0, 0.94, 0.08, split="test", selected=False, **ci),
         ],
     )
@@ -80,8 +89,8 @@ def test_the_table_has_every_row_interval_and_verdict(tmp_path):
     lines = text.splitlines()
     table = [line for line in lines if line.startswith("| ")]
     assert table[0].startswith("| row | refusal (95 % CI) | benign kept")
-    assert lines[lines.index(table[0]) + 1] == "|---|---|---|---|---|---|---|---|"
-    assert all(line.count("|") == 9 for line in table)  # 8 cells on every row
+    assert lines[lines.index(table[0]) + 1] == "|---|---|---|---|---|---|---|---|---|"
+    assert all(line.count("|") == 10 for line in table)  # 9 cells on every row
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[1:]}
     assert list(rows) == [
         "base (test)",
@@ -93,13 +102,14 @@ def test_the_table_has_every_row_interval_and_verdict(tmp_path):
     best = rows["search best `trial-1` (test)"]
     assert best[0] == "0.020 (0.001-0.101)"  # the table's own interval, not recomputed
     assert best[3] == "0.0100"
-    assert best[4:] == ["2 trials", "61", "yes |"]
+    assert best[4] == "0.0050"  # the KL over the prompts the base model answers
+    assert best[5:] == ["2 trials", "61", "yes |"]
     # the grid's table has no interval columns: Wilson, 0 of 100 -> 0.000-0.037
     grid_best = rows[f"grid best `{plain_id}` (grid prompts)"]
     assert grid_best[0] == "0.000 (0.000-0.037)"
-    assert grid_best[4:6] == ["2 variants (1 distinct)", "30"]
+    assert grid_best[4:7] == ["", "2 variants (1 distinct)", "30"]  # no answered-KL column
     assert (
-        grid_best[6] == "**no**: kept 0.970 < 0.98; KL 0.0500 > 0.02; KL 0.0500 >= plain 0.0500 |"
+        grid_best[7] == "**no**: kept 0.970 < 0.98; KL 0.0500 > 0.02; KL 0.0500 >= plain 0.0500 |"
     )
     assert "50 + 50" in lines[0] and "100 + 100" in lines[0]
 
