@@ -515,12 +515,19 @@ def build_tokenizer(wording: str = "a", kind: str = "word"):
 def _word_tokenizer(wording: str):
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate(vocabulary(wording))}
     core = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return _demo_chat_tokenizer(core)
+
+
+def _demo_chat_tokenizer(core):
+    """`core` as a transformers tokenizer with the demo's specials (<pad> <unk> <s> </s> and
+    the role tokens) and its chat template: the word-level and the Llama-style kinds."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         additional_special_tokens=list(ROLE_TOKENS),
@@ -577,14 +584,7 @@ def _bpe_tokenizer(wording: str, kind: str):
     )
     core.train_from_iterator(corpus, trainer)
     if kind == "spm":
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=core,
-            additional_special_tokens=list(ROLE_TOKENS),
-            model_max_length=COMMON_CONFIG["max_position_embeddings"],
-            **SPECIAL_TOKENS,
-        )
-        tokenizer.chat_template = CHAT_TEMPLATE
-        return tokenizer
+        return _demo_chat_tokenizer(core)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|endoftext|>",
