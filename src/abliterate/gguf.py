@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import AbliterateError
-from .shards import read_checkpoint
+from .shards import read_checkpoint, read_tensor
 
 CONVERTER_NAME = "convert_hf_to_gguf.py"
 CONVERTER_ENV = "ABLITERATE_GGUF_CONVERTER"
@@ -149,7 +149,7 @@ def tensor_name_map(arch: str, block_count: int):
     if arch not in by_name:
         raise AbliterateError(
             f"the GGUF's architecture {arch!r} is unknown to the installed gguf package "
-            f"{gguf.__version__ if hasattr(gguf, '__version__') else ''}; upgrade it."
+            f"{getattr(gguf, '__version__', '')}; upgrade it."
         )
     return gguf.get_tensor_name_map(by_name[arch], block_count)
 
@@ -178,24 +178,25 @@ def _tolerance(gguf_type: str) -> float:
     return {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1e-2}.get(gguf_type, 0.05)
 
 
-def _gguf_tensor(tensor) -> torch.Tensor:
+def _gguf_tensor(tensor, expert: int | None = None) -> torch.Tensor:
+    """One GGUF tensor (or one expert of a stacked one, sliced before it is dequantized, so
+    a stack is not dequantized once per expert) as float32, in the export's axis order."""
     import gguf
     import numpy as np
 
-    data = tensor.data
+    data = tensor.data  # leading axes as in the export; the last one in bytes when quantized
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    if expert is not None:
+        data, shape = data[expert], shape[1:]
     if tensor.tensor_type.name not in ("F32", "F16"):
         data = gguf.quants.dequantize(data, tensor.tensor_type)
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    return torch.from_numpy(
-        np.array(data, dtype=np.float32).reshape(shape)
-    )  # a copy: the map is read-only
+    # a copy: the reader's memory map is read-only
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
 
-def _read(model_dir: Path, tensors: dict, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(model_dir / tensors[key].shard, framework="pt") as handle:
-        return handle.get_tensor(key).float()
+def _read(model_dir: Path, info) -> torch.Tensor:
+    with open(model_dir / info.shard, "rb") as handle:
+        return read_tensor(handle, info).float()
 
 
 def expected_tensor_count(model_dir: str | Path) -> int:
@@ -242,10 +243,8 @@ def check(gguf_path: str | Path, export_dir: str | Path, source_dir: str | Path,
             continue
         name, expert = location
         tensor = by_name[name]
-        data = _gguf_tensor(tensor)
-        if expert is not None:
-            data = data[expert]
-        edited, original = _read(export_dir, exported, key), _read(source_dir, source, key)
+        data = _gguf_tensor(tensor, expert)
+        edited, original = _read(export_dir, exported[key]), _read(source_dir, source[key])
         if data.shape != edited.shape:
             fail(
                 f"{key}: GGUF {name} has shape {tuple(data.shape)}, the export {tuple(edited.shape)}"
