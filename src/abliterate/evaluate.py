@@ -641,8 +641,11 @@ class Evaluator:
                 kl_divergence(b, e) for b, e in zip(self._base_logprobs, logprobs, strict=True)
             ]
             kl_first = float(torch.stack([kl[0] for kl in per_prompt]).mean())
-            answered = [kl[0] for kl, refused in zip(per_prompt, self._base_benign_refused,
-                                                     strict=True) if not refused]  # fmt: skip
+            answered = [
+                kl[0]
+                for kl, refused in zip(per_prompt, self._base_benign_refused, strict=True)
+                if not refused
+            ]
             kl_answered = float(torch.stack(answered).mean()) if answered else float("nan")
             kl_multi = float(torch.stack([kl.mean() for kl in per_prompt]).mean())
             kept = sum(
