@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,11 +248,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, capsys, one_thread):
-    import pandas as pd
+def full_edit_recipe(demo_dense: Path, tmp_path: Path) -> Path:
+    """A recipe file: measure the dense organism on 120 + 120 train prompts and remove
+    measurement 2's direction from every layer at scale 1."""
     import yaml
 
-    from abliterate.cli import main
     from abliterate.measure import MeasureOptions, measure_to_file
     from abliterate.prompts import PromptOptions
 
@@ -273,6 +274,17 @@ def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, cap
             }
         )
     )
+    return recipe
+
+
+def test_evaluate_command_reports_base_and_recipe_rows(demo_dense, tmp_path, capsys, one_thread):
+    import pandas as pd
+    import yaml
+
+    from abliterate.cli import main
+
+    prompts = demo_dense / "prompts"
+    recipe = full_edit_recipe(demo_dense, tmp_path)
     table_path = tmp_path / "table.tsv"
     args = ["evaluate", str(demo_dense), str(recipe), "--max-prompts", "24"]
     args += ["--max-new-tokens", "8", "--kl-tokens", "4", "--out", str(table_path)]
@@ -310,30 +322,11 @@ def test_kl_over_answered_prompts_leaves_out_what_the_base_refuses(
     """A benign set with some prompts the base model refuses mixed in: the KL over the
     answered ones is the KL of the benign prompts alone, the all-prompt KL is larger."""
     import pandas as pd
-    import yaml
 
     from abliterate.cli import main
-    from abliterate.measure import MeasureOptions, measure_to_file
-    from abliterate.prompts import PromptOptions
 
     prompts = demo_dense / "prompts"
-    measurements = tmp_path / "measurements.safetensors"
-    measure_to_file(
-        demo_dense,
-        str(prompts / "target_train.txt"),
-        str(prompts / "benign_train.txt"),
-        measurements,
-        MeasureOptions(prompts=PromptOptions(max_count=120)),
-    )
-    recipe = tmp_path / "edit.yml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "measurements": str(measurements),
-                "ablate": [{"layer": n, "measurement": 2, "scale": 1.0} for n in range(4)],
-            }
-        )
-    )
+    recipe = full_edit_recipe(demo_dense, tmp_path)
     benign = (prompts / "benign_test.txt").read_text().splitlines()[:16]
     target = (prompts / "target_test.txt").read_text().splitlines()[:4]
     (tmp_path / "benign.txt").write_text("\n".join(benign) + "\n")

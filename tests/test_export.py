@@ -538,7 +538,9 @@ def test_ablate_command_prints_the_seed_lines(glm_bf16, tmp_path):
 # ---- the demo organisms, abliterated with their suggested recipe
 
 
-def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
+def abliterate_demo(demo: Path, workdir: Path, experts: bool | None = None) -> tuple[Path, dict]:
+    """Measure, take the suggested recipe (with `ablate_individual_experts` set to `experts`
+    when given), export and verify; returns the export and the recipe."""
     from abliterate.analyze import layer_metrics, suggest_recipe
     from abliterate.measure import MeasureOptions, measure_to_file
     from abliterate.model import LoadOptions
@@ -552,6 +554,8 @@ def abliterate_demo(demo: Path, workdir: Path) -> tuple[Path, dict]:
         MeasureOptions(progress=False, load=LoadOptions(device="cpu")),
     )
     recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
+    if experts is not None:
+        recipe["ablate_individual_experts"] = experts
     plan = build_plan(recipe, model=demo, measurements=workdir / "measurements.safetensors")
     output = export_model(plan, workdir / "abliterated", jobs=2)
     report = verify(demo, output, plan)

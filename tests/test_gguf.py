@@ -19,12 +19,12 @@ from abliterate import gguf
 from abliterate.errors import AbliterateError
 from abliterate.recipe import build_plan
 
-try:
+try:  # llama.cpp's converter (make gguf-converter, part of make install-test)
     gguf.find_converter()
-    MISSING = ""
+    NO_CONVERTER = ""
 except AbliterateError as missing:
-    MISSING = str(missing)
-needs_converter = pytest.mark.skipif(bool(MISSING), reason=MISSING or "converter found")
+    NO_CONVERTER = str(missing)
+needs_converter = pytest.mark.skipif(bool(NO_CONVERTER), reason=NO_CONVERTER or "converter found")
 
 
 def read_gguf(path: Path):
@@ -34,35 +34,26 @@ def read_gguf(path: Path):
 
 
 def export_demo(demo: Path, workdir: Path, experts: bool) -> tuple[Path, list[str]]:
-    """Abliterate an organism with its suggested recipe (and every routed expert when
-    asked); returns the verified export and the keys the plan edits."""
-    from abliterate.analyze import layer_metrics, suggest_recipe
-    from abliterate.export import export_model
-    from abliterate.measure import MeasureOptions, measure_to_file
-    from abliterate.model import LoadOptions
-    from abliterate.verify import verify
+    """The organism abliterated as tests/test_export.py does it (every routed expert too
+    when asked): the verified export and the keys its plan edits."""
+    from test_export import abliterate_demo
 
-    prompts = demo / "prompts"
-    measurements = workdir / "measurements.safetensors"
-    meas = measure_to_file(
-        demo,
-        str(prompts / "target_train.txt"),
-        str(prompts / "benign_train.txt"),
-        measurements,
-        MeasureOptions(progress=False, load=LoadOptions(device="cpu")),
-    )
-    recipe, _ = suggest_recipe(layer_metrics(meas), meas.num_layers)
-    recipe["ablate_individual_experts"] = experts
-    plan = build_plan(recipe, model=demo, measurements=measurements)
-    output = export_model(plan, workdir / "abliterated", jobs=2)
-    report = verify(demo, output, plan)
-    assert report["ok"], report["failures"]
+    output, recipe = abliterate_demo(demo, workdir, experts=experts)
+    plan = build_plan(recipe, model=demo, measurements=workdir / "measurements.safetensors")
     return output, plan.keys()
 
 
+@pytest.fixture(scope="module")
+def dense_export(demo_dense, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One dense export for the module's dense tests (read-only)."""
+    return export_demo(demo_dense, tmp_path_factory.mktemp("gguf-dense"), experts=False)
+
+
 @needs_converter
-def test_dense_demo_export_converts_with_the_unmodified_converter(demo_dense, tmp_path):
-    output, keys = export_demo(demo_dense, tmp_path, experts=False)
+def test_dense_demo_export_converts_with_the_unmodified_converter(
+    demo_dense, dense_export, tmp_path
+):
+    output, keys = dense_export
     path = gguf.convert(output, tmp_path / "demo.gguf", outtype="f32")
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     report = gguf.check(path, output, demo_dense, keys)
@@ -108,8 +99,8 @@ def test_moe_demo_export_converts_with_experts_stacked_per_layer(demo_moe, tmp_p
 
 
 @needs_converter
-def test_check_fails_on_a_gguf_of_the_unedited_model(demo_dense, tmp_path):
-    output, keys = export_demo(demo_dense, tmp_path, experts=False)
+def test_check_fails_on_a_gguf_of_the_unedited_model(demo_dense, dense_export, tmp_path):
+    output, keys = dense_export
     base = gguf.convert(demo_dense, tmp_path / "base.gguf", outtype="f32")
     report = gguf.check(base, output, demo_dense, keys)
     assert not report["ok"]

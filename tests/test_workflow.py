@@ -13,9 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from snakemake_runner import demo_model_config, snakemake
-
-from abliterate.errors import AbliterateError
-from abliterate.gguf import find_converter
+from test_gguf import NO_CONVERTER, needs_converter
 
 _RUNS: dict[str, Path] = {}
 
@@ -52,13 +50,6 @@ def run_workflow(tmp_path_factory, model_dir: Path, name: str, gguf: bool = Fals
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
         _RUNS[config] = workdir
     return _RUNS[config]
-
-
-try:  # llama.cpp's converter (make gguf-converter, part of make install-test)
-    find_converter()
-    NO_CONVERTER = ""
-except AbliterateError as missing:
-    NO_CONVERTER = str(missing)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +128,7 @@ def test_dense_workflow_ends_with_a_verified_export_of_the_selected_recipe(dense
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(NO_CONVERTER), reason=NO_CONVERTER or "converter found")
+@needs_converter
 def test_dense_workflow_writes_a_checked_gguf_beside_the_export(dense_run):
     results = dense_run / "results" / "demo"
     report = json.loads((results / "gguf.json").read_text())
