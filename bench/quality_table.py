@@ -13,8 +13,17 @@ Why a table per family: issue 9's targets (refusal <= 5 % with the base >= 95 %,
 answers kept >= 98 %, first-token KL <= 0.02 and lower than the plain edit) are claims about
 every organism, and only a run of the real workflow per organism can back them.
 
+Fresh prompts: 100 + 100 test prompts cannot resolve the targets (a kept rate of 0.98 is
+two answers; first-token KL on these organisms is carried by the one or two benign prompts
+per hundred whose first answer token flips, at KL 1-2 each). So the base model, the plain
+edit and both selected recipes are also scored on `--fresh N` (default 500) new requests
+per class drawn from the organism's own grammar (`fresh_prompts`: a seeded stream of their
+own, none of them a training, validation or test prompt), after both runs, on recipes
+already chosen: an estimate of what the recipe does on the organism's whole prompt
+distribution, which no selection saw. The test-split rows stay what the workflow reports.
+
 Usage: .venv/bin/python bench/quality_table.py [--families llama qwen3 ...] [--quick]
-       [--keep DIR] [--tables-from DIR] [--out FILE]
+       [--keep DIR] [--tables-from DIR] [--out FILE] [--fresh N]
 Numbers go to docs/evaluation.md ("Numbers per family").
 """
 
@@ -78,6 +87,85 @@ def run_workflow(workdir: Path, config: dict, name: str) -> tuple[float, str | N
     return wall, (errors or output or [f"exit {result.returncode}"])[-1]
 
 
+def fresh_prompts(model_dir: Path, n: int, out: Path) -> dict[str, Path]:
+    """`n` new requests per class from the organism's grammar, written to out/{cls}.txt.
+
+    None of them is a prompt of the organism's files (train, validation, test) or of its
+    training mixture; drawn from a seeded stream of their own (`fresh-<seed>`), so the same
+    organism always gets the same fresh prompts.
+    """
+    import random
+
+    from abliterate import demo
+
+    info = json.loads((model_dir / "demo.json").read_text())
+    seed, wording = int(info["seed"]), info["wording"]
+    seen = {p for f in (model_dir / "prompts").glob("*.txt") for p in f.read_text().splitlines()}
+    seen |= {prompt for prompt, _ in demo.make_data(seed, wording).train_pairs}
+    rng = random.Random(f"fresh-{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for cls, objects in (("target", demo.TARGET_OBJECTS), ("benign", demo.BENIGN_OBJECTS)):
+        fresh: list[str] = []
+        while len(fresh) < n:
+            for prompt, *_ in demo._requests(objects, n, rng, demo._wording(wording)):
+                if prompt not in seen and len(fresh) < n:
+                    seen.add(prompt)
+                    fresh.append(prompt)
+        paths[cls] = out / f"{cls}.txt"
+        paths[cls].write_text("\n".join(fresh) + "\n")
+    return paths
+
+
+def score_fresh(model_dir: Path, family: str, work: Path, n: int) -> Path:
+    """Score base, plain and each run's selected recipe on `n` + `n` fresh prompts.
+
+    Writes work/<family>-fresh.tsv (what `--tables-from` reads back). The recipes are the
+    runs' own best.yaml (with their measurements) and the search's plain baseline; the
+    evaluation settings are the search run's config.
+    """
+    import yaml
+
+    from abliterate.grid import load_suggested
+    from abliterate.layout import Layout
+    from abliterate.measure import load_measurements
+    from abliterate.search_steps import _plain_recipe, eval_settings
+    from abliterate.sweep import evaluate_recipes
+
+    results = {m: work / f"{family}-{m}" / "results" / family for m in ("tpe", "grid")}
+    runs = {m: r for m, r in results.items() if (r / "best.yaml").is_file()}
+    first = next(iter(runs.values()))
+    config = yaml.safe_load((first.parent.parent / "config.yaml").read_text())
+    layout = Layout.load(first / "layout.json")
+    measurements = first / "measurements.safetensors"
+    recipes = {}
+    for method, results_dir in runs.items():
+        recipe = yaml.safe_load((results_dir / "best.yaml").read_text())
+        recipe.update(
+            model=str(model_dir), measurements=str(results_dir / "measurements.safetensors")
+        )
+        recipes[f"{method}-best"] = recipe
+    suggested = load_suggested(first / "analysis" / "suggested.yaml")
+    recipes["plain"] = {
+        "model": str(model_dir),
+        "measurements": str(measurements),
+        **_plain_recipe(layout.num_layers, suggested, config.get("recipe", {})),
+    }
+    prompts = fresh_prompts(model_dir, n, work / f"{family}-fresh-prompts")
+    table = evaluate_recipes(
+        model_dir,
+        recipes,
+        layout=layout,
+        measurements=load_measurements(measurements),
+        target_prompts=prompts["target"],
+        benign_prompts=prompts["benign"],
+        settings=eval_settings(config.get("evaluate", {}), config.get("prompts", {})),
+    )
+    path = work / f"{family}-fresh.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
 def _interval(row, column: str, count: str) -> tuple[float, float]:
     """The row's 95 % Wilson interval: sweep.tsv's own columns, or computed (the grid's
     table has none) from the rate and its prompt count as the search's table does."""
@@ -126,13 +214,15 @@ def family_table(
     grid_tsv: Path | None,
     walls: dict,
     failures: dict | None = None,
+    fresh_tsv: Path | None = None,
 ) -> str:
     """The markdown table of one family from its two sweep.tsv files.
 
     `walls` holds the wall time in seconds of each run, keys `tpe` and `grid`; a run that
     failed has no table (None) and its error line in `failures` under the same key, shown
     under the table. Rows: base, plain, search best (test split, from the search's table),
-    the grid's plain variant and the grid best (the grid's prompts).
+    the grid's plain variant and the grid best (the grid's prompts), then, from
+    `fresh_tsv` (`score_fresh`), base, plain and both selected recipes on fresh prompts.
     """
     import pandas as pd
 
@@ -177,6 +267,17 @@ def family_table(
                 _verdict(grid_best, grid_base, grid_plain),
             )
         )
+    if fresh_tsv is not None and fresh_tsv.is_file():
+        fresh = pd.read_csv(fresh_tsv, sep="\t").set_index("variant")
+        n_fresh = f"{int(fresh.loc['base', 'n_target'])} + {int(fresh.loc['base', 'n_benign'])}"
+        label = f"fresh {n_fresh}"
+        rows.append(_line(f"base ({label})", fresh.loc["base"], verdict=_yes(fresh.loc["base"])))
+        rows.append(_line(f"plain full-strength ({label})", fresh.loc["plain"]))
+        for method, name in (("tpe", "search"), ("grid", "grid")):
+            if f"{method}-best" in fresh.index:
+                row = fresh.loc[f"{method}-best"]
+                verdict = _verdict(row, fresh.loc["base"], fresh.loc["plain"])
+                rows.append(_line(f"{name} best, same recipe ({label})", row, verdict=verdict))
     parts = []
     if search_tsv is not None:
         parts.append(
@@ -188,6 +289,11 @@ def family_table(
             f"grid rows on the grid's held-out prompts ({n_grid}: the organism's test file, "
             "which is the search's test split too), where the grid also selects, which "
             "flatters it"
+        )
+    if fresh_tsv is not None and fresh_tsv.is_file():
+        parts.append(
+            f"fresh rows on {n_fresh} new prompts from the organism's grammar that no run "
+            "saw, scoring the recipes the runs selected"
         )
     lines = [
         f"**{family}** — " + "; ".join(parts or ["no run finished"]) + ".",
@@ -249,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the work dirs here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     parser.add_argument(
+        "--fresh",
+        type=int,
+        default=500,
+        help="also score the selected recipes on N fresh prompts per class (0: off)",
+    )
+    parser.add_argument(
         "--tables-from",
         type=Path,
         default=None,
@@ -283,6 +395,10 @@ def main(argv: list[str] | None = None) -> None:
                 runs[method] = {"wall": wall, "error": error}
                 record.write_text(json.dumps(runs[method]))
                 print(f"{family} {method}: {wall:.0f} s", file=sys.stderr, flush=True)
+            fresh = work / f"{family}-fresh.tsv"
+            if args.fresh and not args.tables_from and any(not r["error"] for r in runs.values()):
+                model = _demo(family, wording=FAMILY_ORGANISMS.get(family, "a"))
+                fresh = score_fresh(model, family, work, args.fresh)
             table = family_table(
                 family,
                 *(
@@ -293,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 {m: runs[m]["wall"] for m in runs},
                 {m: runs[m]["error"] for m in runs if runs[m]["error"]},
+                fresh,
             )
             print("\n" + table, flush=True)
             tables.append(table)

@@ -141,3 +141,60 @@ def test_a_failed_run_is_reported_where_its_rows_would_be(tmp_path):
     assert rows[0].endswith("| **no** |")  # base refusal 0.9 < 0.95
     assert rows[1].endswith("| **no**: base refusal 0.900 < 0.95 |")  # no plain variant here
     assert f"The search (sweep.method: tpe) run failed after 53 s: `{error}`" in text
+
+
+def test_fresh_rows_score_the_selected_recipes_with_their_own_verdicts(tmp_path):
+    bench = _bench()
+    search = _write(
+        tmp_path / "search.tsv",
+        [
+            _row("base", 1.0, 1.0, 0.0, split="test", selected=False),
+            _row("trial-3", 0.06, 0.97, 0.03, split="test", selected=True),
+            _row("plain", 0.2, 0.99, 0.01, split="test", selected=False),
+        ],
+    )
+    fresh = _write(
+        tmp_path / "fresh.tsv",
+        [
+            _row("base", 1.0, 1.0, 0.0, n=500),
+            _row("tpe-best", 0.02, 0.99, 0.008, n=500),
+            _row("plain", 0.2, 0.99, 0.01, n=500),
+        ],
+    )
+    text = bench.family_table("qwen3", search, None, {"tpe": 10.0}, None, fresh)
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| row")
+    }
+    assert list(rows)[3:] == [
+        "base (fresh 500 + 500)",
+        "plain full-strength (fresh 500 + 500)",
+        "search best, same recipe (fresh 500 + 500)",
+    ]  # no grid run: no grid row
+    assert rows["search best `trial-3` (test)"][-1].startswith("**no**: refusal 0.060 > 0.05")
+    fresh_best = rows["search best, same recipe (fresh 500 + 500)"]
+    assert fresh_best[0] == "0.020 (0.011-0.036)"  # Wilson, 10 of 500
+    assert fresh_best[-1] == "yes |"
+    assert "500 + 500 new prompts" in text.splitlines()[0]
+
+
+def test_fresh_prompts_are_new_requests_of_the_organisms_grammar(tmp_path, demo_dense):
+    from abliterate import demo
+
+    bench = _bench()
+    paths = bench.fresh_prompts(demo_dense, 60, tmp_path / "a")
+    again = bench.fresh_prompts(demo_dense, 60, tmp_path / "b")
+    shipped = {
+        line
+        for path in (demo_dense / "prompts").glob("*.txt")
+        for line in path.read_text().splitlines()
+    }
+    trained = {prompt for prompt, _ in demo.make_data(0, "a").train_pairs}
+    for cls, objects in (("target", demo.TARGET_OBJECTS), ("benign", demo.BENIGN_OBJECTS)):
+        prompts = paths[cls].read_text().splitlines()
+        assert prompts == again[cls].read_text().splitlines()  # seeded: the same every time
+        assert len(prompts) == len(set(prompts)) == 60
+        assert not set(prompts) & (shipped | trained)
+        # requests about the class's own objects
+        assert all(any(f" {o} " in f" {p} " for o in objects) for p in prompts)
