@@ -106,12 +106,7 @@ def fresh_prompts(model_dir: Path, n: int, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for cls, objects in (("target", demo.TARGET_OBJECTS), ("benign", demo.BENIGN_OBJECTS)):
-        fresh: list[str] = []
-        while len(fresh) < n:
-            for prompt, *_ in demo._requests(objects, n, rng, demo._wording(wording)):
-                if prompt not in seen and len(fresh) < n:
-                    seen.add(prompt)
-                    fresh.append(prompt)
+        fresh = demo.unseen_requests(objects, n, rng, demo._wording(wording), seen)
         paths[cls] = out / f"{cls}.txt"
         paths[cls].write_text("\n".join(fresh) + "\n")
     return paths

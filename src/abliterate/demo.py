@@ -441,14 +441,26 @@ def make_data(seed: int, wording: str = "a") -> DemoData:
     held_rng = random.Random(f"validation-{seed}")
     for cls, objects in (("target", TARGET_OBJECTS), ("benign", BENIGN_OBJECTS)):
         seen |= set(prompts[f"{cls}_test"])
-        fresh: list[str] = []
-        while len(fresh) < VALIDATION_PER_CLASS:
-            for prompt, *_ in _requests(objects, VALIDATION_PER_CLASS, held_rng, words):
-                if prompt not in seen and len(fresh) < VALIDATION_PER_CLASS:
-                    seen.add(prompt)
-                    fresh.append(prompt)
-        prompts[f"{cls}_validation"] = fresh
+        prompts[f"{cls}_validation"] = unseen_requests(
+            objects, VALIDATION_PER_CLASS, held_rng, words, seen
+        )
     return DemoData(prompts=prompts, train_pairs=pairs)
+
+
+def unseen_requests(
+    objects: Sequence[str], n: int, rng: random.Random, wording: Wording, seen: set[str]
+) -> list[str]:
+    """`n` new request prompts, none of them in `seen`; each is added to `seen`.
+
+    Why `seen` is updated in place: a caller drawing several held-out sets (one per class,
+    or validation then fresh) keeps every set disjoint from all the ones before it."""
+    fresh: list[str] = []
+    while len(fresh) < n:
+        for prompt, *_ in _requests(objects, n, rng, wording):
+            if prompt not in seen and len(fresh) < n:
+                seen.add(prompt)
+                fresh.append(prompt)
+    return fresh
 
 
 def vocabulary(wording: str = "a") -> list[str]:
