@@ -80,10 +80,12 @@ slurm:
 	  else echo "SLURM missing and not root: the SLURM test will be skipped"; fi; }
 
 # Two test workers (pytest-xdist): tests/conftest.py keeps the modules that share a long
-# workflow run in one worker. TEST_WORKERS=0 runs everything in this process.
+# workflow run in one worker and orders the groups longest first (--no-loadscope-reorder:
+# xdist would otherwise order them by their number of tests). TEST_WORKERS=0 runs
+# everything in this process.
 TEST_WORKERS ?= 2
 test: install-test chromium slurm
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-slurm: install-test slurm
 	$(BIN)/python -m pytest -q -rs tests/test_slurm.py

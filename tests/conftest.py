@@ -42,21 +42,67 @@ def _demo_cache_dir(arch: str, seed: int, dtype: str | None, wording: str) -> Pa
     return ROOT / ".pytest_cache" / "abliterate-demo" / name
 
 
-def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = "a") -> Path:
-    """The cached organism, built once: a lock makes parallel test workers wait for the one
-    building it instead of building it twice."""
+def _build(arch: str, seed: int, dtype: str | None, wording: str) -> Path:
+    """Build the organism into the cache unless it is there; the caller holds its lock."""
     from abliterate.demo import build_demo_model
 
     path = _demo_cache_dir(arch, seed, dtype, wording)
+    if not (path / "config.json").is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
+def _lock(path: Path, block: bool):
+    """The organism's lock file, locked (None when `block` is false and another worker
+    holds it)."""
+    lock = open(path.with_name(path.name + ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+# (arch, wording) of each organism the collected tests use, in the order they first need
+# it (pytest_collection_finish fills it).
+NEEDED: list[tuple[str, str]] = []
+
+
+def _build_another() -> bool:
+    """Build one organism the session needs that no worker has built or is building; False
+    when there is none. Why: a worker that needs an organism another worker is still
+    training would otherwise wait idle (on CI, with every organism to build, the first two
+    groups both need the dense one)."""
+    for arch, wording in NEEDED:
+        path = _demo_cache_dir(arch, 0, None, wording)
+        if (path / "config.json").is_file():
+            continue
+        lock = _lock(path, block=False)
+        if lock is not None:
+            with lock:
+                _build(arch, 0, None, wording)
+            return True
+    return False
+
+
+def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = "a") -> Path:
+    """The cached organism, built once: a lock makes parallel test workers wait for the one
+    building it instead of building it twice (and build others meanwhile)."""
+    path = _demo_cache_dir(arch, seed, dtype, wording)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "config.json").is_file():
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_demo_model(tmp, arch=arch, seed=seed, dtype=dtype, wording=wording)
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
+    lock = _lock(path, block=False)
+    while lock is None:
+        if not _build_another():
+            lock = _lock(path, block=True)
+            break
+        lock = _lock(path, block=False)
+    with lock:
+        _build(arch, seed, dtype, wording)
     SOURCE_MODELS.append(path)
     return path
 
@@ -162,7 +208,8 @@ SHARED_RUNS = {
 }
 
 
-# The longest groups start first, so that no worker is left with a long one at the end.
+# The longest groups start first, so that no worker is left with a long one at the end
+# (make test passes --no-loadscope-reorder: xdist would order the groups by test count).
 FIRST = ("own-model", "dense-run", "test_search", "test_demo")
 
 
@@ -170,11 +217,44 @@ def _group(item) -> str:
     return SHARED_RUNS.get(item.path.stem, item.path.stem)
 
 
+# tryfirst: pytest-xdist's worker reads the xdist_group marks in its own
+# pytest_collection_modifyitems (it suffixes each node id with "@group", which is what the
+# scheduler groups by), and that hook ran before this one; without tryfirst the marks came
+# too late and every group's tests were spread over the workers, each rerunning the
+# group's shared fixture (the dense workflow ran twice per suite).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
     rank = {group: i for i, group in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))  # stable within a group
+
+
+def pytest_collection_finish(session):
+    """The organisms the selected tests use, in the order they run (`NEEDED`)."""
+    for item in session.items:
+        names = item.fixturenames
+        uses = [("llama", "a")] if "demo_dense" in names else []
+        uses += [("glm4_moe", "a")] if "demo_moe" in names else []
+        if "demo_family" in names:
+            arch = item.callspec.params["demo_family"]
+            uses.append((arch, FAMILY_ORGANISMS[arch]))
+        NEEDED.extend(use for use in uses if use not in NEEDED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop at once when `--dist loadgroup` would not group: pytest 9.2 stopped reading the
+    node id pytest-xdist 3.8 rewrites (pytest-xdist issue 1386; pyproject pins pytest < 9.2),
+    and nothing else would notice every group's shared run being repeated in each worker."""
+    if node.config.getvalue("dist") == "loadgroup" and ids and not any("@" in i for i in ids):
+        pytest.exit(
+            f"--dist loadgroup: no test collected by {node.gateway.id} carries its xdist "
+            "group in its node id, so the workers would not share their groups' fixtures; "
+            'pytest 9.2 does this with pytest-xdist 3.8 (.venv/bin/pip install -e ".[test]" '
+            "installs pytest < 9.2).",
+            returncode=4,
+        )
 
 
 def pytest_sessionfinish(session, exitstatus):
