@@ -95,28 +95,33 @@ def _demo(arch: str, seed: int = 0, *, dtype: str | None = None, wording: str = 
     building it instead of building it twice (and build others meanwhile)."""
     path = _demo_cache_dir(arch, seed, dtype, wording)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock(path, block=False)
-    while lock is None:
-        if not _build_another():
+    while (lock := _lock(path, block=False)) is None:
+        if not _build_another():  # nothing else to build: wait for the worker building it
             lock = _lock(path, block=True)
             break
-        lock = _lock(path, block=False)
     with lock:
         _build(arch, seed, dtype, wording)
     SOURCE_MODELS.append(path)
     return path
 
 
+# (arch, wording) of the organism behind each fixture that returns one model directory
+# (pytest_collection_finish reads it too, to know which organisms a session needs).
+ORGANISM_FIXTURES = {"demo_dense": ("llama", "a"), "demo_moe": ("glm4_moe", "a")}
+
+
 @pytest.fixture(scope="session")
 def demo_dense() -> Path:
     """The trained dense (llama) demo organism; read-only, shared by the session."""
-    return _demo("llama")
+    arch, wording = ORGANISM_FIXTURES["demo_dense"]
+    return _demo(arch, wording=wording)
 
 
 @pytest.fixture(scope="session")
 def demo_moe() -> Path:
     """The trained GLM-4.5-Air-style MoE demo organism; read-only, shared by the session."""
-    return _demo("glm4_moe")
+    arch, wording = ORGANISM_FIXTURES["demo_moe"]
+    return _demo(arch, wording=wording)
 
 
 @pytest.fixture(scope="session")
@@ -234,8 +239,7 @@ def pytest_collection_finish(session):
     """The organisms the selected tests use, in the order they run (`NEEDED`)."""
     for item in session.items:
         names = item.fixturenames
-        uses = [("llama", "a")] if "demo_dense" in names else []
-        uses += [("glm4_moe", "a")] if "demo_moe" in names else []
+        uses = [organism for name, organism in ORGANISM_FIXTURES.items() if name in names]
         if "demo_family" in names:
             arch = item.callspec.params["demo_family"]
             uses.append((arch, FAMILY_ORGANISMS[arch]))
