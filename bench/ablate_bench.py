@@ -20,7 +20,7 @@ and prints a JSON summary. Cold runs drop the source (and earlier outputs) from 
 cache with `posix_fadvise(DONTNEED)` after a `sync`; `cached_source` says how much of the
 source was in the cache when each run started.
 
-    python bench/ablate_bench.py [--dir /big/tmp] [--keep] [--experts 8] [--slice DIR]
+    .venv/bin/python bench/ablate_bench.py [--dir /big/tmp] [--keep] [--experts 8] [--slice DIR]
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ return_dict_in_generate=True)` per batch, keep every layer's hidden states (all 
 on the host, and average the last position at the end. Each method runs in its own
 subprocess so its peak RSS is its own; prompts/s excludes model loading.
 
-    python bench/measure_bench.py                       # demo organism, 800 prompts
-    python bench/measure_bench.py --wide                # also a wider random model
+    .venv/bin/python bench/measure_bench.py                       # demo organism, 800 prompts
+    .venv/bin/python bench/measure_bench.py --wide                # also a wider random model
 
 Prints a Markdown table (copy it into docs/measure.md).
 """

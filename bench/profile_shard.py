@@ -1,7 +1,7 @@
 """Where a shard job's time goes: thread-seconds per phase, by wrapping the exporter's
 I/O and edit calls (so it also profiles an older checkout that has no `times=`).
 
-    python bench/profile_shard.py MODEL_DIR SHARD PLAN_JSON [--workers 2]
+    .venv/bin/python bench/profile_shard.py MODEL_DIR SHARD PLAN_JSON [--workers 2]
 
 Run with `PYTHONPATH=<checkout>/src` to profile that checkout's exporter; prints JSON.
 """

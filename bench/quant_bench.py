@@ -17,7 +17,7 @@ Weights are Gaussian with a few large outliers per row, as trained LLM weights h
 is a random unit vector mixed with the weights' top singular direction, so r^T W is not
 negligible. Prints JSON; docs/quantized.md quotes the numbers.
 
-    python bench/quant_bench.py
+    .venv/bin/python bench/quant_bench.py
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ hash thread; the overhead is fsync and start-up per shard), checks it against th
 measured 1- and 2-job times, and prints the predicted time of the full 46-layer model
 (45 MoE layers + 1 dense, about 220 GB) for several disk speeds and job counts.
 
-    python bench/scale_bench.py [--dir /big/tmp] [--layers 3] [--keep] [--slice DIR]
+    .venv/bin/python bench/scale_bench.py [--dir /big/tmp] [--layers 3] [--keep] [--slice DIR]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ count: the wall time from starting the processes to the last one finishing, and 
 minute both over that wall time (what a user waits for, model loads included) and over the
 trials' own span (first trial started to last trial finished: the search loop alone).
 
-Usage: python bench/search_bench.py [--model DIR] [--trials 12] [--prompts 50]
+Usage: .venv/bin/python bench/search_bench.py [--model DIR] [--trials 12] [--prompts 50]
 Numbers go to docs/evaluation.md.
 """
 

@@ -21,7 +21,7 @@ the first half of the held-out prompts as validation; it prints, per space, the 
 workflow's selection rule picks (refusal <= 0.05, then the lowest first-token KL). This is
 the evidence for or against extending the default search space.
 
-Usage: nice -n 19 python bench/strategies_bench.py [--arch glm4_moe ...] [--out DIR]
+Usage: nice -n 19 .venv/bin/python bench/strategies_bench.py [--arch glm4_moe ...] [--out DIR]
        [--search 24 --seeds 0 1]
 """
 

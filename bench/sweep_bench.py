@@ -8,7 +8,7 @@ Two parts, both measured in the same run:
 2. A larger random Llama-shaped checkpoint (bf16, default ~0.9 GB): the cost of switching
    variants alone — apply + restore of an all-layer plan — against one `from_pretrained`.
 
-Usage: python bench/sweep_bench.py [--model DIR] [--variants 6] [--big-hidden 2048]
+Usage: .venv/bin/python bench/sweep_bench.py [--model DIR] [--variants 6] [--big-hidden 2048]
 Numbers go to docs/evaluation.md.
 """
 
