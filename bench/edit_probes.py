@@ -1,0 +1,452 @@
+"""Edits outside the search space, tried on top of a dense organism's selected recipe.
+
+Why this script: docs/evaluation.md reports qwen3 as a genuine miss and lists the edits
+tried against it that the search space does not hold (an untied embedding edit, a blind
+read side, rank-k and layer-following directions, directions measured at answer positions,
+freely fitted strengths, winsorized means). These are those experiments, so their numbers
+can be reproduced and the same probes run on another dense organism. The default config's
+search runs first (as bench/quality_table.py runs it) unless `--work` names a finished run;
+each probe then edits the loaded model in memory on top of the selected recipe (the tool's
+own `InMemoryEditor`, restored exactly after each variant) and scores it on the organism's
+validation prompts with the tool's `Evaluator`. "free-strengths" also scores its fit on the
+test prompts and on 500 + 500 fresh ones (`quality_table.fresh_prompts`), since it fits
+eight numbers to the validation prompts.
+
+Dense organisms only (llama, qwen3): the probes address `model.layers.*.self_attn` and
+`mlp` modules by their Llama/Qwen3 names.
+
+Usage: .venv/bin/python bench/edit_probes.py [--family qwen3] [--work DIR]
+       [--probes untied-embed read-side ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PROBES = (
+    "untied-embed",
+    "read-side",
+    "rank-k",
+    "layer-following",
+    "answer-positions",
+    "free-strengths",
+    "clip",
+)
+DENSE = ("llama", "qwen3")
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def orthonormal_extra(vectors, against: torch.Tensor) -> torch.Tensor | None:
+    """Gram-Schmidt of `vectors` against `against` (a unit vector) and each other: the
+    extra directions, none of which re-removes what the recipe's direction removes."""
+    basis = [against]
+    for v in vectors:
+        v = v.clone()
+        for u in basis:
+            v = v - (v @ u) * u
+        if v.norm() > 1e-6:
+            basis.append(v / v.norm())
+    return torch.stack(basis[1:]) if len(basis) > 1 else None
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 50) -> torch.Tensor:
+    """k centroids of the rows of x (seeded by the caller's torch.manual_seed)."""
+    centroids = x[torch.randperm(len(x))[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        for j in range(k):
+            if (assign == j).any():
+                centroids[j] = x[assign == j].mean(0)
+    return centroids
+
+
+class Probe:
+    """The loaded organism, its selected recipe and an evaluator on validation prompts."""
+
+    def __init__(self, work: Path, family: str):
+        from abliterate.layout import Layout
+        from abliterate.measure import load_measurements
+        from abliterate.model import load_model
+        from abliterate.recipe import entry_direction, load_recipe
+        from abliterate.search_steps import eval_settings
+        from abliterate.sweep import _prompt_sets
+
+        results = work / "results" / family
+        self.config = yaml.safe_load((work / "config.yaml").read_text())
+        self.model_dir = Path(self.config["model"]["path"])
+        self.prompts = self.model_dir / "prompts"
+        self.layout = Layout.load(results / "layout.json")
+        self.meas = load_measurements(results / "measurements.safetensors")
+        self.best = yaml.safe_load((results / "best.yaml").read_text())
+        self.best.update(
+            model=str(self.model_dir), measurements=str(results / "measurements.safetensors")
+        )
+        self.settings = eval_settings(
+            self.config.get("evaluate", {}), self.config.get("prompts", {})
+        )
+        self.model, self.tok, _ = load_model(self.model_dir, self.settings.load)
+        self.prompt_sets = lambda t, b: _prompt_sets(
+            self.tok, t, b, self.settings, self.model.config
+        )
+        self.ev = self.evaluator(
+            self.prompts / "target_validation.txt", self.prompts / "benign_validation.txt"
+        )
+        self.ev.evaluate_base()
+        recipe = load_recipe(self.best)
+        r = entry_direction(recipe, recipe.ablate[0], self.meas, self.layout.num_layers).float()
+        self.direction = r / r.norm()
+        self.layers = self.model.model.layers
+        self.rows: list[tuple] = []
+
+    def evaluator(self, target: Path, benign: Path):
+        from abliterate.evaluate import Evaluator
+
+        tgt, ben = self.prompt_sets(target, benign)
+        return Evaluator(self.model, self.tok, tgt, ben, self.settings, model_dir=None)
+
+    def plan(self, recipe: dict, meas=None):
+        from abliterate.recipe import load_recipe, resolve
+
+        return resolve(load_recipe(recipe), self.layout, meas or self.meas)
+
+    def record(self, probe: str, variant: str, result) -> tuple:
+        row = (probe, variant, result.refusal_rate, result.benign_kept, result.kl_first_token)
+        self.rows.append(row)
+        print(f"{probe}\t{variant}\t{row[2]:.3f}\t{row[3]:.3f}\t{row[4]:.4f}", flush=True)
+        return row
+
+    def score(self, probe: str, variant: str, recipe: dict, evaluator=None, meas=None):
+        result = (evaluator or self.ev).evaluate(variant, self.plan(recipe, meas))
+        return self.record(probe, variant, result)
+
+    @contextlib.contextmanager
+    def projected_out(self, modules_and_units):
+        """Each (linear, unit [in_features] or None) pair: the unit taken out of the
+        module's input (W <- W - s W u u^T); restored exactly afterwards."""
+        saved = []
+        try:
+            with torch.no_grad():
+                for linear, unit, strength in modules_and_units:
+                    saved.append((linear, linear.weight.detach().clone()))
+                    w = linear.weight.float()
+                    w = w - strength * (w @ unit)[:, None] * unit[None, :]
+                    linear.weight.copy_(w.to(linear.weight.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for linear, weight in saved:
+                    linear.weight.copy_(weight)
+
+    def score_with_writers_projected(self, probe: str, variant: str, units: torch.Tensor, s: float):
+        """The selected recipe, then `units` (rows) projected out of every o_proj and
+        down_proj output at strength s, in that order."""
+        writers = [layer.self_attn.o_proj for layer in self.layers]
+        writers += [layer.mlp.down_proj for layer in self.layers]
+        saved = []
+        with self.ev.editor.applied(self.plan(self.best)):
+            try:
+                with torch.no_grad():
+                    for linear in writers:
+                        saved.append((linear, linear.weight.detach().clone()))
+                        w = linear.weight.float()
+                        linear.weight.copy_((w - s * units.T @ (units @ w)).to(linear.weight.dtype))
+                # scored as it stands: the recipe's edit is applied by the `with` above
+                result = self.ev._run(variant)[0]
+            finally:
+                with torch.no_grad():
+                    for linear, weight in saved:
+                        linear.weight.copy_(weight)
+        return self.record(probe, variant, result)
+
+
+def untied_embed(p: Probe) -> None:
+    """The embedding edited with the output head kept as its own unedited copy."""
+    if p.model.lm_head.weight is not p.model.model.embed_tokens.weight:
+        print("untied-embed: the organism's embeddings are not tied; skipped", flush=True)
+        return
+    lowest = min(p.best["ablate"], key=lambda e: e["layer"])
+    for strength in (0.5, 1.0, 1.5):
+        recipe = copy.deepcopy(p.best)
+        extra = {k: v for k, v in lowest.items() if k not in ("components", "scale")}
+        recipe["ablate"].append({**extra, "components": ["embed"], "scale": strength})
+        p.score("untied-embed", f"embed s{strength} tied", recipe)
+        embed = p.model.model.embed_tokens.weight
+        p.model.lm_head.weight = torch.nn.Parameter(embed.detach().clone())
+        try:
+            p.score("untied-embed", f"embed s{strength} untied", recipe)
+        finally:
+            p.model.lm_head.weight = p.model.model.embed_tokens.weight
+
+
+def read_side(p: Probe) -> None:
+    """q/k/v and gate/up blind to the direction as their input norm scales it."""
+    n = len(p.layers)
+
+    def readers(i, which):
+        layer = p.layers[i]
+        attn = [
+            (layer.self_attn.q_proj, layer.input_layernorm),
+            (layer.self_attn.k_proj, layer.input_layernorm),
+        ]
+        attn += [(layer.self_attn.v_proj, layer.input_layernorm)]
+        mlp = [
+            (layer.mlp.gate_proj, layer.post_attention_layernorm),
+            (layer.mlp.up_proj, layer.post_attention_layernorm),
+        ]
+        return (attn if "attn" in which else []) + (mlp if "mlp" in which else [])
+
+    for which in ("attn", "mlp", "attn+mlp"):
+        for strength in (0.5, 1.0):
+            for layer_set in (range(n), range(n // 2, n)):
+                edits = []
+                for i in layer_set:
+                    for linear, norm in readers(i, which):
+                        unit = p.direction * norm.weight.float()
+                        edits.append((linear, unit / unit.norm(), strength))
+                with p.projected_out(edits):
+                    name = f"{which} s{strength} layers {layer_set.start}-{layer_set.stop - 1}"
+                    p.score("read-side", name, p.best)
+
+
+def _rows_at(rows: torch.Tensor, m: float) -> torch.Tensor:
+    low = int(m)
+    if low == m:
+        return rows[:, low]
+    f = m - low
+    return rows[:, low] * (1 - f) + rows[:, low + 1] * f
+
+
+def rank_k(p: Probe) -> None:
+    """Extra directions from per-prompt train rows: principal components of the target
+    rows' offsets from the benign mean, target-minus-benign covariance eigenvectors,
+    k-means centroids."""
+    from abliterate.measure import MeasureOptions, prompt_rows
+
+    torch.manual_seed(0)
+    options = MeasureOptions(progress=False, batch_size=32)
+    target_rows = prompt_rows(
+        p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options
+    ).float()
+    benign_rows = prompt_rows(
+        p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options
+    ).float()
+    r1 = p.direction
+    others = torch.eye(len(r1)) - torch.outer(r1, r1)
+    selected = p.best["ablate"][0]["measurement"]
+    above = float(min(int(selected) + 1, target_rows.shape[1] - 1))
+    for m in dict.fromkeys((selected, above)):  # the selected index and the next whole one
+        xt, xb = _rows_at(target_rows, m), _rows_at(benign_rows, m)
+        mb = xb.mean(0)
+        offsets = xt - mb
+        offsets = offsets - (offsets @ r1)[:, None] * r1[None]
+        _, _, vh = torch.linalg.svd(offsets - offsets.mean(0), full_matrices=False)
+        ct = (xt - xt.mean(0)).T @ (xt - xt.mean(0)) / len(xt)
+        cb = (xb - xb.mean(0)).T @ (xb - xb.mean(0)) / len(xb)
+        _, eigenvectors = torch.linalg.eigh(others @ (ct - cb) @ others)
+        for k in (1, 2, 4):
+            candidates = {
+                "pca": orthonormal_extra(list(vh[:k]), r1),
+                "covdiff": orthonormal_extra(list(eigenvectors[:, -k:].T.flip(0)), r1),
+                "kmeans": orthonormal_extra([c - mb for c in kmeans(xt, k + 1)], r1),
+            }
+            for name, units in candidates.items():
+                if units is None:
+                    continue
+                for s in (0.5, 1.0):
+                    variant = f"m{m:g} {name} k{k} (rank {units.shape[0]}) s{s}"
+                    p.score_with_writers_projected("rank-k", variant, units, s)
+
+
+def layer_following(p: Probe) -> None:
+    """Each entry's index moved from the selected one toward its layer's output index."""
+    m0 = p.best["ablate"][0]["measurement"]
+    for alpha in (0.15, 0.3, 0.5, 0.75, 1.0):
+        for factor in (1.0, 0.9, 1.1):
+            recipe = copy.deepcopy(p.best)
+            for entry in recipe["ablate"]:
+                entry["measurement"] = round(m0 + alpha * (entry["layer"] + 1 - m0), 4)
+                entry["scale"] = entry["scale"] * factor
+            p.score("layer-following", f"alpha {alpha} x{factor}", recipe)
+
+
+@torch.no_grad()
+def _answer_means(p: Probe, prompt_ids, answers, starts=None) -> torch.Tensor | None:
+    """Per decoder-layer input index, the mean residual over answer positions (teacher
+    forced), from answer token starts[i] on (None: skip the prompt)."""
+    total, count = None, 0
+    for i, (ids, answer) in enumerate(zip(prompt_ids, answers, strict=True)):
+        start = 0 if starts is None else starts[i]
+        if not answer or start is None:
+            continue
+        states = p.model(
+            input_ids=torch.tensor([list(ids) + list(answer)]), output_hidden_states=True
+        )
+        span = slice(len(ids) - 1 + start, len(ids) - 1 + len(answer))
+        h = torch.stack([s[0, span].float() for s in states.hidden_states[:-1]])
+        total = h.sum(1) if total is None else total + h.sum(1)
+        count += h.shape[1]
+    return None if total is None else total / count
+
+
+def answer_positions(p: Probe) -> None:
+    """Directions at answer positions: base refusals vs base benign answers, and the
+    edited model's own answers from their first refusal token vs those that do not refuse."""
+    from abliterate.evaluate import generate, is_refusal
+
+    def text(tokens):
+        return p.tok.decode(tokens, skip_special_tokens=True)
+
+    train_t, train_b = p.prompt_sets(p.prompts / "target_train.txt", p.prompts / "benign_train.txt")
+    base_t = generate(p.model, p.tok, train_t.ids, p.settings)
+    base_b = generate(p.model, p.tok, train_b.ids, p.settings)
+    mt, mb = _answer_means(p, train_t.ids, base_t), _answer_means(p, train_b.ids, base_b)
+    candidates = {f"base answers m{m}": mt[m] - mb[m] for m in range(1, len(p.layers))}
+    with p.ev.editor.applied(p.plan(p.best)):
+        edited = generate(p.model, p.tok, train_t.ids, p.settings)
+        starts = []  # refused answers only: an empty prefix also counts as a refusal
+        for answer in edited:
+            refused = is_refusal(text(answer))
+            onset = (j for j in range(len(answer)) if is_refusal(text(answer[: j + 1])))
+            starts.append(next(onset, None) if refused else None)
+        print(
+            f"answer-positions: {sum(s is not None for s in starts)} of {len(edited)} train "
+            "target prompts still refused by the selected recipe",
+            flush=True,
+        )
+        refusing = _answer_means(p, train_t.ids, edited, starts)
+        answering = _answer_means(
+            p, train_t.ids, edited, [0 if s is None else None for s in starts]
+        )
+    if refusing is not None and answering is not None:
+        for m in range(1, len(p.layers)):
+            candidates[f"edited refusal onset m{m}"] = refusing[m] - answering[m]
+    for name, v in candidates.items():
+        units = orthonormal_extra([v], p.direction)
+        if units is not None:
+            for s in (0.5, 1.0):
+                p.score_with_writers_projected("answer-positions", f"{name} s{s}", units, s)
+
+
+def free_strengths(p: Probe) -> None:
+    """Every entry's strength fitted by coordinate descent on validation; then the fit
+    and the selected recipe scored on the test prompts and on fresh ones."""
+    from quality_table import fresh_prompts
+
+    def fit_score(recipe):
+        r = p.ev.evaluate("fit", p.plan(recipe))
+        return r.refusal_rate, r.benign_kept, r.kl_first_token
+
+    def objective(t):  # KL, with refusal <= 0.04 and kept >= 0.98 as (steep) gates
+        refusal, kept, kl = t
+        return kl + 10 * max(0.0, refusal - 0.04) + 10 * max(0.0, 0.98 - kept)
+
+    current = copy.deepcopy(p.best)
+    current_score = fit_score(current)
+    for _ in range(3):
+        for i in range(len(current["ablate"])):
+            for factor in (0.8, 0.9, 1.1, 1.25):
+                candidate = copy.deepcopy(current)
+                candidate["ablate"][i]["scale"] = round(candidate["ablate"][i]["scale"] * factor, 4)
+                t = fit_score(candidate)
+                if objective(t) < objective(current_score):
+                    current, current_score = candidate, t
+    scales = ", ".join(f"{e['scale']:.3g}" for e in current["ablate"])
+    p.score("free-strengths", f"fit on validation ({scales})", current)
+    test = p.evaluator(p.prompts / "target_test.txt", p.prompts / "benign_test.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh_paths = fresh_prompts(p.model_dir, 500, Path(tmp))
+        fresh = p.evaluator(fresh_paths["target"], fresh_paths["benign"])
+    for label, evaluator in (("test", test), ("fresh 500 + 500", fresh)):
+        evaluator.evaluate_base()
+        p.score("free-strengths", f"selected recipe, {label}", p.best, evaluator)
+        p.score("free-strengths", f"fit, {label}", current, evaluator)
+
+
+def clip(p: Probe) -> None:
+    """The selected recipe with directions from winsorized class means (measure.clip)."""
+    from abliterate.measure import MeasureOptions, measure
+
+    target = read_lines(p.prompts / "target_train.txt")
+    benign = read_lines(p.prompts / "benign_train.txt")
+    for quantile in (0.02, 0.05, 0.1, 0.2, 0.3):
+        meas = measure(
+            p.model,
+            p.tok,
+            target,
+            benign,
+            MeasureOptions(progress=False, batch_size=32, clip=quantile),
+        )
+        for factor in (1.0, 1.1):
+            recipe = copy.deepcopy(p.best)
+            for entry in recipe["ablate"]:
+                entry["scale"] *= factor
+            p.score("clip", f"clip {quantile} x{factor}", recipe, meas=meas)
+
+
+RUNNERS = {
+    "untied-embed": untied_embed,
+    "read-side": read_side,
+    "rank-k": rank_k,
+    "layer-following": layer_following,
+    "answer-positions": answer_positions,
+    "free-strengths": free_strengths,
+    "clip": clip,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=DENSE, default="qwen3")
+    parser.add_argument("--work", type=Path, default=None, help="a finished search run's work dir")
+    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows here (TSV)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work
+        if work is None:
+            from conftest import FAMILY_ORGANISMS, _demo
+            from quality_table import run_workflow, workflow_config
+
+            model_dir = _demo(args.family, wording=FAMILY_ORGANISMS.get(args.family, "a"))
+            work = Path(tmp) / args.family
+            wall, error = run_workflow(
+                work, workflow_config(model_dir, args.family, "tpe"), args.family
+            )
+            if error:
+                raise SystemExit(f"the search run failed after {wall:.0f} s: {error}")
+            print(f"search run: {wall:.0f} s", flush=True)
+        elif not (work / "results" / args.family / "best.yaml").is_file():
+            raise SystemExit(
+                f"{work}: no results/{args.family}/best.yaml; expected a finished search run"
+            )
+        probe = Probe(work, args.family)
+        probe.record(
+            "selected",
+            "selected recipe (validation)",
+            probe.ev.evaluate("best", probe.plan(probe.best)),
+        )
+        for name in args.probes:
+            RUNNERS[name](probe)
+    if args.out:
+        lines = ["probe\tvariant\trefusal_rate\tbenign_kept\tkl_first_token"]
+        lines += ["\t".join(str(x) for x in row) for row in probe.rows]
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
