@@ -28,12 +28,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
+
+# before torch: the test fixtures pin the CPU kernels (ATEN_CPU_CAPABILITY, MKL_CBWR), and
+# the search run's jobs inherit them, so the probes score with the kernels the run scored with
+from conftest import FAMILY_ORGANISMS, _demo  # noqa: E402
+
+# isort: split
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 PROBES = (
     "untied-embed",
@@ -419,7 +424,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work
         if work is None:
-            from conftest import FAMILY_ORGANISMS, _demo
             from quality_table import run_workflow, workflow_config
 
             model_dir = _demo(args.family, wording=FAMILY_ORGANISMS.get(args.family, "a"))
