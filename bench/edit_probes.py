@@ -141,8 +141,8 @@ class Probe:
 
     @contextlib.contextmanager
     def projected_out(self, modules_and_units):
-        """Each (linear, unit [in_features] or None) pair: the unit taken out of the
-        module's input (W <- W - s W u u^T); restored exactly afterwards."""
+        """Each (linear, unit [in_features], strength s): the unit taken out of the
+        module's input (W <- W - s W u u^T) while the block runs; restored exactly after."""
         saved = []
         try:
             with torch.no_grad():
