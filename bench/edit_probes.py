@@ -3,14 +3,14 @@
 Why this script: docs/evaluation.md reports qwen3 as a genuine miss and lists the edits
 tried against it that the search space does not hold (an untied embedding edit, a blind
 read side, rank-k and layer-following directions, directions measured at answer positions,
-freely fitted strengths, winsorized means). These are those experiments, so their numbers
-can be reproduced and the same probes run on another dense organism. The default config's
-search runs first (as bench/quality_table.py runs it) unless `--work` names a finished run;
-each probe then edits the loaded model in memory on top of the selected recipe (the tool's
-own `InMemoryEditor`, restored exactly after each variant) and scores it on the organism's
-validation prompts with the tool's `Evaluator`. "free-strengths" also scores its fit on the
-test prompts and on 500 + 500 fresh ones (`quality_table.fresh_prompts`), since it fits
-eight numbers to the validation prompts.
+freely fitted strengths, winsorized means, the discriminant direction). These are those
+experiments, so their numbers can be reproduced and the same probes run on another dense
+organism. The default config's search runs first (as bench/quality_table.py runs it) unless
+`--work` names a finished run; each probe then edits the loaded model in memory on top of
+the selected recipe (the tool's own `InMemoryEditor`, restored exactly after each variant)
+and scores it on the organism's validation prompts with the tool's `Evaluator`.
+"free-strengths" also scores its fit on the test prompts and on 500 + 500 fresh ones
+(`quality_table.fresh_prompts`), since it fits eight numbers to the validation prompts.
 
 Dense organisms only (llama, qwen3): the probes address `model.layers.*.self_attn` and
 `mlp` modules by their Llama/Qwen3 names.
@@ -48,6 +48,7 @@ PROBES = (
     "answer-positions",
     "free-strengths",
     "clip",
+    "whitened",
 )
 DENSE = ("llama", "qwen3")
 
@@ -403,6 +404,39 @@ def clip(p: Probe) -> None:
             p.score("clip", f"clip {quantile} x{factor}", recipe, meas=meas)
 
 
+def whitened(p: Probe) -> None:
+    """The recipe's direction replaced at every index by the discriminant one,
+    Sigma^-1 (mean_target - mean_benign), Sigma the pooled within-class covariance of the
+    per-prompt train rows shrunk toward its mean variance (lambda 1: the plain difference of
+    means), so the direction ignores what varies most within each class."""
+    import dataclasses
+
+    from abliterate.measure import MeasureOptions, prompt_rows
+
+    options = MeasureOptions(progress=False, batch_size=32)
+    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
+    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
+    rows_t, rows_b = rows_t.double(), rows_b.double()
+    for shrink in (0.05, 0.2, 0.5, 0.8):
+        target_mean = p.meas.target_mean.clone()
+        for m in range(1, rows_t.shape[1]):
+            xt, xb = rows_t[:, m], rows_b[:, m]
+            delta = p.meas.target_mean[m] - p.meas.benign_mean[m]
+            centred = torch.cat([xt - xt.mean(0), xb - xb.mean(0)])
+            sigma = centred.T @ centred / len(centred)
+            sigma = (1 - shrink) * sigma + shrink * sigma.trace() / len(sigma) * torch.eye(
+                len(sigma)
+            )
+            w = torch.linalg.solve(sigma, delta)
+            target_mean[m] = p.meas.benign_mean[m] + delta.norm() * w / w.norm()
+        meas = dataclasses.replace(p.meas, target_mean=target_mean)
+        for factor in (1.0, 1.2):
+            recipe = copy.deepcopy(p.best)
+            for entry in recipe["ablate"]:
+                entry["scale"] *= factor
+            p.score("whitened", f"shrink {shrink} x{factor}", recipe, meas=meas)
+
+
 RUNNERS = {
     "untied-embed": untied_embed,
     "read-side": read_side,
@@ -411,6 +445,7 @@ RUNNERS = {
     "answer-positions": answer_positions,
     "free-strengths": free_strengths,
     "clip": clip,
+    "whitened": whitened,
 }
 
 
