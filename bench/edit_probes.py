@@ -3,14 +3,15 @@
 Why this script: docs/evaluation.md reports qwen3 as a genuine miss and lists the edits
 tried against it that the search space does not hold (an untied embedding edit, a blind
 read side, rank-k and layer-following directions, directions measured at answer positions,
-freely fitted strengths, winsorized means, the discriminant direction). These are those
-experiments, so their numbers can be reproduced and the same probes run on another dense
-organism. The default config's search runs first (as bench/quality_table.py runs it) unless
-`--work` names a finished run; each probe then edits the loaded model in memory on top of
-the selected recipe (the tool's own `InMemoryEditor`, restored exactly after each variant)
-and scores it on the organism's validation prompts with the tool's `Evaluator`.
-"free-strengths" also scores its fit on the test prompts and on 500 + 500 fresh ones
-(`quality_table.fresh_prompts`), since it fits eight numbers to the validation prompts.
+freely fitted strengths, winsorized means, the discriminant direction, a direction kept off
+the benign rows' principal directions). These are those experiments, so their numbers can
+be reproduced and the same probes run on another dense organism. The default config's
+search runs first (as bench/quality_table.py runs it) unless `--work` names a finished run;
+each probe then edits the loaded model in memory on top of the selected recipe (the tool's
+own `InMemoryEditor`, restored exactly after each variant) and scores it on the organism's
+validation prompts with the tool's `Evaluator`. "free-strengths" also scores its fit on the
+test prompts and on 500 + 500 fresh ones (`quality_table.fresh_prompts`), since it fits
+eight numbers to the validation prompts.
 
 Dense organisms only (llama, qwen3): the probes address `model.layers.*.self_attn` and
 `mlp` modules by their Llama/Qwen3 names.
@@ -49,6 +50,7 @@ PROBES = (
     "free-strengths",
     "clip",
     "whitened",
+    "benign-subspace",
 )
 DENSE = ("llama", "qwen3")
 
@@ -437,6 +439,39 @@ def whitened(p: Probe) -> None:
             p.score("whitened", f"shrink {shrink} x{factor}", recipe, meas=meas)
 
 
+def _train_rows(p: Probe) -> tuple[torch.Tensor, torch.Tensor]:
+    from abliterate.measure import MeasureOptions, prompt_rows
+
+    options = MeasureOptions(progress=False, batch_size=32)
+    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
+    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
+    return rows_t.double(), rows_b.double()
+
+
+def benign_subspace(p: Probe) -> None:
+    """The difference of means made orthogonal to the top-k principal directions of the
+    benign train rows (centred), at every index: what benign prompts vary along is left
+    alone, on top of the recipe's projection against the benign mean."""
+    import dataclasses
+
+    _, rows_b = _train_rows(p)
+    for k in (1, 2, 4, 8, 16):
+        target_mean = p.meas.target_mean.clone()
+        for m in range(1, rows_b.shape[1]):
+            xb = rows_b[:, m]
+            delta = p.meas.target_mean[m] - p.meas.benign_mean[m]
+            _, _, vh = torch.linalg.svd(xb - xb.mean(0), full_matrices=False)
+            basis = vh[:k]
+            kept = delta - basis.T @ (basis @ delta)
+            target_mean[m] = p.meas.benign_mean[m] + delta.norm() * kept / kept.norm()
+        meas = dataclasses.replace(p.meas, target_mean=target_mean)
+        for factor in (1.0, 1.2, 1.4):
+            recipe = copy.deepcopy(p.best)
+            for entry in recipe["ablate"]:
+                entry["scale"] *= factor
+            p.score("benign-subspace", f"k{k} x{factor}", recipe, meas=meas)
+
+
 RUNNERS = {
     "untied-embed": untied_embed,
     "read-side": read_side,
@@ -446,6 +481,7 @@ RUNNERS = {
     "free-strengths": free_strengths,
     "clip": clip,
     "whitened": whitened,
+    "benign-subspace": benign_subspace,
 }
 
 
