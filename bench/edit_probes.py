@@ -239,20 +239,22 @@ def _rows_at(rows: torch.Tensor, m: float) -> torch.Tensor:
     return rows[:, low] * (1 - f) + rows[:, low + 1] * f
 
 
+def _train_rows(p: Probe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-prompt measured rows [N, M, d] of the train prompts (target, benign), float64."""
+    from abliterate.measure import MeasureOptions, prompt_rows
+
+    options = MeasureOptions(progress=False, batch_size=32)
+    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
+    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
+    return rows_t.double(), rows_b.double()
+
+
 def rank_k(p: Probe) -> None:
     """Extra directions from per-prompt train rows: principal components of the target
     rows' offsets from the benign mean, target-minus-benign covariance eigenvectors,
     k-means centroids."""
-    from abliterate.measure import MeasureOptions, prompt_rows
-
     torch.manual_seed(0)
-    options = MeasureOptions(progress=False, batch_size=32)
-    target_rows = prompt_rows(
-        p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options
-    ).float()
-    benign_rows = prompt_rows(
-        p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options
-    ).float()
+    target_rows, benign_rows = (rows.float() for rows in _train_rows(p))
     r1 = p.direction
     others = torch.eye(len(r1)) - torch.outer(r1, r1)
     selected = p.best["ablate"][0]["measurement"]
@@ -413,12 +415,7 @@ def whitened(p: Probe) -> None:
     means), so the direction ignores what varies most within each class."""
     import dataclasses
 
-    from abliterate.measure import MeasureOptions, prompt_rows
-
-    options = MeasureOptions(progress=False, batch_size=32)
-    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
-    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
-    rows_t, rows_b = rows_t.double(), rows_b.double()
+    rows_t, rows_b = _train_rows(p)
     for shrink in (0.05, 0.2, 0.5, 0.8):
         target_mean = p.meas.target_mean.clone()
         for m in range(1, rows_t.shape[1]):
@@ -437,15 +434,6 @@ def whitened(p: Probe) -> None:
             for entry in recipe["ablate"]:
                 entry["scale"] *= factor
             p.score("whitened", f"shrink {shrink} x{factor}", recipe, meas=meas)
-
-
-def _train_rows(p: Probe) -> tuple[torch.Tensor, torch.Tensor]:
-    from abliterate.measure import MeasureOptions, prompt_rows
-
-    options = MeasureOptions(progress=False, batch_size=32)
-    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
-    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
-    return rows_t.double(), rows_b.double()
 
 
 def benign_subspace(p: Probe) -> None:
