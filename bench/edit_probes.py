@@ -210,8 +210,8 @@ def read_side(p: Probe) -> None:
         attn = [
             (layer.self_attn.q_proj, layer.input_layernorm),
             (layer.self_attn.k_proj, layer.input_layernorm),
+            (layer.self_attn.v_proj, layer.input_layernorm),
         ]
-        attn += [(layer.self_attn.v_proj, layer.input_layernorm)]
         mlp = [
             (layer.mlp.gate_proj, layer.post_attention_layernorm),
             (layer.mlp.up_proj, layer.post_attention_layernorm),
@@ -232,6 +232,7 @@ def read_side(p: Probe) -> None:
 
 
 def _rows_at(rows: torch.Tensor, m: float) -> torch.Tensor:
+    """Rows [N, d] at a fractional index m: linear between the two neighbouring indices."""
     low = int(m)
     if low == m:
         return rows[:, low]
