@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -55,8 +57,12 @@ PROBES = (
 DENSE = ("llama", "qwen3")
 
 
-def read_lines(path: Path) -> list[str]:
-    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+def scaled(recipe: dict, factor: float) -> dict:
+    """A copy of `recipe` with every entry's strength multiplied by `factor`."""
+    recipe = copy.deepcopy(recipe)
+    for entry in recipe["ablate"]:
+        entry["scale"] *= factor
+    return recipe
 
 
 def orthonormal_extra(vectors, against: torch.Tensor) -> torch.Tensor | None:
@@ -121,6 +127,22 @@ class Probe:
         self.layers = self.model.model.layers
         self.rows: list[tuple] = []
 
+    @functools.cached_property
+    def train_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-prompt measured rows [N, M, d] of the train prompts (target, benign),
+        float64; measured once, read by every probe that needs them."""
+        from abliterate.measure import MeasureOptions, prompt_rows
+        from abliterate.prompts import load_prompts
+
+        options = MeasureOptions(progress=False, batch_size=32)
+        rows = [
+            prompt_rows(
+                self.model, self.tok, load_prompts(self.prompts / f"{cls}_train.txt"), options
+            )
+            for cls in ("target", "benign")
+        ]
+        return rows[0].double(), rows[1].double()
+
     def evaluator(self, target: Path, benign: Path):
         from abliterate.evaluate import Evaluator
 
@@ -143,42 +165,38 @@ class Probe:
         return self.record(probe, variant, result)
 
     @contextlib.contextmanager
-    def projected_out(self, modules_and_units):
-        """Each (linear, unit [in_features], strength s): the unit taken out of the
-        module's input (W <- W - s W u u^T) while the block runs; restored exactly after."""
+    def weights_edited(self, edits):
+        """Each (linear, edit): linear.weight set to edit(weight in float32), in its own dtype,
+        while the block runs; the originals restored exactly after."""
         saved = []
         try:
             with torch.no_grad():
-                for linear, unit, strength in modules_and_units:
+                for linear, edit in edits:
                     saved.append((linear, linear.weight.detach().clone()))
-                    w = linear.weight.float()
-                    w = w - strength * (w @ unit)[:, None] * unit[None, :]
-                    linear.weight.copy_(w.to(linear.weight.dtype))
+                    linear.weight.copy_(edit(linear.weight.float()).to(linear.weight.dtype))
             yield
         finally:
             with torch.no_grad():
                 for linear, weight in saved:
                     linear.weight.copy_(weight)
 
+    def projected_out(self, modules_and_units):
+        """Each (linear, unit [in_features], strength s): the unit taken out of the
+        module's input (W <- W - s W u u^T) while the block runs; restored exactly after."""
+        return self.weights_edited(
+            (linear, lambda w, u=unit, s=strength: w - s * (w @ u)[:, None] * u[None, :])
+            for linear, unit, strength in modules_and_units
+        )
+
     def score_with_writers_projected(self, probe: str, variant: str, units: torch.Tensor, s: float):
         """The selected recipe, then `units` (rows) projected out of every o_proj and
         down_proj output at strength s, in that order."""
         writers = [layer.self_attn.o_proj for layer in self.layers]
         writers += [layer.mlp.down_proj for layer in self.layers]
-        saved = []
-        with self.ev.editor.applied(self.plan(self.best)):
-            try:
-                with torch.no_grad():
-                    for linear in writers:
-                        saved.append((linear, linear.weight.detach().clone()))
-                        w = linear.weight.float()
-                        linear.weight.copy_((w - s * units.T @ (units @ w)).to(linear.weight.dtype))
-                # scored as it stands: the recipe's edit is applied by the `with` above
-                result = self.ev._run(variant)[0]
-            finally:
-                with torch.no_grad():
-                    for linear, weight in saved:
-                        linear.weight.copy_(weight)
+        edits = [(linear, lambda w: w - s * units.T @ (units @ w)) for linear in writers]
+        with self.ev.editor.applied(self.plan(self.best)), self.weights_edited(edits):
+            # scored as it stands: the recipe's edit is applied by the `with` above
+            result = self.ev._run(variant)[0]
         return self.record(probe, variant, result)
 
 
@@ -240,22 +258,12 @@ def _rows_at(rows: torch.Tensor, m: float) -> torch.Tensor:
     return rows[:, low] * (1 - f) + rows[:, low + 1] * f
 
 
-def _train_rows(p: Probe) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-prompt measured rows [N, M, d] of the train prompts (target, benign), float64."""
-    from abliterate.measure import MeasureOptions, prompt_rows
-
-    options = MeasureOptions(progress=False, batch_size=32)
-    rows_t = prompt_rows(p.model, p.tok, read_lines(p.prompts / "target_train.txt"), options)
-    rows_b = prompt_rows(p.model, p.tok, read_lines(p.prompts / "benign_train.txt"), options)
-    return rows_t.double(), rows_b.double()
-
-
 def rank_k(p: Probe) -> None:
     """Extra directions from per-prompt train rows: principal components of the target
     rows' offsets from the benign mean, target-minus-benign covariance eigenvectors,
     k-means centroids."""
     torch.manual_seed(0)
-    target_rows, benign_rows = (rows.float() for rows in _train_rows(p))
+    target_rows, benign_rows = (rows.float() for rows in p.train_rows)
     r1 = p.direction
     others = torch.eye(len(r1)) - torch.outer(r1, r1)
     selected = p.best["ablate"][0]["measurement"]
@@ -288,10 +296,9 @@ def layer_following(p: Probe) -> None:
     m0 = p.best["ablate"][0]["measurement"]
     for alpha in (0.15, 0.3, 0.5, 0.75, 1.0):
         for factor in (1.0, 0.9, 1.1):
-            recipe = copy.deepcopy(p.best)
+            recipe = scaled(p.best, factor)
             for entry in recipe["ablate"]:
                 entry["measurement"] = round(m0 + alpha * (entry["layer"] + 1 - m0), 4)
-                entry["scale"] = entry["scale"] * factor
             p.score("layer-following", f"alpha {alpha} x{factor}", recipe)
 
 
@@ -391,9 +398,10 @@ def free_strengths(p: Probe) -> None:
 def clip(p: Probe) -> None:
     """The selected recipe with directions from winsorized class means (measure.clip)."""
     from abliterate.measure import MeasureOptions, measure
+    from abliterate.prompts import load_prompts
 
-    target = read_lines(p.prompts / "target_train.txt")
-    benign = read_lines(p.prompts / "benign_train.txt")
+    target = load_prompts(p.prompts / "target_train.txt")
+    benign = load_prompts(p.prompts / "benign_train.txt")
     for quantile in (0.02, 0.05, 0.1, 0.2, 0.3):
         meas = measure(
             p.model,
@@ -403,10 +411,19 @@ def clip(p: Probe) -> None:
             MeasureOptions(progress=False, batch_size=32, clip=quantile),
         )
         for factor in (1.0, 1.1):
-            recipe = copy.deepcopy(p.best)
-            for entry in recipe["ablate"]:
-                entry["scale"] *= factor
-            p.score("clip", f"clip {quantile} x{factor}", recipe, meas=meas)
+            p.score("clip", f"clip {quantile} x{factor}", scaled(p.best, factor), meas=meas)
+
+
+def along(meas, direction_at):
+    """`meas` with each index m >= 1's target mean moved so that its difference of means
+    points along direction_at(m, delta) at the same length (index 0, the embeddings'
+    input, defines no direction and is kept)."""
+    target_mean = meas.target_mean.clone()
+    for m in range(1, len(target_mean)):
+        delta = meas.target_mean[m] - meas.benign_mean[m]
+        v = direction_at(m, delta)
+        target_mean[m] = meas.benign_mean[m] + delta.norm() * v / v.norm()
+    return dataclasses.replace(meas, target_mean=target_mean)
 
 
 def whitened(p: Probe) -> None:
@@ -414,51 +431,37 @@ def whitened(p: Probe) -> None:
     Sigma^-1 (mean_target - mean_benign), Sigma the pooled within-class covariance of the
     per-prompt train rows shrunk toward its mean variance (lambda 1: the plain difference of
     means), so the direction ignores what varies most within each class."""
-    import dataclasses
+    rows_t, rows_b = p.train_rows
 
-    rows_t, rows_b = _train_rows(p)
+    def discriminant(m, delta, shrink):
+        xt, xb = rows_t[:, m], rows_b[:, m]
+        centred = torch.cat([xt - xt.mean(0), xb - xb.mean(0)])
+        sigma = centred.T @ centred / len(centred)
+        sigma = (1 - shrink) * sigma + shrink * sigma.trace() / len(sigma) * torch.eye(len(sigma))
+        return torch.linalg.solve(sigma, delta)
+
     for shrink in (0.05, 0.2, 0.5, 0.8):
-        target_mean = p.meas.target_mean.clone()
-        for m in range(1, rows_t.shape[1]):
-            xt, xb = rows_t[:, m], rows_b[:, m]
-            delta = p.meas.target_mean[m] - p.meas.benign_mean[m]
-            centred = torch.cat([xt - xt.mean(0), xb - xb.mean(0)])
-            sigma = centred.T @ centred / len(centred)
-            sigma = (1 - shrink) * sigma + shrink * sigma.trace() / len(sigma) * torch.eye(
-                len(sigma)
-            )
-            w = torch.linalg.solve(sigma, delta)
-            target_mean[m] = p.meas.benign_mean[m] + delta.norm() * w / w.norm()
-        meas = dataclasses.replace(p.meas, target_mean=target_mean)
+        meas = along(p.meas, lambda m, delta, shrink=shrink: discriminant(m, delta, shrink))
         for factor in (1.0, 1.2):
-            recipe = copy.deepcopy(p.best)
-            for entry in recipe["ablate"]:
-                entry["scale"] *= factor
-            p.score("whitened", f"shrink {shrink} x{factor}", recipe, meas=meas)
+            p.score("whitened", f"shrink {shrink} x{factor}", scaled(p.best, factor), meas=meas)
 
 
 def benign_subspace(p: Probe) -> None:
     """The difference of means made orthogonal to the top-k principal directions of the
     benign train rows (centred), at every index: what benign prompts vary along is left
     alone, on top of the recipe's projection against the benign mean."""
-    import dataclasses
+    _, rows_b = p.train_rows
 
-    _, rows_b = _train_rows(p)
+    def off_benign(m, delta, k):
+        xb = rows_b[:, m]
+        _, _, vh = torch.linalg.svd(xb - xb.mean(0), full_matrices=False)
+        basis = vh[:k]
+        return delta - basis.T @ (basis @ delta)
+
     for k in (1, 2, 4, 8, 16):
-        target_mean = p.meas.target_mean.clone()
-        for m in range(1, rows_b.shape[1]):
-            xb = rows_b[:, m]
-            delta = p.meas.target_mean[m] - p.meas.benign_mean[m]
-            _, _, vh = torch.linalg.svd(xb - xb.mean(0), full_matrices=False)
-            basis = vh[:k]
-            kept = delta - basis.T @ (basis @ delta)
-            target_mean[m] = p.meas.benign_mean[m] + delta.norm() * kept / kept.norm()
-        meas = dataclasses.replace(p.meas, target_mean=target_mean)
+        meas = along(p.meas, lambda m, delta, k=k: off_benign(m, delta, k))
         for factor in (1.0, 1.2, 1.4):
-            recipe = copy.deepcopy(p.best)
-            for entry in recipe["ablate"]:
-                entry["scale"] *= factor
-            p.score("benign-subspace", f"k{k} x{factor}", recipe, meas=meas)
+            p.score("benign-subspace", f"k{k} x{factor}", scaled(p.best, factor), meas=meas)
 
 
 RUNNERS = {
