@@ -196,3 +196,10 @@ def test_router_grid_defaults_are_the_variant_defaults_and_validate():
     for bad in ({"experts": [1], "scale": 2}, {"strength": 1.0}, {"experts": [-1]}):
         with pytest.raises(Exception, match="router_suppress|experts|scale"):
             validate({"recipe": {"router_suppress": bad}}, str(SCHEMA), set_default=True)
+
+
+def test_a_config_without_sweep_method_searches():
+    """Issue 9 made the search the default: a config that leaves `sweep.method` out gets
+    the TPE search whether its keys are filled by the schema or by config/config.yaml."""
+    shipped = yaml.safe_load((SCHEMA.parents[2] / "config" / "config.yaml").read_text())
+    assert default_config()["sweep"]["method"] == shipped["sweep"]["method"] == "tpe"
