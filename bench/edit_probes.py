@@ -4,14 +4,15 @@ Why this script: docs/evaluation.md reports qwen3 as a genuine miss and lists th
 tried against it that the search space does not hold (an untied embedding edit, a blind
 read side, rank-k and layer-following directions, directions measured at answer positions,
 freely fitted strengths, winsorized means, the discriminant direction, a direction kept off
-the benign rows' principal directions). These are those experiments, so their numbers can
-be reproduced and the same probes run on another dense organism. The default config's
-search runs first (as bench/quality_table.py runs it) unless `--work` names a finished run;
-each probe then edits the loaded model in memory on top of the selected recipe (the tool's
-own `InMemoryEditor`, restored exactly after each variant) and scores it on the organism's
-validation prompts with the tool's `Evaluator`. "free-strengths" also scores its fit on the
-test prompts and on 500 + 500 fresh ones (`quality_table.fresh_prompts`), since it fits
-eight numbers to the validation prompts.
+the benign rows' principal directions, a direction and strengths fitted by gradient). These
+are those experiments, so their numbers can be reproduced and the same probes run on
+another dense organism. The default config's search runs first (as bench/quality_table.py
+runs it) unless `--work` names a finished run; each probe then edits the loaded model in
+memory on top of the selected recipe (the tool's own `InMemoryEditor`, restored exactly
+after each variant) and scores it on the organism's validation prompts with the tool's
+`Evaluator`. "free-strengths" and "gradient" also score their fit on the test prompts and
+on 500 + 500 fresh ones (`quality_table.fresh_prompts`), since they choose what they fit on
+the validation prompts.
 
 Dense organisms only (llama, qwen3): the probes address `model.layers.*.self_attn` and
 `mlp` modules by their Llama/Qwen3 names.
@@ -53,6 +54,7 @@ PROBES = (
     "clip",
     "whitened",
     "benign-subspace",
+    "gradient",
 )
 DENSE = ("llama", "qwen3")
 
@@ -464,6 +466,170 @@ def benign_subspace(p: Probe) -> None:
             p.score("benign-subspace", f"k{k} x{factor}", scaled(p.best, factor), meas=meas)
 
 
+# the writer each recipe component names, on the Llama/Qwen3 modules these probes address
+WRITERS = {"attn_out": "self_attn.o_proj", "mlp_down": "mlp.down_proj"}
+
+
+def _refusal_openings(p: Probe, answers, texts) -> list[int]:
+    """The tokens refusals open with, read off the base model's refusing train answers:
+    each answer's first token, and the first token of each refusal marker it contains."""
+    from abliterate.evaluate import is_refusal, normalize_answer
+
+    openings = set()
+    for tokens, text in zip(answers, texts, strict=True):
+        if not is_refusal(text, p.settings.markers):
+            continue
+        openings.add(tokens[0])
+        for marker in p.settings.markers:
+            if marker.strip() and normalize_answer(marker) in normalize_answer(text):
+                openings.add(p.tok.encode(marker, add_special_tokens=False)[0])
+    return sorted(openings)
+
+
+def gradient(p: Probe) -> None:
+    """The recipe's direction and its entries' strengths fitted by gradient on the train
+    prompts, checkpoints and a final strength factor chosen on validation, the choice then
+    scored on the test prompts and on fresh ones.
+
+    Why: every other probe picks the direction by a statistic of the activations; this one
+    asks which single direction, projected out of the same writers, the behaviour itself
+    points to. The loss is the probability of the refusal-opening tokens at every position
+    of the edited model's own greedy target answers (regenerated every other step, so a
+    refusal that moves later in the answer is still seen) plus 0.3 x the KL from the base
+    model over the base model's benign answers (every position, and the first once more:
+    the first-token KL is what the targets count). The fit edits a float32 copy by plain
+    projection (W <- W - s u u^T W); the choice is scored with the tool's own edit of the
+    loaded model, the recipe's measurements moved so that their difference of means points
+    along the fitted u (`along`), norm preservation and all."""
+    from quality_table import fresh_prompts
+    from torch.func import functional_call
+
+    from abliterate.model import decode, greedy_generate, pad_batch, pad_id
+    from abliterate.search_steps import selection_targets
+
+    lam, lr, steps = 0.3, 0.003, 100
+    targets = selection_targets(p.config.get("select", {}))
+
+    def feasible(refusal_rate, benign_kept):  # the selection rule's gates (`select:`)
+        return (
+            refusal_rate <= targets["max_refusal_rate"]
+            and benign_kept >= targets["min_benign_kept"]
+        )
+
+    target, benign = p.prompt_sets(p.prompts / "target_train.txt", p.prompts / "benign_train.txt")
+    model = copy.deepcopy(p.model).float().eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    pad = pad_id(p.tok)
+
+    def answers(prompt_ids):
+        return greedy_generate(model, p.tok, prompt_ids, max_new_tokens=16, batch_size=64)
+
+    base_target, base_benign = answers(target.ids), answers(benign.ids)
+    openings = torch.tensor(_refusal_openings(p, base_target, decode(p.tok, base_target)))
+    entries = [
+        (f"model.layers.{e['layer']}.{WRITERS[e['components'][0]]}.weight", e["scale"])
+        for e in p.best["ablate"]
+    ]
+    weights = {name: model.get_parameter(name) for name, _ in entries}
+
+    def edited(u, log_gain):  # parameter name -> projected weight, differentiable in u, gain
+        out = {}
+        for (name, strength), gain in zip(entries, log_gain.exp(), strict=True):
+            w = weights[name]
+            out[name] = w - strength * gain * u[:, None] * (u[None, :] @ w)
+        return out
+
+    def answer_logprobs(params, prompt_ids, continuations):
+        """Per prompt [len(answer) + 1, vocab]: the log-probabilities that predict each
+        answer token and the one after it (right padded, teacher-forced)."""
+        sequences = [list(a) + list(b) for a, b in zip(prompt_ids, continuations, strict=True)]
+        ids, mask = pad_batch(sequences, pad, side="right")
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+        logprobs = torch.log_softmax(functional_call(model, params, (), kwargs).logits, -1)
+        return [
+            logprobs[row, len(a) - 1 : len(a) + len(b)]
+            for row, (a, b) in enumerate(zip(prompt_ids, continuations, strict=True))
+        ]
+
+    def as_recipe(log_gain):
+        recipe = copy.deepcopy(p.best)
+        for entry, gain in zip(recipe["ablate"], log_gain.exp(), strict=True):
+            entry["scale"] = round(entry["scale"] * float(gain), 4)
+        return recipe
+
+    def moved(u):
+        return along(p.meas, lambda m, delta: u.to(delta.dtype))
+
+    with torch.no_grad():
+        base_logprobs = answer_logprobs({}, benign.ids, base_benign)
+    v = p.direction.clone().float().requires_grad_(True)
+    log_gain = torch.zeros(len(entries), requires_grad=True)
+    optimizer = torch.optim.Adam([v, log_gain], lr=lr)
+    chosen = None
+    for step in range(1, steps + 1):
+        u = v / v.norm()
+        if step % 2 == 1:  # the edited model's own target answers, as they stand now
+            with torch.no_grad():
+                saved = {name: w.clone() for name, w in weights.items()}
+                for name, w in edited(u.detach(), log_gain.detach()).items():
+                    weights[name].copy_(w)
+                own = answers(target.ids)
+                for name, w in saved.items():
+                    weights[name].copy_(w)
+        params = edited(u, log_gain)
+        opening = torch.cat(
+            [lp[:, openings].exp().sum(-1) for lp in answer_logprobs(params, target.ids, own)]
+        )
+        refusal_loss = -torch.log1p(-opening.clamp(max=1 - 1e-6)).mean()
+        kls = [
+            (b.exp() * (b - e)).sum(-1)
+            for b, e in zip(
+                base_logprobs, answer_logprobs(params, benign.ids, base_benign), strict=True
+            )
+        ]
+        kl_loss = (
+            torch.stack([k.mean() for k in kls]).mean() + torch.stack([k[0] for k in kls]).mean()
+        )
+        optimizer.zero_grad()
+        (refusal_loss + lam * kl_loss).backward()
+        optimizer.step()
+        if step % 10 == 0:  # a checkpoint, scored on validation by the tool's own edit
+            u = (v / v.norm()).detach()
+            result = p.ev.evaluate("checkpoint", p.plan(as_recipe(log_gain.detach()), moved(u)))
+            ok = feasible(result.refusal_rate, result.benign_kept)
+            rank = (not ok, result.kl_first_token if ok else result.refusal_rate)
+            if chosen is None or rank < chosen[0]:
+                chosen = (rank, step, u, log_gain.detach().clone())
+            print(
+                f"gradient: step {step}, validation {result.refusal_rate:.3f} "
+                f"{result.benign_kept:.3f} {result.kl_first_token:.4f}",
+                flush=True,
+            )
+    _, step, u, gains = chosen
+    meas, fit = moved(u), as_recipe(gains)
+    cosine = float(u @ p.direction)
+    rows = {
+        1.0: p.score(
+            "gradient", f"fit, step {step} (cos {cosine:.3f} to the recipe's)", fit, meas=meas
+        )
+    }
+    for factor in (0.85, 0.9, 0.95):
+        rows[factor] = p.score("gradient", f"fit x{factor}", scaled(fit, factor), meas=meas)
+    candidates = [(row[4], f) for f, row in rows.items() if feasible(row[2], row[3])]
+    factor = min(candidates)[1] if candidates else 1.0  # the lowest KL the gates allow
+    choice = scaled(fit, factor)
+    test = p.evaluator(p.prompts / "target_test.txt", p.prompts / "benign_test.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh_paths = fresh_prompts(p.model_dir, 500, Path(tmp))
+        fresh = p.evaluator(fresh_paths["target"], fresh_paths["benign"])
+    for label, evaluator in (("test", test), ("fresh 500 + 500", fresh)):
+        evaluator.evaluate_base()
+        p.score("gradient", f"selected recipe, {label}", p.best, evaluator)
+        p.score("gradient", f"fit x{factor}, {label}", choice, evaluator, meas=meas)
+
+
 RUNNERS = {
     "untied-embed": untied_embed,
     "read-side": read_side,
@@ -474,6 +640,7 @@ RUNNERS = {
     "clip": clip,
     "whitened": whitened,
     "benign-subspace": benign_subspace,
+    "gradient": gradient,
 }
 
 
