@@ -200,6 +200,8 @@ def test_router_grid_defaults_are_the_variant_defaults_and_validate():
 
 def test_a_config_without_sweep_method_searches():
     """Issue 9 made the search the default: a config that leaves `sweep.method` out gets
-    the TPE search whether its keys are filled by the schema or by config/config.yaml."""
+    the TPE search, from config/config.yaml when Snakemake runs where that file is, and
+    from the schema's defaults when it runs elsewhere (`--directory`, a work dir with its
+    own `--configfile`, as the workflow tests do)."""
     shipped = yaml.safe_load((SCHEMA.parents[2] / "config" / "config.yaml").read_text())
     assert default_config()["sweep"]["method"] == shipped["sweep"]["method"] == "tpe"

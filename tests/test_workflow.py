@@ -22,7 +22,8 @@ def demo_config(model_dir: Path, name: str, gguf: bool = False, **sweep) -> dict
     return {
         **demo_model_config(model_dir, name),
         "measure": {"device": "cpu"},
-        "sweep": {  # the default config's grid (config/config.yaml)
+        "sweep": {  # the default config's grid lists (config/config.yaml), run as a grid
+            "method": "grid",
             "scale": [1.0, 0.95, 0.9],
             "layers": ["suggested", "all"],
             "norm_preserve": [True, False],
