@@ -57,6 +57,7 @@ PROBES = (
     "gradient",
 )
 DENSE = ("llama", "qwen3")
+CLASSES = ("target", "benign")
 
 
 def scaled(recipe: dict, factor: float) -> dict:
@@ -150,6 +151,26 @@ class Probe:
 
         tgt, ben = self.prompt_sets(target, benign)
         return Evaluator(self.model, self.tok, tgt, ben, self.settings, model_dir=None)
+
+    @functools.cached_property
+    def held_out(self) -> dict:
+        """Evaluators on the test prompts and on 500 + 500 fresh ones, their base rows
+        scored; built once, for the probes that choose what they fit on validation."""
+        from quality_table import fresh_prompts
+
+        evaluators = {"test": self.evaluator(*(self.prompts / f"{c}_test.txt" for c in CLASSES))}
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = fresh_prompts(self.model_dir, 500, Path(tmp))
+            evaluators["fresh 500 + 500"] = self.evaluator(*(fresh[c] for c in CLASSES))
+        for evaluator in evaluators.values():
+            evaluator.evaluate_base()
+        return evaluators
+
+    def score_held_out(self, probe: str, label: str, recipe: dict, meas=None) -> None:
+        """The selected recipe and `recipe` side by side on each held-out prompt set."""
+        for split, evaluator in self.held_out.items():
+            self.score(probe, f"selected recipe, {split}", self.best, evaluator)
+            self.score(probe, f"{label}, {split}", recipe, evaluator, meas=meas)
 
     def plan(self, recipe: dict, meas=None):
         from abliterate.recipe import load_recipe, resolve
@@ -365,7 +386,6 @@ def answer_positions(p: Probe) -> None:
 def free_strengths(p: Probe) -> None:
     """Every entry's strength fitted by coordinate descent on validation; then the fit
     and the selected recipe scored on the test prompts and on fresh ones."""
-    from quality_table import fresh_prompts
 
     def fit_score(recipe):
         r = p.ev.evaluate("fit", p.plan(recipe))
@@ -387,14 +407,7 @@ def free_strengths(p: Probe) -> None:
                     current, current_score = candidate, t
     scales = ", ".join(f"{e['scale']:.3g}" for e in current["ablate"])
     p.score("free-strengths", f"fit on validation ({scales})", current)
-    test = p.evaluator(p.prompts / "target_test.txt", p.prompts / "benign_test.txt")
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh_paths = fresh_prompts(p.model_dir, 500, Path(tmp))
-        fresh = p.evaluator(fresh_paths["target"], fresh_paths["benign"])
-    for label, evaluator in (("test", test), ("fresh 500 + 500", fresh)):
-        evaluator.evaluate_base()
-        p.score("free-strengths", f"selected recipe, {label}", p.best, evaluator)
-        p.score("free-strengths", f"fit, {label}", current, evaluator)
+    p.score_held_out("free-strengths", "fit", current)
 
 
 def clip(p: Probe) -> None:
@@ -501,7 +514,6 @@ def gradient(p: Probe) -> None:
     projection (W <- W - s u u^T W); the choice is scored with the tool's own edit of the
     loaded model, the recipe's measurements moved so that their difference of means points
     along the fitted u (`along`), norm preservation and all."""
-    from quality_table import fresh_prompts
     from torch.func import functional_call
 
     from abliterate.model import decode, greedy_generate, pad_batch, pad_id
@@ -522,8 +534,10 @@ def gradient(p: Probe) -> None:
         parameter.requires_grad_(False)
     pad = pad_id(p.tok)
 
-    def answers(prompt_ids):
-        return greedy_generate(model, p.tok, prompt_ids, max_new_tokens=16, batch_size=64)
+    def answers(prompt_ids):  # as long as the evaluation's answers
+        return greedy_generate(
+            model, p.tok, prompt_ids, max_new_tokens=p.settings.max_new_tokens, batch_size=64
+        )
 
     base_target, base_benign = answers(target.ids), answers(benign.ids)
     openings = torch.tensor(_refusal_openings(p, base_target, decode(p.tok, base_target)))
@@ -571,19 +585,20 @@ def gradient(p: Probe) -> None:
     for step in range(1, steps + 1):
         u = v / v.norm()
         if step % 2 == 1:  # the edited model's own target answers, as they stand now
-            with torch.no_grad():
-                saved = {name: w.clone() for name, w in weights.items()}
-                for name, w in edited(u.detach(), log_gain.detach()).items():
-                    weights[name].copy_(w)
+            swapped = edited(u.detach(), log_gain.detach())
+            modules = (
+                (model.get_submodule(n.removesuffix(".weight")), w) for n, w in swapped.items()
+            )
+            with torch.no_grad(), p.weights_edited((m, lambda _, w=w: w) for m, w in modules):
                 own = answers(target.ids)
-                for name, w in saved.items():
-                    weights[name].copy_(w)
         params = edited(u, log_gain)
         opening = torch.cat(
             [lp[:, openings].exp().sum(-1) for lp in answer_logprobs(params, target.ids, own)]
         )
         refusal_loss = -torch.log1p(-opening.clamp(max=1 - 1e-6)).mean()
         kls = [
+            # KL(base || edited) unclamped, unlike evaluate.kl_divergence: a loss keeps the
+            # gradient where rounding makes a near-equal position's KL slightly negative
             (b.exp() * (b - e)).sum(-1)
             for b, e in zip(
                 base_logprobs, answer_logprobs(params, benign.ids, base_benign), strict=True
@@ -619,15 +634,7 @@ def gradient(p: Probe) -> None:
         rows[factor] = p.score("gradient", f"fit x{factor}", scaled(fit, factor), meas=meas)
     candidates = [(row[4], f) for f, row in rows.items() if feasible(row[2], row[3])]
     factor = min(candidates)[1] if candidates else 1.0  # the lowest KL the gates allow
-    choice = scaled(fit, factor)
-    test = p.evaluator(p.prompts / "target_test.txt", p.prompts / "benign_test.txt")
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh_paths = fresh_prompts(p.model_dir, 500, Path(tmp))
-        fresh = p.evaluator(fresh_paths["target"], fresh_paths["benign"])
-    for label, evaluator in (("test", test), ("fresh 500 + 500", fresh)):
-        evaluator.evaluate_base()
-        p.score("gradient", f"selected recipe, {label}", p.best, evaluator)
-        p.score("gradient", f"fit x{factor}, {label}", choice, evaluator, meas=meas)
+    p.score_held_out("gradient", f"fit x{factor}", scaled(fit, factor), meas=meas)
 
 
 RUNNERS = {
